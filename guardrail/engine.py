@@ -1,0 +1,648 @@
+"""The model and its context, on llama-cpp-python's low-level API.
+
+We need what the high-level ``Llama`` class hides: the graph-evaluation
+callback (for the capture), several KV-cache sequences sharing cells (for the
+[CLS] probe), ``llama_memory_seq_cp/seq_rm`` and batches that mix sequences.
+Each class owns one llama.cpp handle and frees it (``_internals.py`` style).
+
+Text a user or the model wrote is always tokenized with special-token parsing
+off: only the chat template's own markers become control tokens, so typing
+``<|im_end|>`` gets plain text.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import os
+import threading
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import llama_cpp  # load llama.cpp before numpy (see README, import order)
+import llama_cpp.llama_cpp as llama_low
+import numpy as np
+
+from .capture import BatchStates, NativeCapture
+from .errors import ContextError, ContextOverflowError, ModelError
+
+GGUF_MAGIC = b"GGUF"
+
+# ---------------------------------------------------------------------------
+# llama.cpp's log: kept (for error messages), printed only when asked.
+
+_log_lock = threading.Lock()
+_log_tail: deque[str] = deque(maxlen=40)
+_log_verbose = bool(os.environ.get("GUARDRAIL_VERBOSE"))
+_backend_ready = False
+
+
+@llama_low.llama_log_callback
+def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    message = text.decode("utf-8", errors="replace")
+    with _log_lock:
+        _log_tail.append(message)
+    if _log_verbose:
+        print(message, end="", file=__import__("sys").stderr, flush=True)
+
+
+def set_verbose(verbose: bool) -> None:
+    """Print llama.cpp's own log to stderr (off by default: we report errors ourselves)."""
+    global _log_verbose
+    _log_verbose = verbose
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    if not _backend_ready:
+        llama_low.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        llama_low.llama_backend_init()
+        _backend_ready = True
+
+
+def _last_llama_error() -> str:
+    """The most telling recent line of llama.cpp's log, for an error message."""
+    with _log_lock:
+        lines = [line.strip() for line in _log_tail if line.strip()]
+    for keyword in ("error", "failed", "invalid", "not within", "corrupt"):
+        for line in reversed(lines):
+            if keyword in line.lower():
+                return line
+    return lines[-1] if lines else "no details"
+
+
+def check_gguf(path: Path) -> None:
+    """Refuse clearly what llama.cpp would refuse obscurely: missing, empty, not GGUF."""
+    if not path.exists():
+        raise ModelError(f"model file not found: {path}")
+    if not path.is_file():
+        raise ModelError(f"model path is not a file: {path}")
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic != GGUF_MAGIC:
+        raise ModelError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+
+
+# ---------------------------------------------------------------------------
+# The model
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What guardrail needs to know about a model; also what `guardrail info` prints."""
+
+    path: str
+    architecture: str
+    name: str
+    n_layer: int
+    n_embd: int
+    n_ctx_train: int
+    n_vocab: int
+    n_params: int
+    size_bytes: int
+    chat_template: str | None
+    add_bos: bool
+
+
+class Model:
+    """A loaded GGUF model: weights, vocabulary, metadata. Owns the llama_model unless borrowed."""
+
+    def __init__(self, path: str | os.PathLike[str], *, n_gpu_layers: int = -1):
+        _init_backend()
+        self.path = Path(path).expanduser()
+        check_gguf(self.path)
+        params = llama_low.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else 0x7FFFFFFF
+        handle = llama_low.llama_model_load_from_file(str(self.path).encode(), params)
+        if not handle:
+            raise ModelError(f"llama.cpp could not load {self.path}: {_last_llama_error()}")
+        self._handle = handle
+        self._owner: Any = None  # set when borrowing another object's weights
+        self._finish_init()
+
+    @classmethod
+    def from_llama(cls, llm: llama_cpp.Llama) -> Model:
+        """Share the weights of an existing ``llama_cpp.Llama`` instead of loading them twice."""
+        _init_backend()
+        self = cls.__new__(cls)
+        self.path = Path(llm.model_path)
+        self._handle = llm.model
+        self._owner = llm  # keeps the Llama (and so the weights) alive; we never free them
+        self._finish_init()
+        return self
+
+    def _finish_init(self) -> None:
+        self.vocab = llama_low.llama_model_get_vocab(self._handle)
+        self.info = self._read_info()
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self._eog = {t for t in range(self.info.n_vocab) if llama_low.llama_vocab_is_eog(self.vocab, t)}
+
+    @property
+    def handle(self) -> llama_low.llama_model_p:
+        if not self._handle:
+            raise ModelError("the model was closed")
+        return self._handle
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(4096)
+        n = llama_low.llama_model_meta_val_str(self._handle, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            llama_low.llama_model_meta_val_str(self._handle, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace")
+
+    def _read_info(self) -> ModelInfo:
+        handle = self._handle
+        template = llama_low.llama_model_chat_template(handle, None)
+        architecture = self.meta("general.architecture") or "unknown"
+        return ModelInfo(
+            path=str(self.path),
+            architecture=architecture,
+            name=self.meta("general.name") or self.path.stem,
+            n_layer=llama_low.llama_model_n_layer(handle),
+            n_embd=llama_low.llama_model_n_embd(handle),
+            n_ctx_train=llama_low.llama_model_n_ctx_train(handle),
+            n_vocab=llama_low.llama_vocab_n_tokens(self.vocab),
+            n_params=llama_low.llama_model_n_params(handle),
+            size_bytes=self.path.stat().st_size if self.path.is_file() else 0,
+            chat_template=template.decode("utf-8", errors="replace") if template else None,
+            add_bos=bool(llama_low.llama_vocab_get_add_bos(self.vocab)),
+        )
+
+    # -- tokens ---------------------------------------------------------------
+
+    def tokenize(self, text: str, *, special: bool = False, add_bos: bool = False) -> list[int]:
+        """Text to token ids. ``special=True`` only for template markup we wrote ourselves."""
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        buf = (llama_cpp.llama_token * capacity)()
+        n = llama_low.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_bos, special)
+        if n < 0:
+            capacity = -n
+            buf = (llama_cpp.llama_token * capacity)()
+            n = llama_low.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_bos, special)
+        return list(buf[:n])
+
+    def piece(self, token: int, *, special: bool = False) -> bytes:
+        buf = self._piece_buf
+        n = llama_low.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_low.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
+        return b"".join(self.piece(t, special=special) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return token in self._eog
+
+    @property
+    def bos(self) -> int:
+        return llama_low.llama_vocab_bos(self.vocab)
+
+    def is_control(self, token: int) -> bool:
+        return bool(llama_low.llama_vocab_is_control(self.vocab, token))
+
+    def close(self) -> None:
+        if self._handle and self._owner is None:
+            llama_low.llama_model_free(self._handle)
+        self._handle = None
+        self._owner = None
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_handle", None):
+            self.close()
+
+
+# ---------------------------------------------------------------------------
+# Chat templates: markup is special, content is plain
+
+
+# Used when a GGUF carries no template (Gemma 3 base does not): by architecture.
+FALLBACK_TEMPLATES = {
+    "gemma3": (
+        "{{ bos_token }}{% for m in messages %}"
+        "{% set role = 'model' if m['role'] == 'assistant' else 'user' %}"
+        "{{ '<start_of_turn>' + role + '\n' + m['content'] | trim + '<end_of_turn>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+    ),
+    "chatml": (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+}
+FALLBACK_TEMPLATES["gemma"] = FALLBACK_TEMPLATES["gemma3"]
+
+_SENTINEL = "\u2063GR{}\u2063"  # invisible separator: never in a template, survives trim
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+    @classmethod
+    def coerce(cls, value: Message | dict[str, Any]) -> Message:
+        if isinstance(value, Message):
+            return value
+        role, content = value.get("role"), value.get("content")
+        if role not in ("system", "user", "assistant") or not isinstance(content, str):
+            raise ContextError(f"a message needs role system/user/assistant and text content: {value!r}")
+        return cls(role, content)
+
+
+@dataclass
+class PromptTokens:
+    """Token ids of a rendered conversation, with where each came from.
+
+    ``message[i]`` is the index of the message whose content token ``i`` is,
+    or -1 for template markup (markers, BOS): the probe's windows skip those.
+    """
+
+    ids: list[int] = field(default_factory=list)
+    message: list[int] = field(default_factory=list)
+
+    def extend(self, ids: Sequence[int], message: int) -> None:
+        self.ids.extend(ids)
+        self.message.extend([message] * len(ids))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class ChatFormat:
+    """Renders messages with the model's own Jinja template, content kept out of special parsing.
+
+    Each message's content is replaced by a sentinel, the template is rendered,
+    and the result is cut at the sentinels: the template's text is tokenized
+    with special tokens on, the contents with special tokens off.
+    """
+
+    def __init__(self, model: Model, template: str | None = None):
+        import jinja2
+        import jinja2.ext
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        source = template or model.info.chat_template
+        if source in FALLBACK_TEMPLATES:
+            source = FALLBACK_TEMPLATES[source]
+        if source is None:
+            source = FALLBACK_TEMPLATES.get(model.info.architecture)
+        if source is None:
+            raise ModelError(
+                f"{model.info.name} has no chat template; pass one (e.g. --template chatml)")
+        self.model = model
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[jinja2.ext.loopcontrols])
+
+        def raise_exception(message: str) -> None:
+            raise ContextError(f"the chat template refused the conversation: {message}")
+
+        env.globals.update(raise_exception=raise_exception,
+                           strftime_now=lambda fmt: datetime.now().strftime(fmt))
+        try:
+            self._template = env.from_string(source)
+        except jinja2.TemplateError as exc:
+            raise ModelError(f"the model's chat template does not parse: {exc}") from None
+        self._bos_text = model.piece(model.bos, special=True).decode("utf-8", "replace") if model.bos >= 0 else ""
+
+    def tokens(self, messages: Sequence[Message | dict[str, Any]]) -> PromptTokens:
+        """Tokens to decode before the answer. A final assistant message is a prefill: continued, not closed."""
+        msgs = [Message.coerce(m) for m in messages]
+        if not msgs:
+            raise ContextError("a conversation needs at least one message")
+        prefill = msgs[-1].role == "assistant"
+        stand_ins = [{"role": m.role, "content": _SENTINEL.format(i)} for i, m in enumerate(msgs)]
+        try:
+            rendered = self._template.render(
+                messages=stand_ins, add_generation_prompt=not prefill,
+                bos_token=self._bos_text, eos_token="")
+        except ContextError:
+            raise
+        except Exception as exc:  # a template's own error, e.g. roles out of order
+            raise ContextError(f"the chat template could not render this conversation: {exc}") from None
+        out = PromptTokens()
+        rest = rendered
+        for i, message in enumerate(msgs):
+            marker = _SENTINEL.format(i)
+            if rest.count(marker) != 1:
+                raise ContextError("the chat template rewrites message text; guardrail cannot "
+                                   "keep user text out of special-token parsing with it")
+            markup, rest = rest.split(marker)
+            self._add_markup(out, markup)
+            out.extend(self.model.tokenize(message.content, special=False), i)
+        if not prefill:
+            self._add_markup(out, rest)
+        if self.model.info.add_bos and (not out.ids or out.ids[0] != self.model.bos):
+            out.ids.insert(0, self.model.bos)
+            out.message.insert(0, -1)
+        return out
+
+    def _add_markup(self, out: PromptTokens, markup: str) -> None:
+        if markup:
+            out.extend(self.model.tokenize(markup, special=True), -1)
+
+
+# ---------------------------------------------------------------------------
+# Sampling
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """llama.cpp's sampler chain settings. ``temperature <= 0`` means greedy."""
+
+    temperature: float = 0.0
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int | None = None
+
+
+class Sampler:
+    """Owns a llama.cpp sampler chain built from :class:`SamplingParams`."""
+
+    def __init__(self, model: Model, params: SamplingParams | None = None):
+        params = params or SamplingParams()
+        self.params = params
+        chain_params = llama_low.llama_sampler_chain_default_params()
+        self._chain = llama_low.llama_sampler_chain_init(chain_params)
+        add = lambda s: llama_low.llama_sampler_chain_add(self._chain, s)  # noqa: E731
+        if params.repeat_penalty != 1.0:
+            add(llama_low.llama_sampler_init_penalties(
+                model.info.n_vocab, params.repeat_last_n, params.repeat_penalty, 0.0, 0.0))
+        if params.temperature <= 0:
+            add(llama_low.llama_sampler_init_greedy())
+            return
+        if params.top_k > 0:
+            add(llama_low.llama_sampler_init_top_k(params.top_k))
+        if params.top_p < 1.0:
+            add(llama_low.llama_sampler_init_top_p(params.top_p, 1))
+        if params.min_p > 0:
+            add(llama_low.llama_sampler_init_min_p(params.min_p, 1))
+        add(llama_low.llama_sampler_init_temp(params.temperature))
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
+        add(llama_low.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+
+    def sample(self, context: Context, batch_index: int) -> int:
+        """Sample from the logits of one output token of the last decode (and accept it)."""
+        return int(llama_low.llama_sampler_sample(self._chain, context.handle, batch_index))
+
+    def accept(self, token: int) -> None:
+        """Tell the chain about a token we forced (e.g. the refusal opener), for its penalties."""
+        llama_low.llama_sampler_accept(self._chain, token)
+
+    def close(self) -> None:
+        if self._chain:
+            llama_low.llama_sampler_free(self._chain)
+            self._chain = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class Detokenizer:
+    """Incremental token -> text that never splits a multi-byte UTF-8 character."""
+
+    def __init__(self, model: Model):
+        self.model = model
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        return self._decoder.decode(self.model.piece(token))
+
+    def flush(self) -> str:
+        return self._decoder.decode(b"", final=True)
+
+
+# ---------------------------------------------------------------------------
+# The context
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One token of a batch: which sequences it joins, at what position, with logits or not."""
+
+    token: int
+    pos: int
+    seqs: tuple[int, ...] = (0,)
+    output: bool = False
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    """What one ``llama_decode`` gave: the batch indices with logits, and captured states."""
+
+    outputs: np.ndarray
+    states: BatchStates | None
+
+
+class Context:
+    """A llama.cpp context on a model: KV cache (unified, several sequences), batches, capture.
+
+    ``hooks`` names the hidden states to capture (``l_out-<i>``, ``result_norm``);
+    they are captured for every decode while the capture is enabled.
+    """
+
+    def __init__(self, model: Model, *, n_ctx: int = 2048, n_batch: int = 512, n_ubatch: int | None = None,
+                 n_seq_max: int = 2, hooks: Sequence[str] = (), embeddings: bool = False,
+                 n_threads: int | None = None):
+        self.model = model
+        info = model.info
+        if n_ctx <= 0:
+            n_ctx = info.n_ctx_train
+        self.capture = (NativeCapture(hooks, n_embd=info.n_embd, n_layer=info.n_layer,
+                                      capacity_rows=n_batch) if hooks else None)
+        params = llama_low.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = min(n_ubatch or n_batch, n_batch)
+        params.n_seq_max = n_seq_max
+        params.kv_unified = True  # probe cells are shared; micro-batches keep batch order
+        params.embeddings = embeddings
+        # One state per token, never pooled: the capture's result_norm relies on it.
+        params.pooling_type = llama_low.LLAMA_POOLING_TYPE_NONE
+        threads = n_threads or max(1, os.cpu_count() or 1)
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        if self.capture is not None:
+            params.cb_eval = self.capture.callback
+            params.cb_eval_user_data = self.capture.user_data
+        handle = llama_low.llama_init_from_model(model.handle, params)
+        if not handle:
+            raise ContextError(f"llama.cpp could not create a context (n_ctx={n_ctx}): {_last_llama_error()}")
+        self._handle = handle
+        self.n_ctx = llama_low.llama_n_ctx(handle)
+        self.n_batch = llama_low.llama_n_batch(handle)
+        self.n_seq_max = n_seq_max
+        self._memory = llama_low.llama_get_memory(handle)
+        self._batch = llama_low.llama_batch_init(self.n_batch, 0, n_seq_max)
+
+    @property
+    def handle(self) -> llama_low.llama_context_p:
+        if not self._handle:
+            raise ContextError("the context was closed")
+        return self._handle
+
+    def decode(self, entries: Sequence[Entry]) -> DecodeResult:
+        """One ``llama_decode`` of up to ``n_batch`` tokens; raises on failure."""
+        n = len(entries)
+        if n == 0 or n > self.n_batch:
+            raise ContextError(f"a batch holds 1..{self.n_batch} tokens, got {n}")
+        batch = self._batch
+        outputs = []
+        for i, entry in enumerate(entries):
+            if not 0 <= entry.pos < self.n_ctx:
+                raise ContextOverflowError(f"position {entry.pos} is outside the context of {self.n_ctx} tokens")
+            batch.token[i] = entry.token
+            batch.pos[i] = entry.pos
+            batch.n_seq_id[i] = len(entry.seqs)
+            for j, seq in enumerate(entry.seqs):
+                batch.seq_id[i][j] = seq
+            batch.logits[i] = entry.output
+            if entry.output:
+                outputs.append(i)
+        batch.n_tokens = n
+        if self.capture is not None:
+            self.capture.reset()
+        status = llama_low.llama_decode(self.handle, batch)
+        if status == 1:
+            raise ContextOverflowError("the KV cache is full: the conversation does not fit the context")
+        if status != 0:
+            raise ContextError(f"llama_decode failed ({status}): {_last_llama_error()}")
+        index = np.asarray(outputs, dtype=np.int64)
+        states = self.capture.collect(n, index) if self.capture is not None else None
+        return DecodeResult(index, states)
+
+    def logits(self, batch_index: int) -> np.ndarray:
+        """Logits of one output token of the last decode (a copy)."""
+        ptr = llama_low.llama_get_logits_ith(self.handle, batch_index)
+        return np.ctypeslib.as_array(ptr, shape=(self.model.info.n_vocab,)).copy()
+
+    def embedding(self, batch_index: int) -> np.ndarray:
+        """The final normed state of one output token (contexts made with embeddings=True)."""
+        ptr = llama_low.llama_get_embeddings_ith(self.handle, batch_index)
+        if not ptr:
+            raise ContextError("no embedding for that token (was the context made with embeddings=True?)")
+        return np.ctypeslib.as_array(ptr, shape=(self.model.info.n_embd,)).copy()
+
+    # -- KV sequences -----------------------------------------------------------
+
+    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        """Give ``dst`` the cells of ``src`` in [p0, p1): shared, not duplicated."""
+        llama_low.llama_memory_seq_cp(self._memory, src, dst, p0, p1)
+
+    def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> None:
+        if not llama_low.llama_memory_seq_rm(self._memory, seq, p0, p1):
+            raise ContextError(f"could not remove cells [{p0}, {p1}) of sequence {seq}")
+
+    def seq_pos_max(self, seq: int) -> int:
+        """Last position held by ``seq``; -1 when it is empty."""
+        return int(llama_low.llama_memory_seq_pos_max(self._memory, seq))
+
+    def clear(self) -> None:
+        llama_low.llama_memory_clear(self._memory, True)
+
+    def close(self) -> None:
+        if getattr(self, "_batch", None) is not None:
+            llama_low.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "_handle", None):
+            llama_low.llama_free(self._handle)
+            self._handle = None
+        if getattr(self, "capture", None) is not None:
+            self.capture.close()
+
+    def __enter__(self) -> Context:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------
+# Decoding a prompt and generating on sequence 0
+
+
+@dataclass(frozen=True)
+class TokenStep:
+    """One generated token: id, text piece, position, and its captured hidden states.
+
+    ``states`` maps hook name -> that token's state (a view, valid until the next
+    decode); it is None for an end-of-generation token, which is never decoded.
+    """
+
+    token: int
+    text: str
+    pos: int
+    states: dict[str, np.ndarray] | None
+    eog: bool = False
+
+
+def prefill(context: Context, tokens: Sequence[int], *, seq: int = 0, start: int = 0,
+            on_chunk: Any = None) -> DecodeResult:
+    """Decode a prompt in ``n_batch`` chunks; the last token gets logits.
+
+    ``on_chunk(offset, result)`` sees each chunk's captured states (they are
+    overwritten by the next chunk).
+    """
+    if start + len(tokens) > context.n_ctx:
+        raise ContextOverflowError(
+            f"the prompt is {start + len(tokens)} tokens; the context holds {context.n_ctx}")
+    if not tokens:
+        raise ContextError("nothing to decode: the prompt is empty")
+    result = None
+    for offset in range(0, len(tokens), context.n_batch):
+        chunk = tokens[offset:offset + context.n_batch]
+        last = offset + len(chunk) == len(tokens)
+        entries = [Entry(t, start + offset + i, (seq,), last and i == len(chunk) - 1)
+                   for i, t in enumerate(chunk)]
+        result = context.decode(entries)
+        if on_chunk is not None:
+            on_chunk(offset, result)
+    assert result is not None
+    return result
+
+
+def generate(context: Context, prompt: Sequence[int], sampler: Sampler, *, max_tokens: int = 128,
+             seq: int = 0) -> Iterator[TokenStep]:
+    """Stream tokens after a prompt, each with the hidden states llama.cpp computed for it.
+
+    A token's states exist once it has been decoded, so each step is yielded
+    right after its decode; an end-of-generation token ends the stream unseen
+    by the model (``eog=True``, no states).
+    """
+    model = context.model
+    result = prefill(context, prompt, seq=seq)
+    pos = len(prompt)
+    detok = Detokenizer(model)
+    for _ in range(max_tokens):
+        token = sampler.sample(context, int(result.outputs[-1]))
+        if model.is_eog(token):
+            yield TokenStep(token, detok.flush(), pos, None, eog=True)
+            return
+        if pos >= context.n_ctx:
+            raise ContextOverflowError(f"the answer reached the end of the context ({context.n_ctx} tokens)")
+        result = context.decode([Entry(token, pos, (seq,), True)])
+        states = None
+        if result.states is not None:
+            states = {name: result.states.of(name, 0) for name in result.states.rows}
+        yield TokenStep(token, detok.push(token), pos, states)
+        pos += 1
