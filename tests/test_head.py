@@ -1,0 +1,331 @@
+"""The safety head and its GGUF file: scoring, int8 round trip, model fingerprint, corrupt files.
+
+Heads here are trained on synthetic "hidden states" and text in well under a
+second; no model and no network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Collection
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from guardrail.errors import HeadError
+from guardrail.head import (FeatureBlock, Head, ModelFingerprint, dequantize_rows, fingerprint_file, load_head,
+                            quantization_report, quantize_rows, quantized, save_head)
+from guardrail.lexical import HashedNgrams
+from guardrail.metrics import auroc
+from guardrail.trainer import Standardizer, train_logreg, train_mlp
+
+FP = ModelFingerprint("b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", "llama", 64, 30)
+HARMFUL = ["bomb", "poison", "steal", "malware", "weapon", "hack", "kill"]
+BENIGN = ["recipe", "poem", "garden", "algebra", "travel", "essay", "music"]
+
+
+def synthetic(n: int, seed: int) -> tuple[dict[str, np.ndarray], list[str], np.ndarray]:
+    """Two 'hidden state' blocks with a weak signal plus texts that carry another."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    direction = np.random.default_rng(7).standard_normal(64)
+    last = (rng.standard_normal((n, 64)) * 3 + 10 + np.outer(y - 0.5, direction)).astype(np.float32)
+    mean = (rng.standard_normal((n, 64)) + np.outer(y - 0.5, direction[::-1]) * 0.5).astype(np.float32)
+    texts = [" ".join(rng.choice(HARMFUL if (t if rng.random() < 0.8 else 1 - t) else BENIGN, 5)) + " now please"
+             for t in y]
+    return {"l_out-3/last": last, "l_out-3/mean": mean}, texts, y
+
+
+def build_head(kind: str) -> Head:
+    features, texts, y = synthetic(600, seed=0)
+    lexical = HashedNgrams(n_buckets=1024).fit(texts)
+    blocks = (FeatureBlock("l_out-3/last", 64), FeatureBlock("l_out-3/mean", 64), FeatureBlock("lexical", 1024))
+    raw = [features["l_out-3/last"], features["l_out-3/mean"], lexical.transform(texts)]
+    scalers = tuple(Standardizer.fit(x) for x in raw)
+    Z = np.concatenate([s.transform(x) for s, x in zip(scalers, raw)], axis=1)
+    if kind == "logreg":
+        model = train_logreg(Z, y, lr=1e-2, max_epochs=15)
+    else:
+        model = train_mlp(Z, y, hidden=16, lr=3e-3, max_epochs=10)
+    return Head(FP, blocks, scalers, model, temperature=1.3, threshold=0.62, target_fpr=0.05,
+                layers=(3,), pooling=("last", "mean"), lexical=lexical,
+                manifest={"sources": {"adv_bench": {"n": 520, "licence": "MIT"}}},
+                metrics={"auroc": 0.93, "undefined": float("nan")}, extra={"note": "synthetic"})
+
+
+@pytest.fixture(scope="module", params=["logreg", "mlp"])
+def head(request) -> Head:
+    return build_head(request.param)
+
+
+@pytest.fixture(scope="module")
+def test_rows():
+    return synthetic(400, seed=1)
+
+
+@pytest.fixture()
+def head_file(head, tmp_path) -> Path:
+    path = tmp_path / "head.gguf"
+    save_head(head, path)
+    return path
+
+
+# ---- scoring ---------------------------------------------------------------------------------
+
+def test_head_scores_a_batch_with_probabilities(head, test_rows):
+    features, texts, y = test_rows
+    p = head.score(features, texts)
+    assert p.shape == (400,) and p.dtype == np.float32 and np.all((p >= 0) & (p <= 1))
+    assert auroc(y, p) > 0.9
+
+
+def test_one_row_fast_path_matches_the_batch(head, test_rows):
+    features, texts, _ = test_rows
+    batch = head.score(features, texts)
+    single = [head.score_one({k: v[i] for k, v in features.items()}, texts[i]) for i in range(20)]
+    np.testing.assert_allclose(single, batch[:20], atol=1e-5)
+
+
+def test_missing_or_misshapen_inputs_are_refused(head, test_rows):
+    features, texts, _ = test_rows
+    with pytest.raises(HeadError, match="l_out-3/mean"):
+        head.score({"l_out-3/last": features["l_out-3/last"]}, texts)
+    with pytest.raises(HeadError, match="expects"):
+        head.score({**features, "l_out-3/mean": features["l_out-3/mean"][:, :10]}, texts)
+    with pytest.raises(HeadError, match="text"):
+        head.score(features)
+    with pytest.raises(HeadError, match="text"):
+        head.score_one({k: v[0] for k, v in features.items()})
+
+
+def test_inconsistent_heads_cannot_be_built(head):
+    with pytest.raises(HeadError, match="inconsistent"):
+        dataclasses.replace(head, blocks=head.blocks[:2])
+    with pytest.raises(HeadError, match="temperature"):
+        dataclasses.replace(head, temperature=0.0)
+    with pytest.raises(HeadError, match="lexical"):
+        dataclasses.replace(head, lexical=None)
+
+
+# ---- int8 quantisation and the GGUF round trip ----------------------------------------------
+
+def test_int8_blocks_bound_the_rounding_error():
+    w = np.random.default_rng(0).standard_normal((3, 100)).astype(np.float32) * [[1], [100], [0]]
+    q, scale = quantize_rows(w)
+    assert q.dtype == np.int8 and q.shape == (3, 100) and scale.shape == (3, 4)
+    back = dequantize_rows(q, scale)
+    assert np.all(np.abs(back - w) <= np.repeat(scale, 32, axis=1)[:, :100] / 2 + 1e-7)
+    assert not back[2].any()
+
+
+def test_round_trip_keeps_probabilities_and_ranking(head, head_file, test_rows):
+    features, texts, y = test_rows
+    loaded = load_head(head_file, expect=FP)
+    report = quantization_report(head, loaded, features, texts, y)
+    assert report["max_abs_diff"] < 0.01
+    assert round(report["auroc_float"], 3) == round(report["auroc_quant"], 3)
+    # what is loaded is exactly the in-memory quantised head
+    assert np.array_equal(loaded.score(features, texts), quantized(head).score(features, texts))
+
+
+def test_round_trip_keeps_the_metadata(head, head_file):
+    loaded = load_head(head_file)
+    for name in ("fingerprint", "blocks", "kind", "temperature", "threshold", "target_fpr", "tau", "layers",
+                 "pooling", "probe_text", "manifest", "extra", "created_by"):
+        assert getattr(loaded, name) == getattr(head, name), name
+    assert loaded.metrics == {"auroc": 0.93, "undefined": None}
+    assert loaded.lexical is not None and np.array_equal(loaded.lexical.idf, head.lexical.idf)
+    for a, b in zip(loaded.scalers, head.scalers):
+        assert np.array_equal(a.mean, b.mean) and np.array_equal(a.std, b.std)
+
+
+def test_probe_text_and_layers_round_trip_when_set_or_empty(head, tmp_path):
+    for probe, layers, pooling in [("[CLS] is this request harmful?", (3, 20), ("probe",)), ("", (), ())]:
+        path = tmp_path / "h.gguf"
+        save_head(dataclasses.replace(head, probe_text=probe, layers=layers, pooling=pooling, tau=2), path)
+        loaded = load_head(path)
+        assert (loaded.probe_text, loaded.layers, loaded.pooling, loaded.tau) == (probe, layers, pooling, 2)
+
+
+def test_saving_is_atomic_and_names_what_is_stored(head, head_file):
+    assert [p.name for p in head_file.parent.iterdir()] == ["head.gguf"]
+    reader = gguf.GGUFReader(head_file)
+    assert reader.fields["general.architecture"].contents() == "guardrail.head"
+    names = {t.name: t.tensor_type for t in reader.tensors}
+    assert names["block.0.mean"] == gguf.GGMLQuantizationType.F32
+    assert names["lexical.idf"] == gguf.GGMLQuantizationType.F32
+    weight = "head.w" if head.kind == "logreg" else "head.w1"
+    assert names[f"{weight}.q8"] == gguf.GGMLQuantizationType.I8
+    assert names[f"{weight}.scale"] == gguf.GGMLQuantizationType.F32
+
+
+# ---- base-model fingerprint ------------------------------------------------------------------
+
+def test_a_head_for_another_model_is_refused(head_file):
+    other = dataclasses.replace(FP, sha256="0" * 64)
+    with pytest.raises(HeadError, match="head was trained for llama b179c9523d0e .* this model is llama 000000000000"):
+        load_head(head_file, expect=other)
+
+
+def test_override_accepts_another_checkpoint_of_the_same_shape_with_a_warning(head_file):
+    other = dataclasses.replace(FP, sha256="0" * 64)
+    with pytest.warns(UserWarning, match="different checkpoint"):
+        loaded = load_head(head_file, expect=other, allow_mismatch=True)
+    assert loaded.fingerprint == FP
+
+
+@pytest.mark.parametrize("change", [{"n_embd": 576}, {"n_layer": 18}, {"architecture": "gemma3"}])
+def test_override_never_accepts_a_model_of_another_shape(head_file, change):
+    other = dataclasses.replace(FP, sha256="0" * 64, **change)
+    with pytest.raises(HeadError, match="do not fit"):
+        load_head(head_file, expect=other, allow_mismatch=True)
+
+
+def test_matching_fingerprint_loads_without_warning(head_file):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_head(head_file, expect=FP)
+
+
+def test_fingerprint_hashes_once_and_rehashes_a_changed_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("GUARDRAIL_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"weights" * 1000)
+    fp = fingerprint_file(model, "llama", 576, 30)
+    assert fp == ModelFingerprint(hashlib.sha256(model.read_bytes()).hexdigest(), "llama", 576, 30)
+    cache = tmp_path / "cache" / "fingerprints.json"
+    entries = json.loads(cache.read_text())
+    entries[str(model.resolve())]["sha256"] = "cached"
+    cache.write_text(json.dumps(entries))
+    assert fingerprint_file(model, "llama", 576, 30).sha256 == "cached"  # not re-hashed
+    stat = model.stat()
+    os.utime(model, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert fingerprint_file(model, "llama", 576, 30).sha256 == fp.sha256
+    cache.write_text("{not json")  # a damaged cache is rebuilt, not fatal
+    assert fingerprint_file(model, "llama", 576, 30).sha256 == fp.sha256
+    with pytest.raises(HeadError):
+        fingerprint_file(tmp_path / "absent.gguf", "llama", 576, 30)
+
+
+# ---- corrupt and foreign files ---------------------------------------------------------------
+
+def assert_head_error(path: Path) -> None:
+    with pytest.raises(HeadError) as info:
+        load_head(path)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_empty_and_random_files_are_refused(tmp_path):
+    assert_head_error(tmp_path / "absent.gguf")
+    assert_head_error(tmp_path)  # a directory
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    assert_head_error(empty)
+    rng = np.random.default_rng(0)
+    for size in (1, 3, 7, 100, 5000):
+        junk = tmp_path / f"junk{size}.gguf"
+        junk.write_bytes(rng.bytes(size))
+        assert_head_error(junk)
+        junk.write_bytes(b"GGUF\x03\x00\x00\x00" + rng.bytes(size))  # a plausible start, then noise
+        assert_head_error(junk)
+
+
+def test_truncated_heads_are_refused(head_file, tmp_path):
+    data = head_file.read_bytes()
+    reader = gguf.GGUFReader(head_file)
+    last_byte = max(t.data_offset + t.n_bytes for t in reader.tensors)
+    cuts = {0, 3, 4, 8, 16, 24, 40, 100, 500, reader.data_offset - 1, reader.data_offset,
+            reader.data_offset + 10, len(data) // 2, last_byte - 1}
+    cut_file = tmp_path / "cut.gguf"
+    for cut in sorted(cuts):
+        cut_file.write_bytes(data[:cut])
+        assert_head_error(cut_file)
+
+
+def test_flipped_header_bytes_give_a_head_or_a_head_error_never_a_crash(head_file, tmp_path):
+    data = bytearray(head_file.read_bytes())
+    header_end = gguf.GGUFReader(head_file).data_offset
+    rng = np.random.default_rng(0)
+    damaged = tmp_path / "flipped.gguf"
+    for _ in range(150):
+        copy = bytearray(data)
+        for pos in rng.integers(0, header_end, 3):
+            copy[pos] = int(rng.integers(0, 256))
+        damaged.write_bytes(bytes(copy))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                load_head(damaged)
+        except HeadError as exc:
+            assert "\n" not in str(exc)
+
+
+def test_a_gguf_that_is_not_a_head_is_refused(tmp_path):
+    path = tmp_path / "model.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_uint32("llama.block_count", 2)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(HeadError, match="not a guardrail safety head"):
+        load_head(path)
+
+
+def rewrite(src: Path, dst: Path, *, drop: Collection[str] = (), tensors: dict[str, np.ndarray] | None = None,
+            kv: dict[str, tuple[object, gguf.GGUFValueType]] | None = None) -> None:
+    """Copy a head file, dropping or replacing keys and tensors, to forge specific faults."""
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(dst, "guardrail.head")
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture" or name in drop or name in (kv or {}):
+            continue
+        if field.types[0] == gguf.GGUFValueType.ARRAY:
+            writer.add_key_value(name, field.contents(), field.types[0], sub_type=field.types[-1])
+        else:
+            writer.add_key_value(name, field.contents(), field.types[0])
+    for name, (value, vtype) in (kv or {}).items():
+        writer.add_key_value(name, value, vtype)
+    for t in reader.tensors:
+        if t.name not in drop:
+            writer.add_tensor(t.name, (tensors or {}).get(t.name, np.array(t.data)))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("fault, match", [
+    ({"drop": {"block.1.std"}}, "tensor block.1.std is missing"),
+    ({"drop": {"lexical.idf"}}, "tensor lexical.idf is missing"),
+    ({"drop": {"guardrail.temperature"}}, "guardrail.temperature is missing"),
+    ({"drop": {"guardrail.base_model.sha256"}}, "sha256 is missing"),
+    ({"tensors": {"block.0.mean": np.zeros(63, np.float32)}}, "block.0.mean"),
+    ({"tensors": {"block.0.std": np.zeros(64, np.int8)}}, "block.0.std"),
+    ({"tensors": {"block.0.std": np.zeros(64, np.float32)}}, "std"),
+    ({"tensors": {"block.0.mean": np.full(64, np.nan, np.float32)}}, "non-finite"),
+    ({"kv": {"guardrail.format_version": (2, gguf.GGUFValueType.UINT32)}}, "format v2"),
+    ({"kv": {"guardrail.temperature": ("hot", gguf.GGUFValueType.STRING)}}, "not a number"),
+    ({"kv": {"guardrail.model.kind": ("forest", gguf.GGUFValueType.STRING)}}, "forest"),
+    ({"kv": {"guardrail.manifest": ("{oops", gguf.GGUFValueType.STRING)}}, "valid JSON"),
+    ({"kv": {"guardrail.blocks.dims": ([64, 64], gguf.GGUFValueType.ARRAY)}}, "block"),
+    ({"kv": {"guardrail.lexical.config": ('{"hash": "other"}', gguf.GGUFValueType.STRING)}}, "lexical"),
+])
+def test_forged_faults_are_refused_with_a_reason(head_file, tmp_path, fault, match):
+    forged = tmp_path / "forged.gguf"
+    rewrite(head_file, forged, **fault)
+    with pytest.raises(HeadError, match=match):
+        load_head(forged)
+
+
+def test_the_rewrite_helper_alone_keeps_a_loadable_head(head_file, tmp_path):
+    copy = tmp_path / "copy.gguf"
+    rewrite(head_file, copy)
+    assert load_head(copy).threshold == load_head(head_file).threshold
