@@ -49,13 +49,122 @@ def info(model: str | None) -> None:
         render_model_info(loaded.info)
 
 
+def guard_options(func):
+    """The options every guarded command shares."""
+    options = [
+        click.option("--model", default=None, help=MODEL_HELP),
+        click.option("--head", default=None, help="a head file (default: the one shipped for the model)"),
+        click.option("--policy", type=click.Choice(["refuse", "halt", "monitor"]), default=None,
+                     help="what a malicious verdict does (default refuse)"),
+        click.option("--schedule", default=None, help="annealing | every | first | periodic:K (default annealing)"),
+        click.option("--threshold", type=float, default=None, help="override the head's threshold"),
+        click.option("--tau", type=int, default=None, help="consecutive malicious checks before acting mid-answer"),
+        click.option("--max-tokens", type=int, default=256, show_default=True),
+        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy"),
+        click.option("--top-p", type=float, default=0.95, show_default=True),
+        click.option("--seed", type=int, default=None),
+        click.option("--system", default=None, help="a system prompt"),
+        click.option("--plain", "mode", flag_value="plain", help="print the answer's text only"),
+        click.option("--json", "mode", flag_value="json", help="print one JSON event per line"),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _guard(model, head, policy, schedule, threshold, tau):
+    from guardrail.guard import Guard
+
+    return Guard(model, head, policy=policy, schedule=schedule, threshold=threshold, tau=tau)
+
+
 @cli.command()
+@guard_options
+@click.option("--prefill", default=None, help="start the assistant's answer with this text (a prefill)")
+@click.argument("prompt")
+def generate(prompt, prefill, model, head, policy, schedule, threshold, tau, max_tokens, temperature, top_p,
+             seed, system, mode) -> None:
+    """Answer PROMPT under the guard, each token coloured by its risk."""
+    from guardrail.ui import render_stream
+
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    if prefill:
+        messages.append({"role": "assistant", "content": prefill})
+    with _guard(model, head, policy, schedule, threshold, tau) as guard:
+        events = guard.chat(messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        try:
+            render_stream(events, mode=mode or "rich")
+        except KeyboardInterrupt:
+            events.close()
+            click.echo("\n[interrupted]", err=True)
+
+
+@cli.command()
+@guard_options
+def chat(model, head, policy, schedule, threshold, tau, max_tokens, temperature, top_p, seed, system, mode) -> None:
+    """Interactive multi-turn chat under the guard. Ctrl-C stops an answer; Ctrl-D or /exit quits."""
+    from guardrail.ui import render_stream
+
+    history = [{"role": "system", "content": system}] if system else []
+    with _guard(model, head, policy, schedule, threshold, tau) as guard:
+        click.echo(f"guardrail chat on {guard.model_name} (policy {guard.options.policy}, "
+                   f"schedule {guard.options.schedule}); /exit to quit", err=True)
+        while True:
+            try:
+                line = click.prompt("you", prompt_suffix="> ", default="", show_default=False)
+            except (EOFError, click.exceptions.Abort):
+                click.echo("", err=True)
+                return
+            if line.strip() in ("/exit", "/quit"):
+                return
+            if not line.strip():
+                continue
+            history.append({"role": "user", "content": line})
+            events = guard.chat(history, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+            try:
+                state = render_stream(events, mode=mode or "rich")
+                answer = state.done.text if state.done else ""
+            except KeyboardInterrupt:
+                events.close()
+                click.echo("\n[interrupted]", err=True)
+                answer = ""
+            history.append({"role": "assistant", "content": answer or "(no answer)"})
+
+
+@cli.command()
+@click.option("--model", default=None, help=MODEL_HELP)
+@click.option("--head", default=None, help="a head file (default: the one shipped for the model)")
+@click.argument("text")
+def score(model, head, text) -> None:
+    """Print the probability that TEXT, as a user's request, is malicious (the first check)."""
+    from guardrail.guard import Guard
+
+    with Guard(model, head, policy="monitor") as guard:
+        events = guard.chat([{"role": "user", "content": text}], max_tokens=0)
+        risk = next(e.risk for e in events if e.type == "check")
+        events.close()
+        verdict = "malicious" if risk >= guard.head.threshold else "benign"
+        click.echo(f"{risk:.4f}\t{verdict} (threshold {guard.head.threshold:.4f})")
+
+
+@cli.command()
+@click.option("--model", default=None, help=MODEL_HELP)
+@click.option("--head", default=None, help="a head file (default: the one shipped for the model)")
+@click.option("--max-tokens", type=int, default=40, show_default=True)
+def demo(model, head, max_tokens) -> None:
+    """A scripted tour: a benign question, a harmful request, the prefill attack unguarded vs guarded."""
+    from guardrail.demo import guard_tour
+
+    guard_tour(model, head, max_tokens=max_tokens)
+
+
+@cli.command("capture-demo")
 @click.option("--model", default=None, help=MODEL_HELP)
 @click.option("--layer", type=int, default=None, help="layer to show (default: two thirds deep)")
 @click.option("--max-tokens", type=int, default=48, show_default=True)
 @click.argument("prompt", required=False)
-def demo(model: str | None, layer: int | None, max_tokens: int, prompt: str | None) -> None:
-    """A short generation with per-token hidden states captured and summarised."""
+def capture_demo(model: str | None, layer: int | None, max_tokens: int, prompt: str | None) -> None:
+    """A short generation with every token's captured hidden-state norm shown (no head needed)."""
     from guardrail.demo import capture_tour
 
     capture_tour(model, prompt=prompt, layer=layer, max_tokens=max_tokens)
@@ -80,6 +189,33 @@ def bench(model: str | None, tokens: int, prompt_tokens: int, runs: int, as_json
         click.echo(json.dumps(report, indent=2))
     else:
         render_benchmark(report)
+
+
+@cli.command()
+@click.option("--model", default=None, help=MODEL_HELP)
+@click.option("--head", default=None, help="a head file (default: the one shipped for the model)")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to listen on (loopback; anything else should have --api-key)")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--api-key", envvar="GUARDRAIL_API_KEY", default=None,
+              help="require 'Authorization: Bearer KEY' on /v1 (or set GUARDRAIL_API_KEY)")
+@click.option("--n-ctx", type=click.IntRange(min=64), default=2048, show_default=True, help="context size in tokens")
+@click.option("--policy", type=click.Choice(["refuse", "halt", "monitor"]), default=None,
+              help="default policy (default refuse); a request may set its own in 'guardrail'")
+@click.option("--schedule", default=None, help="annealing | every | first | periodic:K (default annealing)")
+@click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None, help="override the head's threshold")
+@click.option("--tau", type=click.IntRange(min=1), default=None,
+              help="consecutive malicious checks before acting mid-answer")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
+              help="max_tokens of a request that sets none")
+@click.option("--temperature", type=click.FloatRange(0.0, 2.0), default=0.0, show_default=True,
+              help="temperature of a request that sets none (0 = greedy)")
+def serve(model, head, host, port, api_key, n_ctx, policy, schedule, threshold, tau, max_tokens, temperature) -> None:
+    """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) under the guard."""
+    from guardrail.server import serve as run_server
+
+    run_server(model, head, host=host, port=port, api_key=api_key, n_ctx=n_ctx, policy=policy,
+               schedule=schedule, threshold=threshold, tau=tau, max_tokens=max_tokens, temperature=temperature)
 
 
 def main() -> None:

@@ -110,3 +110,47 @@ def capture_benchmark(path: Path, *, n_decode: int = 96, n_prompt: int = 384, ru
         })
     return {"model": model.info.name, "baseline": baseline, "runs": runs, "threads": threads,
             "n_prompt": len(prompt), "n_decode": len(continuation), "variants": rows}
+
+
+def guard_overhead(guard: Any, prompts: Sequence[str], *, max_tokens: int = 64, runs: int = 3,
+                   schedules: Sequence[str] = ("annealing",)) -> dict[str, Any]:
+    """Tokens/s of guarded answers (policy monitor, so the tokens are the same) vs plain greedy
+    generation on the same model, context size and prompts; runs interleaved in one process."""
+    from .engine import ChatFormat, generate
+
+    model = guard.model
+    plain_ctx = Context(model, n_ctx=guard.n_ctx, n_batch=512)
+    fmt = ChatFormat(model)
+    conversations = [[{"role": "user", "content": p}] for p in prompts]
+
+    def plain() -> tuple[int, float]:
+        n, start = 0, time.perf_counter()
+        for messages in conversations:
+            plain_ctx.clear()
+            n += sum(1 for s in generate(plain_ctx, fmt.tokens(messages).ids, Sampler(model), max_tokens=max_tokens)
+                     if not s.eog)
+        return n, time.perf_counter() - start
+
+    def guarded(schedule: str) -> tuple[int, float]:
+        n, start = 0, time.perf_counter()
+        for messages in conversations:
+            for event in guard.chat(messages, max_tokens=max_tokens, policy="monitor", schedule=schedule):
+                if event.type == "done":
+                    n += event.completion_tokens
+        return n, time.perf_counter() - start
+
+    plain()
+    results: dict[str, list[tuple[int, float]]] = {"plain": []} | {s: [] for s in schedules}
+    for _ in range(runs):
+        results["plain"].append(plain())
+        for schedule in schedules:
+            results[schedule].append(guarded(schedule))
+    plain_ctx.close()
+
+    def tps(rows: list[tuple[int, float]]) -> float:
+        return statistics.median(n / t for n, t in rows)
+
+    base = tps(results["plain"])
+    return {"plain_tps": base, "runs": runs, "max_tokens": max_tokens, "prompts": len(prompts),
+            "schedules": [{"schedule": s, "guarded_tps": tps(results[s]), "plain_tps": base,
+                           "ratio": tps(results[s]) / base} for s in schedules]}

@@ -9,8 +9,11 @@ is flagged when p >= threshold.
 It is stored as a GGUF file (architecture ``guardrail.head``) with int8
 weights in blocks of 32 along each row with one float32 scale per block, and
 records the base model it was trained for, so a head is never silently used
-with a model whose hidden states mean something else. This module knows numpy
-arrays and text only; nothing here touches llama.cpp.
+with a model whose hidden states mean something else. The same file may carry a
+companion head for the per-token signal (each generated token's own hidden
+state), with its metadata under ``guardrail.token.`` and its tensors under
+``token.``; it shares the main head's base model, manifest and creator. This
+module knows numpy arrays and text only; nothing here touches llama.cpp.
 """
 
 from __future__ import annotations
@@ -41,8 +44,9 @@ ARCHITECTURE = "guardrail.head"
 FORMAT_VERSION = 1
 QUANT_BLOCK = 32
 LEXICAL = "lexical"
+TOKEN_PREFIX = "token."  # the companion head: tensors "token.*", metadata "guardrail.token.*"
 
-# Metadata keys (all under "guardrail.").
+# Metadata keys (all under "guardrail."); those of one head move under a prefix with ``_key``.
 K_VERSION = "guardrail.format_version"
 K_BASE_SHA = "guardrail.base_model.sha256"
 K_BASE_ARCH = "guardrail.base_model.architecture"
@@ -110,7 +114,11 @@ class _BlockPlan:
 
 @dataclass(frozen=True, eq=False)
 class Head:
-    """A trained safety head; build a changed copy with ``dataclasses.replace``."""
+    """A trained safety head; build a changed copy with ``dataclasses.replace``.
+
+    ``token_head`` is an optional companion that scores single generated tokens
+    (while this head scores the probe); it is stored in the same file.
+    """
 
     fingerprint: ModelFingerprint
     blocks: tuple[FeatureBlock, ...]
@@ -128,6 +136,7 @@ class Head:
     metrics: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     created_by: str = f"guardrail {__version__}"
+    token_head: Head | None = None
 
     def __post_init__(self) -> None:
         problem = _inconsistency(self)
@@ -230,6 +239,19 @@ def _inconsistency(head: Head) -> str:
         return f"threshold {head.threshold} or target FPR {head.target_fpr} is out of range"
     if head.tau < 1:
         return f"tau must be at least 1, got {head.tau}"
+    return _companion_inconsistency(head)
+
+
+def _companion_inconsistency(head: Head) -> str:
+    """A companion is stored beside the main head, so it can be neither nested nor for another model."""
+    token = head.token_head
+    if token is None:
+        return ""
+    if token.token_head is not None:
+        return "the companion token head has a companion of its own"
+    if token.fingerprint != head.fingerprint:
+        return (f"the companion token head was trained for {token.fingerprint.describe()}, "
+                f"the head for {head.fingerprint.describe()}")
     return ""
 
 
@@ -258,14 +280,16 @@ def _roundtrip(w: np.ndarray) -> np.ndarray:
     return dequantize_rows(*quantize_rows(w))
 
 
-def quantized(head: Head) -> Head:
-    """The head exactly as ``load_head`` will see it after ``save_head``: weights through int8."""
-    model = head.model
+def _quantized_model(model: LinearModel | MLPModel) -> LinearModel | MLPModel:
     if isinstance(model, LinearModel):
-        new_model: LinearModel | MLPModel = LinearModel(_roundtrip(model.w[None, :])[0], model.b)
-    else:
-        new_model = MLPModel(_roundtrip(model.w1.T).T.copy(), model.b1, _roundtrip(model.w2[None, :])[0], model.b2)
-    return dataclasses.replace(head, model=new_model)
+        return LinearModel(_roundtrip(model.w[None, :])[0], model.b)
+    return MLPModel(_roundtrip(model.w1.T).T.copy(), model.b1, _roundtrip(model.w2[None, :])[0], model.b2)
+
+
+def quantized(head: Head) -> Head:
+    """The head (and its companion) exactly as ``load_head`` will see it after ``save_head``: weights through int8."""
+    token = None if head.token_head is None else quantized(head.token_head)
+    return dataclasses.replace(head, model=_quantized_model(head.model), token_head=token)
 
 
 def quantization_report(head_float: Head, head_quant: Head, features: Mapping[str, np.ndarray],
@@ -278,6 +302,11 @@ def quantization_report(head_float: Head, head_quant: Head, features: Mapping[st
 
 
 # ---- writing ---------------------------------------------------------------------------------
+
+def _key(key: str, prefix: str) -> str:
+    """A per-head metadata key of the head stored under ``prefix`` (``guardrail.x`` -> ``guardrail.token.x``)."""
+    return key.replace("guardrail.", f"guardrail.{prefix}", 1)
+
 
 def _weight_tensors(model: LinearModel | MLPModel) -> dict[str, np.ndarray]:
     """Tensor name -> array for the model's parameters (2-D weights are stored row-major, rows = outputs)."""
@@ -304,53 +333,71 @@ def _add_text(writer: gguf.GGUFWriter, key: str, value: str) -> None:
     writer.add_key_value(key, value, gguf.GGUFValueType.STRING)
 
 
-def _write_metadata(writer: gguf.GGUFWriter, head: Head) -> None:
+def _write_file_metadata(writer: gguf.GGUFWriter, head: Head) -> None:
+    """What the whole file shares, companion included: format, base model, provenance."""
     writer.add_uint32(K_VERSION, FORMAT_VERSION)
     _add_text(writer, "general.name", "guardrail safety head")
     _add_text(writer, K_BASE_SHA, head.fingerprint.sha256)
     _add_text(writer, K_BASE_ARCH, head.fingerprint.architecture)
     writer.add_uint32(K_BASE_EMBD, head.fingerprint.n_embd)
     writer.add_uint32(K_BASE_LAYER, head.fingerprint.n_layer)
-    writer.add_array(K_BLOCK_NAMES, [b.name for b in head.blocks])
-    writer.add_key_value(K_BLOCK_DIMS, [b.dim for b in head.blocks], gguf.GGUFValueType.ARRAY,
-                         sub_type=gguf.GGUFValueType.UINT32)
-    if head.layers:  # GGUF has no empty arrays: absent means none
-        writer.add_key_value(K_LAYERS, list(head.layers), gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.INT32)
-    if head.pooling:
-        writer.add_array(K_POOLING, list(head.pooling))
-    _add_text(writer, K_PROBE, head.probe_text)
-    _add_text(writer, K_KIND, head.kind)
-    writer.add_uint32(K_HIDDEN, head.model.hidden if isinstance(head.model, MLPModel) else 0)
-    writer.add_uint32(K_QUANT_BLOCK, QUANT_BLOCK)
-    writer.add_float64(K_TEMPERATURE, head.temperature)
-    writer.add_float64(K_THRESHOLD, head.threshold)
-    writer.add_float64(K_TARGET_FPR, head.target_fpr)
-    writer.add_uint32(K_TAU, head.tau)
-    if head.lexical is not None:
-        _add_text(writer, K_LEXICAL, _json(head.lexical.config()))
     _add_text(writer, K_MANIFEST, _json(head.manifest))
-    _add_text(writer, K_METRICS, _json(head.metrics))
-    _add_text(writer, K_EXTRA, _json(head.extra))
     _add_text(writer, K_CREATED_BY, head.created_by)
 
 
-def save_head(head: Head, path: str | os.PathLike[str]) -> None:
-    """Write the head as GGUF, atomically (a crash never leaves a half-written head behind)."""
-    target = Path(path)
+def _write_head_metadata(writer: gguf.GGUFWriter, head: Head, prefix: str) -> None:
+    """What one head has of its own, under ``prefix`` so a companion can sit beside the main head."""
+    def k(key: str) -> str:
+        return _key(key, prefix)
+
+    writer.add_array(k(K_BLOCK_NAMES), [b.name for b in head.blocks])
+    writer.add_key_value(k(K_BLOCK_DIMS), [b.dim for b in head.blocks], gguf.GGUFValueType.ARRAY,
+                         sub_type=gguf.GGUFValueType.UINT32)
+    if head.layers:  # GGUF has no empty arrays: absent means none
+        writer.add_key_value(k(K_LAYERS), list(head.layers), gguf.GGUFValueType.ARRAY,
+                             sub_type=gguf.GGUFValueType.INT32)
+    if head.pooling:
+        writer.add_array(k(K_POOLING), list(head.pooling))
+    _add_text(writer, k(K_PROBE), head.probe_text)
+    _add_text(writer, k(K_KIND), head.kind)
+    writer.add_uint32(k(K_HIDDEN), head.model.hidden if isinstance(head.model, MLPModel) else 0)
+    writer.add_uint32(k(K_QUANT_BLOCK), QUANT_BLOCK)
+    writer.add_float64(k(K_TEMPERATURE), head.temperature)
+    writer.add_float64(k(K_THRESHOLD), head.threshold)
+    writer.add_float64(k(K_TARGET_FPR), head.target_fpr)
+    writer.add_uint32(k(K_TAU), head.tau)
+    if head.lexical is not None:
+        _add_text(writer, k(K_LEXICAL), _json(head.lexical.config()))
+    _add_text(writer, k(K_METRICS), _json(head.metrics))
+    _add_text(writer, k(K_EXTRA), _json(head.extra))
+
+
+def _head_tensors(head: Head, prefix: str) -> dict[str, np.ndarray]:
+    """Tensor name (under ``prefix``) -> array: int8 weights, per-block standardisation, lexical idf."""
     tensors = _weight_tensors(head.model)
     for i, scaler in enumerate(head.scalers):
         tensors[f"block.{i}.mean"], tensors[f"block.{i}.std"] = scaler.mean, scaler.std
     if head.lexical is not None and head.lexical.idf is not None:
         tensors["lexical.idf"] = head.lexical.idf
+    return {prefix + name: array for name, array in tensors.items()}
+
+
+def save_head(head: Head, path: str | os.PathLike[str]) -> None:
+    """Write the head (and its companion) as GGUF, atomically (a crash never leaves a half-written head behind)."""
+    target = Path(path)
+    parts = [(head, "")] + ([] if head.token_head is None else [(head.token_head, TOKEN_PREFIX)])
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".part", dir=target.parent)
         os.close(fd)
         try:
             writer = gguf.GGUFWriter(tmp, ARCHITECTURE)
-            _write_metadata(writer, head)
-            for name, array in tensors.items():
-                writer.add_tensor(name, np.ascontiguousarray(array))
+            _write_file_metadata(writer, head)
+            for part, prefix in parts:
+                _write_head_metadata(writer, part, prefix)
+            for part, prefix in parts:
+                for name, array in _head_tensors(part, prefix).items():
+                    writer.add_tensor(name, np.ascontiguousarray(array))
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
@@ -370,6 +417,9 @@ class _Fields:
     def __init__(self, reader: gguf.GGUFReader, path: Path) -> None:
         self._fields = reader.fields
         self._path = path
+
+    def any_under(self, prefix: str) -> bool:
+        return any(key.startswith(prefix) for key in self._fields)
 
     def _raw(self, key: str, required: bool) -> Any:
         found = self._fields.get(key)
@@ -430,6 +480,9 @@ class _Tensors:
         self._tensors = {t.name: t for t in reader.tensors}
         self._path = path
 
+    def any_under(self, prefix: str) -> bool:
+        return any(name.startswith(prefix) for name in self._tensors)
+
     def get(self, name: str, shape: tuple[int, ...], kind: str = "f32") -> np.ndarray:
         tensor = self._tensors.get(name)
         if tensor is None:
@@ -450,18 +503,65 @@ def _read_matrix(tensors: _Tensors, name: str, rows: int, cols: int, block: int)
     return dequantize_rows(q, scale, block)
 
 
-def _read_model(fields: _Fields, tensors: _Tensors, n_features: int, path: Path) -> LinearModel | MLPModel:
-    kind, hidden, block = fields.text(K_KIND), fields.integer(K_HIDDEN), fields.integer(K_QUANT_BLOCK)
+def _read_model(fields: _Fields, tensors: _Tensors, n_features: int, path: Path,
+                prefix: str) -> LinearModel | MLPModel:
+    kind, hidden = fields.text(_key(K_KIND, prefix)), fields.integer(_key(K_HIDDEN, prefix))
+    block = fields.integer(_key(K_QUANT_BLOCK, prefix))
     if block <= 0:
         raise HeadError(f"{path} is corrupt: quantisation block size {block}")
+    head = f"{prefix}head"
     if kind == LinearModel.kind:
-        w = _read_matrix(tensors, "head.w", 1, n_features, block)[0]
-        return LinearModel(w, float(tensors.get("head.b", (1,))[0]))
+        w = _read_matrix(tensors, f"{head}.w", 1, n_features, block)[0]
+        return LinearModel(w, float(tensors.get(f"{head}.b", (1,))[0]))
     if kind == MLPModel.kind and hidden > 0:
-        w1 = _read_matrix(tensors, "head.w1", hidden, n_features, block).T.copy()
-        w2 = _read_matrix(tensors, "head.w2", 1, hidden, block)[0]
-        return MLPModel(w1, tensors.get("head.b1", (hidden,)), w2, float(tensors.get("head.b2", (1,))[0]))
+        w1 = _read_matrix(tensors, f"{head}.w1", hidden, n_features, block).T.copy()
+        w2 = _read_matrix(tensors, f"{head}.w2", 1, hidden, block)[0]
+        return MLPModel(w1, tensors.get(f"{head}.b1", (hidden,)), w2, float(tensors.get(f"{head}.b2", (1,))[0]))
     raise HeadError(f"{path} has an unknown head model kind {kind!r} (hidden size {hidden})")
+
+
+def _read_lexical(fields: _Fields, tensors: _Tensors, dim: int, path: Path, prefix: str) -> HashedNgrams:
+    try:
+        return HashedNgrams.from_config(fields.json_value(_key(K_LEXICAL, prefix), None),
+                                        tensors.get(f"{prefix}lexical.idf", (dim,)))
+    except KeyError as exc:
+        raise HeadError(f"{path} has an unusable lexical featurizer: its config lacks {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise HeadError(f"{path} has an unusable lexical featurizer: {exc}") from None
+
+
+def _read_head(fields: _Fields, tensors: _Tensors, path: Path, prefix: str, **shared: Any) -> Head:
+    """One head stored under ``prefix``; ``shared`` gives what the file holds once (fingerprint, manifest, ...)."""
+    def k(key: str) -> str:
+        return _key(key, prefix)
+
+    names, dims = fields.texts(k(K_BLOCK_NAMES)), fields.integers(k(K_BLOCK_DIMS))
+    if len(names) != len(dims) or not names or min(dims) <= 0:
+        raise HeadError(f"{path} is corrupt: {len(names)} block names for {len(dims)} block dims")
+    blocks = tuple(FeatureBlock(n, d) for n, d in zip(names, dims))
+    scalers = tuple(Standardizer(tensors.get(f"{prefix}block.{i}.mean", (b.dim,)),
+                                 tensors.get(f"{prefix}block.{i}.std", (b.dim,)))
+                    for i, b in enumerate(blocks))
+    lexical = _read_lexical(fields, tensors, dims[names.index(LEXICAL)], path, prefix) if LEXICAL in names else None
+    return Head(
+        blocks=blocks, scalers=scalers, model=_read_model(fields, tensors, sum(dims), path, prefix),
+        temperature=fields.number(k(K_TEMPERATURE)), threshold=fields.number(k(K_THRESHOLD)),
+        target_fpr=fields.number(k(K_TARGET_FPR)), tau=fields.integer(k(K_TAU)),
+        layers=tuple(fields.integers(k(K_LAYERS), required=False)),
+        pooling=tuple(fields.texts(k(K_POOLING), required=False)),
+        probe_text=fields.text(k(K_PROBE)), lexical=lexical,
+        metrics=fields.json_value(k(K_METRICS)), extra=fields.json_value(k(K_EXTRA)), **shared,
+    )
+
+
+def _read_companion(fields: _Fields, tensors: _Tensors, path: Path, **shared: Any) -> Head | None:
+    """The per-token companion when any trace of it is stored; a partial one is a fault, not an absence."""
+    if not (fields.any_under(_key("guardrail.", TOKEN_PREFIX)) or tensors.any_under(TOKEN_PREFIX)):
+        return None
+    try:
+        return _read_head(fields, tensors, path, TOKEN_PREFIX, **shared)
+    except HeadError as exc:
+        raise HeadError(f"{exc} (in the per-token companion head)") from None
 
 
 def _open(path: Path) -> gguf.GGUFReader:
@@ -512,31 +612,10 @@ def load_head(path: str | os.PathLike[str], *, expect: ModelFingerprint | None =
     fingerprint = ModelFingerprint(fields.text(K_BASE_SHA), fields.text(K_BASE_ARCH),
                                    fields.integer(K_BASE_EMBD), fields.integer(K_BASE_LAYER))
     _check_fingerprint(fingerprint, expect, allow_mismatch)
-    names, dims = fields.texts(K_BLOCK_NAMES), fields.integers(K_BLOCK_DIMS)
-    if len(names) != len(dims) or not names or min(dims) <= 0:
-        raise HeadError(f"{file} is corrupt: {len(names)} block names for {len(dims)} block dims")
-    blocks = tuple(FeatureBlock(n, d) for n, d in zip(names, dims))
-    scalers = tuple(Standardizer(tensors.get(f"block.{i}.mean", (b.dim,)), tensors.get(f"block.{i}.std", (b.dim,)))
-                    for i, b in enumerate(blocks))
-    lexical = None
-    if LEXICAL in names:
-        dim = dims[names.index(LEXICAL)]
-        try:
-            lexical = HashedNgrams.from_config(fields.json_value(K_LEXICAL, None), tensors.get("lexical.idf", (dim,)))
-        except KeyError as exc:
-            raise HeadError(f"{file} has an unusable lexical featurizer: its config lacks {exc}") from None
-        except (TypeError, ValueError) as exc:
-            raise HeadError(f"{file} has an unusable lexical featurizer: {exc}") from None
-    return Head(
-        fingerprint=fingerprint, blocks=blocks, scalers=scalers,
-        model=_read_model(fields, tensors, sum(dims), file),
-        temperature=fields.number(K_TEMPERATURE), threshold=fields.number(K_THRESHOLD),
-        target_fpr=fields.number(K_TARGET_FPR), tau=fields.integer(K_TAU),
-        layers=tuple(fields.integers(K_LAYERS, required=False)), pooling=tuple(fields.texts(K_POOLING, required=False)),
-        probe_text=fields.text(K_PROBE), lexical=lexical,
-        manifest=fields.json_value(K_MANIFEST), metrics=fields.json_value(K_METRICS), extra=fields.json_value(K_EXTRA),
-        created_by=fields.text(K_CREATED_BY, ""),
-    )
+    shared = {"fingerprint": fingerprint, "manifest": fields.json_value(K_MANIFEST),
+              "created_by": fields.text(K_CREATED_BY, "")}
+    token_head = _read_companion(fields, tensors, file, **shared)
+    return _read_head(fields, tensors, file, "", token_head=token_head, **shared)
 
 
 # ---- base-model fingerprint ------------------------------------------------------------------

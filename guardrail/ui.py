@@ -76,3 +76,117 @@ def render_benchmark(report: Mapping[str, Any], out: Console | None = None) -> N
 def render_lines(lines: Iterable[str], out: Console | None = None) -> None:
     for line in lines:
         (out or console).print(line)
+
+
+# ---------------------------------------------------------------------------
+# Guarded generation: one state object the events update, small renderables of it
+
+
+class StreamState:
+    """What the screen shows of one guarded answer; updated only by events."""
+
+    def __init__(self, threshold: float | None = None):
+        self.threshold = threshold
+        self.pieces: list[tuple[str, str]] = []  # (text, style)
+        self.query_risk: float | None = None
+        self.query_malicious: bool | None = None
+        self.risk: float | None = None
+        self.checks = 0
+        self.tokens = 0
+        self.intervention: str | None = None
+        self.done: Any = None
+        self._forced = False
+
+    def apply(self, event: Any) -> None:
+        kind = event.type
+        if kind == "token":
+            self.tokens += 0 if event.forced else 1
+            if event.risk is not None:
+                self.risk = event.risk
+            style = "bold white on red3" if event.forced else (
+                heat_style(event.risk) if event.risk is not None else "")
+            self.pieces.append((event.text, style))
+        elif kind == "check":
+            self.checks += 1
+            if event.index == 0:
+                self.query_risk, self.query_malicious = event.risk, event.malicious
+            mark_style = "bold red" if event.malicious else "green"
+            self.pieces.append(("▏" if event.index else "", mark_style))
+        elif kind == "intervention":
+            self.intervention = f"{event.action} at token {event.index}: {event.reason}"
+        elif kind == "done":
+            self.done = event
+
+
+class AnswerView:
+    """The answer so far: tokens coloured by risk, check points marked, forced text highlighted."""
+
+    def __init__(self, state: StreamState):
+        self.state = state
+
+    def __rich__(self) -> Text:
+        text = Text()
+        for piece, style in self.state.pieces:
+            text.append(piece, style=style)
+        return text
+
+
+class Footer:
+    """Query verdict, current risk, checks made, speed and the guard's overhead."""
+
+    def __init__(self, state: StreamState):
+        self.state = state
+
+    def __rich__(self) -> Text:
+        s = self.state
+        text = Text()
+        if s.query_malicious is None:
+            text.append("query: …", style="dim")
+        else:
+            verdict = "MALICIOUS" if s.query_malicious else "benign"
+            text.append(f"query: {verdict} ({s.query_risk:.2f})",
+                        style="bold red" if s.query_malicious else "green")
+        risk = "-" if s.risk is None else f"{s.risk:.2f}"
+        text.append(f"  risk now: {risk}  checks: {s.checks}  tokens: {s.tokens}")
+        if s.done is not None:
+            d = s.done
+            share = d.guard_s / d.elapsed_s if d.elapsed_s else 0.0
+            text.append(f"  {d.tokens_per_s:.1f} tok/s  guard: {d.guard_s * 1000:.0f} ms ({share:.0%})"
+                        f"  end: {d.finish_reason}")
+        if s.intervention:
+            text.append(f"\nintervened — {s.intervention}", style="bold red")
+        return text
+
+
+def render_stream(events: Iterable[Any], *, mode: str = "rich", out: Console | None = None,
+                  title: str = "assistant") -> StreamState:
+    """Show one guarded answer: ``rich`` (live, coloured), ``plain`` (text only) or ``json`` (events)."""
+    import json
+
+    from rich.console import Group
+    from rich.live import Live
+    from rich.panel import Panel
+
+    out = out or console
+    state = StreamState()
+    if mode == "rich" and not out.is_terminal:
+        mode = "plain"
+    if mode == "json":
+        for event in events:
+            state.apply(event)
+            out.file.write(json.dumps(event.to_dict(), ensure_ascii=False) + "\n")
+            out.file.flush()
+        return state
+    if mode == "plain":
+        for event in events:
+            state.apply(event)
+            if event.type == "token":
+                out.file.write(event.text)
+                out.file.flush()
+        out.file.write("\n")
+        return state
+    view = Group(Panel(AnswerView(state), title=title, border_style="blue"), Footer(state))
+    with Live(view, console=out, refresh_per_second=12, transient=False):
+        for event in events:
+            state.apply(event)
+    return state

@@ -59,9 +59,42 @@ def build_head(kind: str) -> Head:
                 metrics={"auroc": 0.93, "undefined": float("nan")}, extra={"note": "synthetic"})
 
 
+def build_token_head(kind: str) -> Head:
+    """A small per-token companion: its own block and its own (smaller) lexical featurizer."""
+    features, texts, y = synthetic(600, seed=2)
+    lexical = HashedNgrams(n_buckets=256).fit(texts)
+    blocks = (FeatureBlock("l_out-3/token", 64), FeatureBlock("lexical", 256))
+    raw = [features["l_out-3/last"], lexical.transform(texts)]
+    scalers = tuple(Standardizer.fit(x) for x in raw)
+    Z = np.concatenate([s.transform(x) for s, x in zip(scalers, raw)], axis=1)
+    if kind == "logreg":
+        model = train_logreg(Z, y, lr=1e-2, max_epochs=15)
+    else:
+        model = train_mlp(Z, y, hidden=8, lr=3e-3, max_epochs=10)
+    return Head(FP, blocks, scalers, model, temperature=0.8, threshold=0.37, target_fpr=0.02, tau=2,
+                layers=(3,), pooling=("token",), lexical=lexical, metrics={"auroc": 0.8}, extra={"role": "token"})
+
+
 @pytest.fixture(scope="module", params=["logreg", "mlp"])
 def head(request) -> Head:
     return build_head(request.param)
+
+
+@pytest.fixture(scope="module")
+def paired(head) -> Head:
+    """The main head with a companion of the other model kind."""
+    return dataclasses.replace(head, token_head=build_token_head("mlp" if head.kind == "logreg" else "logreg"))
+
+
+@pytest.fixture()
+def paired_file(paired, tmp_path) -> Path:
+    path = tmp_path / "paired.gguf"
+    save_head(paired, path)
+    return path
+
+
+def token_rows(features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"l_out-3/token": features["l_out-3/last"]}
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +176,51 @@ def test_round_trip_keeps_the_metadata(head, head_file):
     assert loaded.lexical is not None and np.array_equal(loaded.lexical.idf, head.lexical.idf)
     for a, b in zip(loaded.scalers, head.scalers):
         assert np.array_equal(a.mean, b.mean) and np.array_equal(a.std, b.std)
+
+
+def test_round_trip_carries_the_companion_token_head(paired, paired_file, test_rows):
+    features, texts, y = test_rows
+    loaded = load_head(paired_file, expect=FP)
+    token, saved = loaded.token_head, paired.token_head
+    assert token is not None and token.token_head is None
+    assert quantization_report(paired, loaded, features, texts, y)["max_abs_diff"] < 0.01
+    report = quantization_report(saved, token, token_rows(features), texts, y)
+    assert report["max_abs_diff"] < 0.01
+    assert round(report["auroc_float"], 3) == round(report["auroc_quant"], 3)
+    assert np.array_equal(token.score(token_rows(features), texts),
+                          quantized(paired).token_head.score(token_rows(features), texts))
+    for name in ("blocks", "kind", "temperature", "threshold", "target_fpr", "tau", "layers", "pooling",
+                 "probe_text", "metrics", "extra"):
+        assert getattr(token, name) == getattr(saved, name), name
+    assert (token.fingerprint, token.manifest, token.created_by) == (FP, paired.manifest, paired.created_by)
+    assert token.lexical is not None and np.array_equal(token.lexical.idf, saved.lexical.idf)
+    assert (loaded.temperature, loaded.threshold) == (paired.temperature, paired.threshold)
+
+
+def test_the_companion_is_stored_under_its_own_prefix(paired, paired_file):
+    reader = gguf.GGUFReader(paired_file)
+    names = {t.name: t.tensor_type for t in reader.tensors}
+    weight = "token.head.w" if paired.token_head.kind == "logreg" else "token.head.w1"
+    assert names[f"{weight}.q8"] == gguf.GGMLQuantizationType.I8
+    assert names["token.block.1.std"] == names["token.lexical.idf"] == gguf.GGMLQuantizationType.F32
+    assert reader.fields["guardrail.token.blocks.names"].contents() == ["l_out-3/token", "lexical"]
+    assert reader.fields["guardrail.token.temperature"].contents() == 0.8
+    assert not [k for k in reader.fields if k.startswith("guardrail.token.") and
+                any(part in k for part in ("base_model", "manifest", "created_by", "format_version"))]
+
+
+def test_a_file_without_a_companion_loads_without_one(head, head_file):
+    assert head.token_head is None and load_head(head_file).token_head is None
+    assert not [t.name for t in gguf.GGUFReader(head_file).tensors if t.name.startswith("token.")]
+    assert quantized(head).token_head is None
+
+
+def test_companions_cannot_nest_or_belong_to_another_model(paired):
+    with pytest.raises(HeadError, match="companion of its own"):
+        dataclasses.replace(paired, token_head=paired)
+    other = dataclasses.replace(paired.token_head, fingerprint=dataclasses.replace(FP, sha256="0" * 64))
+    with pytest.raises(HeadError, match="companion token head was trained for"):
+        dataclasses.replace(paired, token_head=other)
 
 
 def test_probe_text_and_layers_round_trip_when_set_or_empty(head, tmp_path):
@@ -323,6 +401,52 @@ def test_forged_faults_are_refused_with_a_reason(head_file, tmp_path, fault, mat
     rewrite(head_file, forged, **fault)
     with pytest.raises(HeadError, match=match):
         load_head(forged)
+
+
+def companion_names(path: Path) -> tuple[set[str], set[str]]:
+    """The companion's metadata keys and tensor names in a head file."""
+    reader = gguf.GGUFReader(path)
+    return ({k for k in reader.fields if k.startswith("guardrail.token.")},
+            {t.name for t in reader.tensors if t.name.startswith("token.")})
+
+
+@pytest.mark.parametrize("fault, match", [
+    ({"drop": {"token.block.0.std"}}, "tensor token.block.0.std is missing"),
+    ({"drop": {"token.lexical.idf"}}, "tensor token.lexical.idf is missing"),
+    ({"drop": {"guardrail.token.temperature"}}, "guardrail.token.temperature is missing"),
+    ({"drop": {"guardrail.token.blocks.names"}}, "guardrail.token.blocks.names is missing"),
+    ({"tensors": {"token.block.0.mean": np.zeros(32, np.float32)}}, "token.block.0.mean"),
+    ({"kv": {"guardrail.token.model.kind": ("forest", gguf.GGUFValueType.STRING)}}, "forest"),
+    ({"kv": {"guardrail.token.temperature": (-1.0, gguf.GGUFValueType.FLOAT64)}}, "temperature"),
+    ({"kv": {"guardrail.token.blocks.dims": ([64], gguf.GGUFValueType.ARRAY)}}, "block"),
+])
+def test_a_damaged_companion_is_refused_with_a_reason(paired_file, tmp_path, fault, match):
+    forged = tmp_path / "forged.gguf"
+    rewrite(paired_file, forged, **fault)
+    with pytest.raises(HeadError, match=match) as info:
+        load_head(forged)
+    assert "\n" not in str(info.value) and "companion" in str(info.value)
+
+
+@pytest.mark.parametrize("part", ["metadata", "tensors"])
+def test_half_a_companion_is_a_fault_not_an_absence(paired_file, tmp_path, part):
+    keys, tensors = companion_names(paired_file)
+    forged = tmp_path / "half.gguf"
+    rewrite(paired_file, forged, drop=keys if part == "metadata" else tensors)
+    with pytest.raises(HeadError, match="companion"):
+        load_head(forged)
+    rewrite(paired_file, forged, drop=keys | tensors)  # all of it gone: a plain head again
+    assert load_head(forged).token_head is None
+
+
+def test_a_truncated_companion_is_refused(paired_file, tmp_path):
+    data = paired_file.read_bytes()
+    reader = gguf.GGUFReader(paired_file)
+    token = [t for t in reader.tensors if t.name.startswith("token.")]
+    cut_file = tmp_path / "cut.gguf"
+    for cut in {min(t.data_offset for t in token) + 1, max(t.data_offset + t.n_bytes for t in token) - 1}:
+        cut_file.write_bytes(data[:cut])
+        assert_head_error(cut_file)
 
 
 def test_the_rewrite_helper_alone_keeps_a_loadable_head(head_file, tmp_path):

@@ -1,0 +1,212 @@
+"""Features for training and evaluating heads: the host model's own states for labelled conversations.
+
+For each conversation, at each captured layer ``L``:
+- ``l_out-L/last``  the state of the context's last token (what the token signal reads);
+- ``l_out-L/mean``  the mean state over the window's tokens;
+- ``l_out-L/probe`` the state of the [CLS] probe's last token, decoded in its own
+  KV sequence over the window (exactly how a check runs during generation);
+plus ``opener``: the model's own log-odds of refusal vs compliance openers as its
+next token, and the window's text (for lexical features).
+
+The window is what a check reads: the conversation's content (template markers
+and BOS skipped) with at most the last ``r2`` tokens of a partial answer.
+Several conversations share each ``llama_decode`` (one sequence each), and their
+probes share the next one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import llama_cpp.llama_cpp as llama_low
+import numpy as np
+
+from .capture import layer_name
+from .engine import ChatFormat, Context, Entry, Model, PromptTokens
+from .probe import DEFAULT_PROBE_TEXT, Probe, WindowParams, WindowState, choose_window
+
+REFUSAL_OPENERS = ("Sorry", "I", "As", "Unfortunately", "No")
+COMPLIANCE_OPENERS = ("Sure", "Here", "Certainly", "Absolutely", "Step", "To", "1")
+
+
+def block_layer(name: str) -> int | None:
+    """The layer a feature block reads (``l_out-20/probe`` -> 20); None for text or logit blocks."""
+    hook = name.split("/", 1)[0]
+    if hook.startswith("l_out-") and hook[6:].isdigit() and "/" in name:
+        return int(hook[6:])
+    return None
+
+
+EOT_PROBE = "<eot>"  # the model's own end-of-turn token: a one-token [CLS] every chat model has
+
+
+def probe_tokens(model: Model, text: str) -> list[int]:
+    """Token ids of a probe: our own text (markup allowed), or the end-of-turn token for ``<eot>``."""
+    if text == EOT_PROBE:
+        eot = llama_low.llama_vocab_eot(model.vocab)
+        return [eot if eot >= 0 else llama_low.llama_vocab_eos(model.vocab)]
+    return model.tokenize(text, special=True)
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """``probes``: the first gives blocks ``l_out-L/probe``, the j-th ``l_out-L/probe<j>``."""
+
+    layers: tuple[int, ...]
+    probes: tuple[str, ...] = (DEFAULT_PROBE_TEXT,)
+    window: WindowParams = WindowParams()
+    max_tokens: int = 640
+    n_parallel: int = 8
+    n_batch: int = 1024
+
+
+@dataclass
+class Features:
+    """Feature blocks (name -> (n, d) float32) and the window text of every conversation."""
+
+    blocks: dict[str, np.ndarray]
+    texts: list[str]
+
+    def take(self, index: np.ndarray) -> Features:
+        return Features({k: v[index] for k, v in self.blocks.items()}, [self.texts[i] for i in index])
+
+
+def split_conversation(prompt: PromptTokens, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
+    """(query positions, answer positions): content tokens, the final assistant message as answer."""
+    prefill_index = len(messages) - 1 if messages[-1]["role"] == "assistant" else -2
+    query = [i for i, m in enumerate(prompt.message) if m >= 0 and m != prefill_index]
+    answer = [i for i, m in enumerate(prompt.message) if m == prefill_index]
+    return query, answer
+
+
+def check_window(query: Sequence[int], answer: Sequence[int], params: WindowParams) -> list[int]:
+    """The window a check reads at this point of a conversation (the first-check rule)."""
+    return choose_window(query, answer, WindowState(), params)
+
+
+def _truncate(prompt: PromptTokens, limit: int) -> PromptTokens:
+    """Keep the start (BOS, system) and the end (the latest text, the open turn) of a long prompt."""
+    if len(prompt) <= limit:
+        return prompt
+    keep_head = min(64, limit // 4)
+    keep_tail = limit - keep_head
+    return PromptTokens(prompt.ids[:keep_head] + prompt.ids[-keep_tail:],
+                        prompt.message[:keep_head] + prompt.message[-keep_tail:])
+
+
+def opener_tokens(model: Model) -> tuple[list[int], list[int]]:
+    first = lambda w: model.tokenize(w)[0]  # noqa: E731
+    return [first(w) for w in REFUSAL_OPENERS], [first(w) for w in COMPLIANCE_OPENERS]
+
+
+def opener_logodds(logits: np.ndarray, refusal: Sequence[int], compliance: Sequence[int]) -> np.ndarray:
+    """log P(refusal openers) - log P(compliance openers), and each side's log-probability."""
+    z = logits - logits.max()
+    log_norm = np.log(np.exp(z).sum())
+    lr = np.log(np.exp(z[list(refusal)]).sum()) - log_norm
+    lc = np.log(np.exp(z[list(compliance)]).sum()) - log_norm
+    return np.array([lr - lc, lr, lc], dtype=np.float32)
+
+
+class FeatureExtractor:
+    """Runs conversations through the model (several per decode) and collects their features."""
+
+    def __init__(self, model: Model, config: FeatureConfig):
+        self.model = model
+        self.config = config
+        self.format = ChatFormat(model)
+        self.hooks = tuple(layer_name(layer) for layer in config.layers)
+        if any(layer >= model.info.n_layer - 1 for layer in config.layers):
+            raise ValueError("features read layers below the last (the last holds output rows only)")
+        self.probes = [probe_tokens(model, text) for text in config.probes]
+        self.probe_names = ["probe"] + [f"probe{j}" for j in range(1, len(self.probes))]
+        n_seq = 2 * config.n_parallel
+        self.context = Context(model, n_ctx=config.n_parallel * (config.max_tokens + 64) + 256,
+                               n_batch=config.n_batch, n_seq_max=n_seq, hooks=self.hooks)
+        self.refusal, self.compliance = opener_tokens(model)
+
+    def close(self) -> None:
+        self.context.close()
+
+    def extract(self, conversations: Sequence[Sequence[dict]],
+                progress: Callable[[int], None] | None = None) -> Features:
+        prepared = [self._prepare(messages) for messages in conversations]
+        n = len(prepared)
+        d = self.model.info.n_embd
+        blocks = {f"{h}/{kind}": np.zeros((n, d), np.float32)
+                  for h in self.hooks for kind in ("last", "mean", *self.probe_names)}
+        blocks["opener"] = np.zeros((n, 3), np.float32)
+        texts = [""] * n
+        group: list[int] = []
+        used = 0
+        for i, (prompt, window) in enumerate(prepared):
+            if group and (len(group) == self.config.n_parallel or used + len(prompt) > self.config.n_batch):
+                self._run_group(group, prepared, blocks, texts)
+                if progress:
+                    progress(len(group))
+                group, used = [], 0
+            group.append(i)
+            used += len(prompt)
+        if group:
+            self._run_group(group, prepared, blocks, texts)
+            if progress:
+                progress(len(group))
+        return Features(blocks, texts)
+
+    def _prepare(self, messages: Sequence[dict]) -> tuple[PromptTokens, list[int]]:
+        prompt = _truncate(self.format.tokens(messages), self.config.max_tokens)
+        query, answer = split_conversation(prompt, messages)
+        window = check_window(query, answer, self.config.window) or [len(prompt) - 1]
+        return prompt, window
+
+    def _run_group(self, group: list[int], prepared, blocks, texts) -> None:
+        """Decode a group of conversations, one sequence each; the prefix they share
+        (the template's system preamble, mostly) is decoded once for all of them."""
+        ctx = self.context
+        ctx.clear()
+        prompts = [prepared[i][0].ids for i in group]
+        shared = _common_prefix(prompts)
+        everyone = tuple(range(len(group)))
+        prefix_rows = {}
+        if shared:
+            first = ctx.decode([Entry(t, p, everyone) for p, t in enumerate(prompts[0][:shared])])
+            prefix_rows = {h: first.states.rows[h].copy() for h in self.hooks}
+        entries: list[Entry] = []
+        spans = []
+        for seq, ids in enumerate(prompts):
+            spans.append(len(entries))
+            last = len(ids) - 1
+            entries.extend(Entry(ids[p], p, (seq,), p == last) for p in range(shared, len(ids)))
+        result = ctx.decode(entries)
+        for seq, i in enumerate(group):
+            prompt, window = prepared[i]
+            start, n_own = spans[seq], len(prompt) - shared
+            for h in self.hooks:
+                own = result.states.rows[h][start:start + n_own]
+                rows = np.concatenate([prefix_rows[h], own]) if shared else own
+                blocks[f"{h}/last"][i] = rows[-1]
+                blocks[f"{h}/mean"][i] = rows[window].mean(axis=0)
+            blocks["opener"][i] = opener_logodds(ctx.logits(start + n_own - 1), self.refusal, self.compliance)
+            texts[i] = self.model.detokenize([prompt.ids[p] for p in window])
+        for tokens, kind in zip(self.probes, self.probe_names):
+            probe_entries: list[Entry] = []
+            probe_last = []
+            for seq, i in enumerate(group):
+                probe = Probe(ctx, tokens, seq=self.config.n_parallel + seq, src=seq)
+                probe_entries.extend(probe.attach(prepared[i][1]))
+                probe_last.append(len(probe_entries) - 1)
+            probed = ctx.decode(probe_entries)
+            for seq, i in enumerate(group):
+                for h in self.hooks:
+                    blocks[f"{h}/{kind}"][i] = probed.states.rows[h][probe_last[seq]]
+                ctx.seq_rm(self.config.n_parallel + seq, -1, -1)
+
+
+def _common_prefix(prompts: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix all prompts share, leaving each at least one token of its own."""
+    limit = min(len(p) for p in prompts) - 1
+    n = 0
+    while n < limit and all(p[n] == prompts[0][n] for p in prompts):
+        n += 1
+    return n
