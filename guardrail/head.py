@@ -402,6 +402,7 @@ def save_head(head: Head, path: str | os.PathLike[str]) -> None:
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
             writer.close()
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shipped head from other users
             os.replace(tmp, target)
         finally:
             Path(tmp).unlink(missing_ok=True)

@@ -21,6 +21,7 @@ from .artifacts import cache_dir
 from .data.format import Example
 from .engine import Model
 from .evaluate import HeadRecipe, Labelled
+from .errors import HeadError
 from .head import Head
 from .features import FeatureConfig, FeatureExtractor, Features
 
@@ -104,15 +105,16 @@ def default_data_dir() -> Path:
     return cache_dir() / "data" / "default-v1"
 
 
-def ensure_dataset(data_dir: Path | None, progress: bool = True) -> Path:
-    """The dataset directory, built with the default recipe when it does not exist yet."""
+def ensure_dataset(data_dir: Path | None, progress: bool = True, max_per_source: int = DEFAULT_MAX_PER_SOURCE) -> Path:
+    """The dataset directory, built with the default recipe (scaled to ``max_per_source``) when missing."""
     from .data import build_dataset
     from .data.augment import AugmentPlan
 
     data_dir = data_dir or default_data_dir()
     if not all((data_dir / f"{s}.jsonl").is_file() for s in SPLITS):
-        build_dataset(data_dir, max_per_source=DEFAULT_MAX_PER_SOURCE, plan=AugmentPlan(**DEFAULT_PLAN),
-                      progress=progress)
+        scale = max_per_source / DEFAULT_MAX_PER_SOURCE
+        plan = AugmentPlan(**{k: max(1, round(v * scale)) for k, v in DEFAULT_PLAN.items()})
+        build_dataset(data_dir, max_per_source=max_per_source, plan=plan, progress=progress)
     return data_dir
 
 
@@ -157,3 +159,140 @@ def train_head(model: Model, model_sha: str, data_dir: Path, config: FeatureConf
                 if k in manifest}
     manifest["examples"] = len(examples)
     return replace(head, manifest=manifest, metrics=metrics)
+
+
+# ---------------------------------------------------------------------------
+# The default recipe, for any model: layers as fractions of its depth
+
+LAYER_FRACTIONS = (0.27, 0.4, 0.53, 0.67, 0.8, 0.9)
+
+
+def default_config(model: Model) -> FeatureConfig:
+    """Feature extraction for training: several depths, the one-token [CLS] probe first."""
+    from .features import EOT_PROBE
+    from .probe import DEFAULT_PROBE_TEXT
+
+    n = model.info.n_layer
+    layers = tuple(sorted({min(n - 2, max(1, round(f * n))) for f in LAYER_FRACTIONS}))
+    return FeatureConfig(layers=layers, probes=(EOT_PROBE, DEFAULT_PROBE_TEXT), max_tokens=320)
+
+
+def default_recipes(config: FeatureConfig) -> tuple[HeadRecipe, HeadRecipe]:
+    """(check head, token head), chosen by leave-one-source-out (README, "Choosing the features").
+
+    The check reads the window's mean state two thirds deep, the one-token probe's
+    state and the last token's state near the top; the token head reads each
+    token's own state near the top. The lexical block did not add to the states
+    by LOSO, so the default heads leave it out (it stays the baseline they beat)."""
+    mid, top = config.layers[3], config.layers[-1]
+    check = HeadRecipe(blocks=(f"l_out-{mid}/mean", f"l_out-{top}/probe", f"l_out-{top}/last"), lexical=False)
+    token = HeadRecipe(blocks=(f"l_out-{top}/last",), lexical=False)
+    return check, token
+
+
+def _model_and_sha(model_spec: str | None) -> tuple[Model, str]:
+    from .head import fingerprint_file
+    from .models import resolve_model
+
+    model = Model(resolve_model(model_spec))
+    info = model.info
+    return model, fingerprint_file(model.path, info.architecture, info.n_embd, info.n_layer).sha256
+
+
+def train_default(model_spec: str | None, data_dir: Path | None, out: Path, *, loso_sources: bool = True) -> Head:
+    """`guardrail train`: the whole recipe for one model, written to ``out``."""
+    from .head import save_head
+
+    model, sha = _model_and_sha(model_spec)
+    data_dir = ensure_dataset(data_dir)
+    config = default_config(model)
+    check, token = default_recipes(config)
+    head = train_head(model, sha, data_dir, config, check, token, loso_sources=loso_sources)
+    head = replace(head, extra={"feature_config": asdict(config), "data_dir": data_dir.name})
+    save_head(head, out)
+    return head
+
+
+# ---------------------------------------------------------------------------
+# Reports on a trained head: eval --data, eval --loso, attack
+
+
+def _head_and_config(model: Model, sha: str, head_path: str | None) -> tuple[Head, FeatureConfig, HeadRecipe]:
+    from .guard import default_head_path
+    from .head import ModelFingerprint, load_head
+    from .probe import WindowParams
+
+    info = model.info
+    head = load_head(head_path or default_head_path(model),
+                     expect=ModelFingerprint(sha, info.architecture, info.n_embd, info.n_layer))
+    stored = dict(head.extra.get("feature_config") or {})
+    if not stored:
+        raise HeadError("this head does not record how its features were extracted (feature_config)")
+    stored["window"] = WindowParams(**stored.get("window", {}))
+    stored["layers"] = tuple(stored["layers"])
+    stored["probes"] = tuple(stored["probes"])
+    config = FeatureConfig(**stored)
+    recipe = HeadRecipe(blocks=tuple(b.name for b in head.blocks if b.name != "lexical"),
+                        lexical=head.lexical is not None, kind=head.kind, target_fpr=head.target_fpr)
+    return head, config, recipe
+
+
+def evaluate_file(model_spec: str | None, head_path: str | None, data_file: Path | None) -> dict:
+    """The head and the text baseline (fitted on the head's own training rows) on labelled JSONL."""
+    from .data import read_jsonl
+    from .evaluate import baseline_head, evaluate_head
+    from .head import ModelFingerprint
+
+    model, sha = _model_and_sha(model_spec)
+    head, config, _ = _head_and_config(model, sha, head_path)
+    data_dir = ensure_dataset(None)
+    _, train_data = load_labelled(model, sha, data_dir, config)
+    file = data_file or data_dir / "test.jsonl"
+    examples = read_jsonl(file)
+    feats = extract_features(model, sha, examples, config, label=f"features: {file.name}")
+    data = Labelled(Features({k: v for k, v in feats.blocks.items() if not k.startswith("__")}, feats.texts),
+                    np.array([e.label for e in examples]), np.array([e.source for e in examples], dtype=object),
+                    np.array(["test"] * len(examples), dtype=object))
+    info = model.info
+    fingerprint = ModelFingerprint(sha, info.architecture, info.n_embd, info.n_layer)
+    baseline = baseline_head(train_data, np.flatnonzero(train_data.splits == "train"),
+                             np.flatnonzero(train_data.splits == "val"), fingerprint)
+    rows = np.arange(len(examples))
+    return {"data": str(file), "threshold": head.threshold, **evaluate_head(head, data, rows),
+            "baseline": evaluate_head(baseline, data, rows)}
+
+
+def loso_report(model_spec: str | None, head_path: str | None) -> dict:
+    """Leave-one-source-out for the head's recipe and for the text baseline, on the default dataset."""
+    from .evaluate import loso
+    from .head import ModelFingerprint
+
+    model, sha = _model_and_sha(model_spec)
+    head, config, recipe = _head_and_config(model, sha, head_path)
+    _, data = load_labelled(model, sha, ensure_dataset(None), config)
+    info = model.info
+    fingerprint = ModelFingerprint(sha, info.architecture, info.n_embd, info.n_layer)
+    return {"loso": loso(data, recipe, fingerprint),
+            "loso_baseline": loso(data, HeadRecipe(blocks=(), lexical=True), fingerprint)}
+
+
+def attack_report(model_spec: str | None, head_path: str | None, *, per_suite: int = 30,
+                  max_tokens: int = 40, progress: bool = True) -> dict:
+    """The attack suites on held-out requests of the default dataset, unguarded vs guarded."""
+    from .attack import build_cases, run_cases, summarize_outcomes
+    from .data import read_jsonl
+    from .guard import Guard
+
+    cases = build_cases(read_jsonl(ensure_dataset(None) / "test.jsonl"), per_suite=per_suite)
+    with Guard(model_spec, head_path) as guard:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      disable=not progress) as bar:
+            task = bar.add_task("attack suites", total=len(cases))
+            outcomes = run_cases(guard, cases, max_tokens=max_tokens, progress=lambda: bar.advance(task))
+        report = summarize_outcomes(outcomes)
+        report["head_threshold"] = guard.head.threshold
+        report["schedule"] = str(guard.options.schedule)
+    report["max_tokens"] = max_tokens
+    report["examples"] = [{"suite": o.case.suite, "guarded": o.guarded_text[:160], "unguarded": o.unguarded_text[:160],
+                           "intervened": o.intervened} for o in outcomes[:: max(1, len(outcomes) // 12)]]
+    return report

@@ -190,3 +190,75 @@ def render_stream(events: Iterable[Any], *, mode: str = "rich", out: Console | N
         for event in events:
             state.apply(event)
     return state
+
+
+# ---------------------------------------------------------------------------
+# Reports
+
+
+def _f(value: Any, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def render_loso(report: Mapping[str, Any], baseline: Mapping[str, Any] | None = None,
+                out: Console | None = None) -> None:
+    """Leave-one-source-out AUROC per held-out source, the head beside the text baseline."""
+    table = Table(title=f"leave-one-source-out: {report['recipe']}")
+    for column in ("held-out source", "n", "label", "AUROC", "baseline AUROC", "flagged at threshold"):
+        table.add_column(column, justify="left" if column == "held-out source" else "right")
+    for name, row in report["sources"].items():
+        base = (baseline or {}).get("sources", {}).get(name, {})
+        table.add_row(name, str(row["n"]), "/".join(map(str, row["label"])), _f(row["auroc"]),
+                      _f(base.get("auroc")), _f(row["flagged"], 2))
+    table.add_row("mean", "", "", _f(report["mean_auroc"]), _f((baseline or {}).get("mean_auroc")), "",
+                  style="bold")
+    table.add_row("min", "", "", _f(report["min_auroc"]), _f((baseline or {}).get("min_auroc")), "", style="bold")
+    (out or console).print(table)
+
+
+def render_eval(report: Mapping[str, Any], out: Console | None = None) -> None:
+    out = out or console
+    if "loso" in report:
+        render_loso(report["loso"], report.get("loso_baseline"), out)
+        return
+    table = Table(title=f"{report.get('data', '')}  (threshold {_f(report.get('threshold'))})")
+    for column in ("source", "n", "AUROC", "vs pool", "TPR@1%FPR", "TPR@5%FPR", "flagged", "baseline AUROC"):
+        table.add_column(column, justify="left" if column == "source" else "right")
+    base = report.get("baseline", {}).get("sources", {})
+    for name, row in report["sources"].items():
+        table.add_row(name, str(row["n"]), _f(row.get("auroc")), _f(row.get("auroc_vs_pool")),
+                      _f(row.get("tpr@1%fpr"), 2), _f(row.get("tpr@5%fpr"), 2), _f(row.get("flagged"), 2),
+                      _f(base.get(name, {}).get("auroc_vs_pool")))
+    overall = report["overall"]
+    table.add_row("overall", str(overall["n"]), _f(overall.get("auroc")), "", _f(overall.get("tpr@1%fpr"), 2),
+                  _f(overall.get("tpr@5%fpr"), 2), _f(overall.get("flagged"), 2),
+                  _f(report.get("baseline", {}).get("overall", {}).get("auroc")), style="bold")
+    out.print(table)
+
+
+def render_training(head: Any, out: Console | None = None) -> None:
+    out = out or console
+    metrics = head.metrics
+    if "loso" in metrics:
+        render_loso(metrics["loso"], metrics.get("loso_baseline"), out)
+    if "test" in metrics:
+        render_eval({"data": "test split", "threshold": head.threshold, **metrics["test"],
+                     "baseline": metrics.get("test_baseline", {})}, out)
+    q = metrics.get("quantization", {})
+    secs = metrics.get("seconds", {})
+    out.print(f"int8 vs float: max |Δp| {_f(q.get('max_abs_diff'), 4)}, AUROC {_f(q.get('auroc_float'))} vs "
+              f"{_f(q.get('auroc_quant'))}; extraction {secs.get('extraction', 0):.0f} s, "
+              f"training {secs.get('training', 0):.0f} s")
+
+
+def render_attack(report: Mapping[str, Any], out: Console | None = None) -> None:
+    out = out or console
+    table = Table(title=f"attack suites (schedule {report.get('schedule')}, {report.get('max_tokens')} tokens)")
+    for column in ("suite", "n", "ASR unguarded", "ASR guarded", "caught by query check", "caught by re-checks",
+                   "benign interventions"):
+        table.add_column(column, justify="left" if column == "suite" else "right")
+    for name, row in report["suites"].items():
+        table.add_row(name, str(row["n"]), _f(row.get("asr_unguarded"), 2), _f(row.get("asr_guarded"), 2),
+                      _f(row.get("caught_by_query_check"), 2), _f(row.get("caught_by_rechecks"), 2),
+                      _f(row.get("intervention_rate"), 2))
+    out.print(table)

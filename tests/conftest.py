@@ -29,3 +29,19 @@ def model(model_path):
     loaded = Model(model_path)
     yield loaded
     loaded.close()
+
+
+@pytest.fixture(scope="session")
+def gemma_path():
+    """The second architecture (Gemma 3 270M base), fetched once."""
+    import os
+
+    from guardrail.errors import ArtifactError
+    from guardrail.models import fetch_model
+
+    try:
+        return fetch_model("gemma3-270m")
+    except ArtifactError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"Gemma 3 unavailable: {exc}")

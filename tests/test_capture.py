@@ -7,7 +7,7 @@ import pytest
 
 import llama_cpp
 from guardrail.capture import RESULT_NORM, layer_name
-from guardrail.engine import ChatFormat, Context, Entry, Sampler, SamplingParams, generate, prefill
+from guardrail.engine import ChatFormat, Context, Entry, Sampler, generate, prefill
 from guardrail.errors import CaptureError
 
 PROMPT = [{"role": "user", "content": "Write two sentences about the history of tea in China."}]
@@ -111,20 +111,10 @@ def test_prefill_reports_chunks_and_overflow(model):
 
 
 @pytest.fixture(scope="session")
-def gemma():
-    import os
-
+def gemma(gemma_path):
     from guardrail.engine import Model
-    from guardrail.errors import ArtifactError
-    from guardrail.models import fetch_model
 
-    try:
-        path = fetch_model("gemma3-270m")
-    except ArtifactError as exc:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"Gemma 3 unavailable: {exc}")
-    loaded = Model(path)
+    loaded = Model(gemma_path)
     yield loaded
     loaded.close()
 

@@ -68,7 +68,8 @@ def test_seeded_sampling_is_reproducible_and_differs_from_greedy(model):
 
 
 def test_generation_stops_at_the_token_budget(model):
-    tokens = ChatFormat(model).tokens([{"role": "user", "content": "Write a long essay about the history of the Roman Empire."}]).ids
+    essay = "Write a long essay about the history of the Roman Empire."
+    tokens = ChatFormat(model).tokens([{"role": "user", "content": essay}]).ids
     with Context(model, n_ctx=512) as ctx:
         steps = list(generate(ctx, tokens, Sampler(model), max_tokens=5))
     assert len(steps) == 5 and not any(s.eog for s in steps)
