@@ -56,7 +56,7 @@ def guard_options(func):
         click.option("--head", default=None, help="a head file (default: the one shipped for the model)"),
         click.option("--policy", type=click.Choice(["refuse", "halt", "monitor"]), default=None,
                      help="what a malicious verdict does (default refuse)"),
-        click.option("--schedule", default=None, help="annealing | every | first | periodic:K (default annealing)"),
+        click.option("--schedule", default=None, help="annealing | every | every-probe | first | periodic:K (default annealing)"),
         click.option("--threshold", type=float, default=None, help="override the head's threshold"),
         click.option("--tau", type=int, default=None, help="consecutive malicious checks before acting mid-answer"),
         click.option("--max-tokens", type=int, default=256, show_default=True),
@@ -282,7 +282,7 @@ def attack(model, head, per_suite, max_tokens, as_json) -> None:
 @click.option("--n-ctx", type=click.IntRange(min=64), default=2048, show_default=True, help="context size in tokens")
 @click.option("--policy", type=click.Choice(["refuse", "halt", "monitor"]), default=None,
               help="default policy (default refuse); a request may set its own in 'guardrail'")
-@click.option("--schedule", default=None, help="annealing | every | first | periodic:K (default annealing)")
+@click.option("--schedule", default=None, help="annealing | every | every-probe | first | periodic:K (default annealing)")
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None, help="override the head's threshold")
 @click.option("--tau", type=click.IntRange(min=1), default=None,
               help="consecutive malicious checks before acting mid-answer")

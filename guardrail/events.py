@@ -40,15 +40,17 @@ class TokenEvent(Event):
 
 @dataclass(frozen=True)
 class CheckEvent(Event):
-    """A [CLS] check: the probe's probability over a window of the conversation.
+    """A check: a probability over a window of the conversation, and its verdict.
 
     ``index``: answer tokens written when it ran (0 = on the query);
-    ``window``: the positions it read, as [start, end) runs."""
+    ``window``: the positions it read, as [start, end) runs; ``signal``: ``probe``
+    (the [CLS] probe) or ``token`` (the token signal, on one token's own state)."""
 
     index: int
     risk: float
     malicious: bool
     window: list[tuple[int, int]]
+    signal: str = "probe"
     type: str = field(default="check", init=False)
 
 

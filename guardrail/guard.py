@@ -364,7 +364,16 @@ class _Run:
             generated += 1
             piece = self.detok.push(token)
             self.text += piece
-            yield TokenEvent(generated - 1, token, piece, self._token_risk(pos))
+            token_risk = self._token_risk(pos)
+            yield TokenEvent(generated - 1, token, piece, token_risk)
+            if token_risk is not None and not self.policy.intervened and self.options.schedule.token_due(generated):
+                malicious = token_risk >= g.token_head.threshold
+                self.checks += 1
+                self.max_risk = token_risk if self.max_risk is None else max(self.max_risk, token_risk)
+                yield CheckEvent(generated, token_risk, malicious, [(pos, pos + 1)], signal="token")
+                action = self._verdict(malicious)
+                if action.kind != "continue":
+                    yield InterventionEvent(generated, action.kind, action.text, action.reason)
             pos += 1
             if self.stops and any(s in self.text for s in self.stops):
                 self.text = self.text[:min(self.text.find(s) for s in self.stops if s in self.text)]

@@ -15,6 +15,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .artifacts import cache_dir
@@ -32,6 +33,7 @@ def conversation(example: Example) -> list[dict[str, str]]:
 
 def _cache_key(model_sha: str, config: FeatureConfig, examples: Sequence[Example]) -> str:
     digest = hashlib.sha256()
+    digest.update(b"features-v2")  # bump when the stored layout changes
     digest.update(model_sha.encode())
     digest.update(json.dumps(asdict(config), sort_keys=True, default=str).encode())
     for example in examples:
@@ -52,7 +54,7 @@ def extract_features(model: Model, model_sha: str, examples: Sequence[Example], 
     started = time.perf_counter()
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TimeRemainingColumn(), disable=not progress, transient=False) as bar:
+                      TimeRemainingColumn(), disable=not progress, console=Console(stderr=True)) as bar:
             task = bar.add_task(label, total=len(examples))
             features = extractor.extract([conversation(e) for e in examples],
                                          progress=lambda n: bar.advance(task, n))
@@ -61,8 +63,8 @@ def extract_features(model: Model, model_sha: str, examples: Sequence[Example], 
     features.blocks["__seconds__"] = np.array([time.perf_counter() - started], np.float32)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".part.npz")
-    np.savez(partial, __texts__=np.array(json.dumps(features.texts)),
-             **{k: v.astype(np.float16) if v.ndim == 2 and v.shape[1] > 8 else v for k, v in features.blocks.items()})
+    # float32: some models' residual streams (Gemma 3's) exceed float16's range
+    np.savez(partial, __texts__=np.array(json.dumps(features.texts)), **features.blocks)
     partial.replace(path)
     return features
 
@@ -286,7 +288,7 @@ def attack_report(model_spec: str | None, head_path: str | None, *, per_suite: i
     cases = build_cases(read_jsonl(ensure_dataset(None) / "test.jsonl"), per_suite=per_suite)
     with Guard(model_spec, head_path) as guard:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      disable=not progress) as bar:
+                      disable=not progress, console=Console(stderr=True)) as bar:
             task = bar.add_task("attack suites", total=len(cases))
             outcomes = run_cases(guard, cases, max_tokens=max_tokens, progress=lambda: bar.advance(task))
         report = summarize_outcomes(outcomes)

@@ -110,8 +110,8 @@ class StreamState:
             self.checks += 1
             if event.index == 0:
                 self.query_risk, self.query_malicious = event.risk, event.malicious
-            mark_style = "bold red" if event.malicious else "green"
-            self.pieces.append(("▏" if event.index else "", mark_style))
+            if event.signal == "probe" and event.index:  # the token signal is already the colour
+                self.pieces.append(("▏", "bold red" if event.malicious else "green"))
         elif kind == "intervention":
             self.intervention = f"{event.action} at token {event.index}: {event.reason}"
         elif kind == "done":

@@ -50,11 +50,21 @@ def test_a_benign_request_is_untouched_and_identical_to_plain_greedy_output(guar
 
 def test_the_probe_never_changes_the_answer_even_when_checking_every_step(guard):
     messages = [{"role": "user", "content": "Describe a sunrise over the sea."}]
-    events = list(guard.chat(messages, max_tokens=30, schedule="every", policy="monitor"))
+    events = list(guard.chat(messages, max_tokens=30, schedule="every-probe", policy="monitor"))
     done = events[-1]
     assert done.checks == done.completion_tokens  # step 0 plus every later step but the last
     assert done.text == _plain(guard, messages, 30)
     assert all(e.risk is not None for e in events if e.type == "token")  # the token signal, every token
+
+
+def test_every_step_checking_reads_the_token_signal_between_probe_checks(guard):
+    messages = [{"role": "user", "content": "Describe a sunrise over the sea."}]
+    events = list(guard.chat(messages, max_tokens=20, schedule="every", policy="monitor"))
+    checks = [e for e in events if e.type == "check"]
+    assert [c.index for c in checks] == list(range(0, events[-1].completion_tokens + 1))
+    assert {c.signal for c in checks} == {"probe", "token"}
+    assert [c.index for c in checks if c.signal == "probe"] == [0, 4, 8, 12, 16]
+    assert events[-1].text == _plain(guard, messages, 20)
 
 
 def test_the_prefill_attack_gets_the_opener_within_a_few_tokens(guard):

@@ -50,13 +50,21 @@ def test_windows_become_seq_cp_runs():
 
 
 @pytest.mark.parametrize("spec, due", [
-    ("every", list(range(0, 12))),
+    ("every-probe", list(range(0, 12))),
+    ("every", [0, 4, 8]),
     ("first", [0]),
     ("periodic:5", [0, 5, 10]),
 ])
 def test_schedules_say_when_to_check(spec, due):
     schedule = Schedule.parse(spec)
     assert [s for s in range(12) if schedule.due(s)] == due
+
+
+def test_every_decides_each_step_with_the_token_signal_where_the_probe_does_not_run():
+    schedule = Schedule.parse("every")
+    assert all(schedule.due(s) != schedule.token_due(s) for s in range(1, 200))
+    assert not schedule.token_due(0) and schedule.due(0)
+    assert not any(Schedule.parse("annealing").token_due(s) for s in range(200))
 
 
 def test_annealing_is_dense_early_sparse_later_then_stops():
