@@ -35,5 +35,9 @@ class HeadError(GuardrailError):
     """A safety head file is missing, corrupt, or was trained for another model."""
 
 
+class OptionsError(GuardrailError):
+    """A guard option (policy, schedule, threshold, tau, window) has an invalid value."""
+
+
 class DataError(GuardrailError):
     """Labelled data is malformed or a data source could not be read."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import numpy as np
 
 from .capture import layer_name
 from .engine import ChatFormat, Context, Detokenizer, Entry, Model, PromptTokens, Sampler, SamplingParams
-from .errors import ContextOverflowError, HeadError
+from .errors import ContextOverflowError, HeadError, OptionsError
 from .events import CheckEvent, DoneEvent, Event, InterventionEvent, QueryEvent, TokenEvent
 from .features import block_layer, probe_tokens, split_conversation
 from .head import LEXICAL, Head, fingerprint_file, load_head
@@ -57,13 +57,29 @@ class GuardOptions:
     window: WindowParams = field(default_factory=WindowParams)
 
     def updated(self, **changes: Any) -> GuardOptions:
+        """A copy with the given options changed (None leaves one as it is); checked here,
+        so a bad option fails before any decoding, with one line."""
         changes = {k: v for k, v in changes.items() if v is not None}
-        if isinstance(changes.get("schedule"), str):
-            changes["schedule"] = Schedule.parse(changes["schedule"])
-        windows = {k: changes.pop(k) for k in ("r1", "r2", "r3") if k in changes}
-        if windows:
-            changes["window"] = replace(self.window, **windows)
-        return replace(self, **changes)
+        unknown = set(changes) - {f.name for f in fields(self)} - {"r1", "r2", "r3"}
+        if unknown:
+            raise OptionsError(f"unknown guard option(s): {', '.join(sorted(unknown))}")
+        try:
+            if isinstance(changes.get("schedule"), str):
+                changes["schedule"] = Schedule.parse(changes["schedule"])
+            windows = {k: int(changes.pop(k)) for k in ("r1", "r2", "r3") if k in changes}
+            if windows:
+                changes["window"] = replace(self.window, **windows)
+            options = replace(self, **changes)
+            Policy(options.policy, 1, options.opener)  # validates the policy's name
+        except (TypeError, ValueError) as exc:
+            raise OptionsError(str(exc)) from None
+        if options.tau is not None and options.tau < 1:
+            raise OptionsError(f"tau must be at least 1, got {options.tau}")
+        if options.threshold is not None and not 0.0 <= options.threshold <= 1.0:
+            raise OptionsError(f"threshold must be between 0 and 1, got {options.threshold}")
+        if min(options.window.r1, options.window.r2, options.window.r3) < 1:
+            raise OptionsError("r1, r2 and r3 must be at least 1")
+        return options
 
 
 class _History:

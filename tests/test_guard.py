@@ -194,3 +194,12 @@ def test_the_shipped_head_separates_a_fresh_sample_above_a_floor(guard):
     benign = [query_risk(t) for t in FRESH_BENIGN]
     assert auroc([1] * len(harmful) + [0] * len(benign), harmful + benign) >= 0.85
     assert sum(r >= guard.head.threshold for r in benign) <= 2
+
+
+@pytest.mark.parametrize("options", [{"policy": "maybe"}, {"schedule": "sometimes"}, {"threshold": 1.5},
+                                     {"tau": 0}, {"r1": 0}, {"temperature_typo": 1}])
+def test_bad_guard_options_are_refused_before_decoding(guard, options):
+    from guardrail.errors import OptionsError
+
+    with pytest.raises(OptionsError):
+        guard.chat([{"role": "user", "content": BENIGN}], max_tokens=4, **options)
