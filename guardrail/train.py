@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -121,8 +121,7 @@ def ensure_dataset(data_dir: Path | None, progress: bool = True, max_per_source:
 
 
 def train_head(model: Model, model_sha: str, data_dir: Path, config: FeatureConfig, recipe: HeadRecipe,
-               token_recipe: HeadRecipe | None, *, loso_sources: bool = True, progress: bool = True,
-               log: Callable[[str], None] = print) -> Head:
+               token_recipe: HeadRecipe | None, *, loso_sources: bool = True, progress: bool = True) -> Head:
     """Features -> LOSO metrics (head and text baseline) -> final head with its token companion.
 
     The final head is fitted on the train split, calibrated and thresholded on
@@ -137,9 +136,12 @@ def train_head(model: Model, model_sha: str, data_dir: Path, config: FeatureConf
     fingerprint = ModelFingerprint(model_sha, info.architecture, info.n_embd, info.n_layer)
     metrics: dict = {"recipe": recipe.describe(), "feature_config": asdict(config)}
     if loso_sources:
-        log(f"leave-one-source-out: {recipe.describe()} and the text baseline")
-        metrics["loso"] = loso(data, recipe, fingerprint)
-        metrics["loso_baseline"] = loso(data, HeadRecipe(blocks=(), lexical=True), fingerprint)
+        n_sources = len(set(data.sources.tolist()))
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      disable=not progress, console=Console(stderr=True)) as bar:
+            for key, rec in (("loso", recipe), ("loso_baseline", HeadRecipe(blocks=(), lexical=True))):
+                task = bar.add_task(f"leave-one-source-out: {rec.describe()}", total=n_sources)
+                metrics[key] = loso(data, rec, fingerprint, progress=lambda _: bar.advance(task))
     train = np.flatnonzero(data.splits == "train")
     val = np.flatnonzero(data.splits == "val")
     test = np.flatnonzero(data.splits == "test")

@@ -205,7 +205,8 @@ def render_loso(report: Mapping[str, Any], baseline: Mapping[str, Any] | None = 
     """Leave-one-source-out AUROC per held-out source, the head beside the text baseline."""
     table = Table(title=f"leave-one-source-out: {report['recipe']}")
     for column in ("held-out source", "n", "label", "AUROC", "baseline AUROC", "flagged at threshold"):
-        table.add_column(column, justify="left" if column == "held-out source" else "right")
+        table.add_column(column, justify="left" if column == "held-out source" else "right",
+                         no_wrap=column == "held-out source")
     for name, row in report["sources"].items():
         base = (baseline or {}).get("sources", {}).get(name, {})
         table.add_row(name, str(row["n"]), "/".join(map(str, row["label"])), _f(row["auroc"]),
@@ -223,7 +224,7 @@ def render_eval(report: Mapping[str, Any], out: Console | None = None) -> None:
         return
     table = Table(title=f"{report.get('data', '')}  (threshold {_f(report.get('threshold'))})")
     for column in ("source", "n", "AUROC", "vs pool", "TPR@1%FPR", "TPR@5%FPR", "flagged", "baseline AUROC"):
-        table.add_column(column, justify="left" if column == "source" else "right")
+        table.add_column(column, justify="left" if column == "source" else "right", no_wrap=column == "source")
     base = report.get("baseline", {}).get("sources", {})
     for name, row in report["sources"].items():
         table.add_row(name, str(row["n"]), _f(row.get("auroc")), _f(row.get("auroc_vs_pool")),
