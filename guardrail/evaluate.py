@@ -82,7 +82,7 @@ def fit_head(data: Labelled, train: np.ndarray, val: np.ndarray, recipe: HeadRec
     threshold = float(threshold_at_fpr(p_val[y_val == 0], recipe.target_fpr))
     return Head(fingerprint=fingerprint, blocks=tuple(blocks), scalers=tuple(scalers), model=model,
                 temperature=float(temperature), threshold=threshold, target_fpr=recipe.target_fpr,
-                layers=tuple(layers), pooling=tuple(sorted({b.split("/")[1] for b in recipe.blocks})),
+                layers=tuple(layers), pooling=tuple(sorted({b.split("/")[1] for b in recipe.blocks if "/" in b})),
                 probe_text=probe_text, lexical=lexical)
 
 

@@ -35,9 +35,9 @@ from .schedule import Schedule
 HEADS_DIR = Path(__file__).parent / "heads"
 
 
-def default_head_path(model: Model) -> Path:
+def default_head_path(model: Model, sha: str | None = None) -> Path:
     """The shipped head for a known model, found by the model file's sha256."""
-    sha = fingerprint_file(model.path, model.info.architecture, model.info.n_embd, model.info.n_layer).sha256
+    sha = sha or fingerprint_file(model.path, model.info.architecture, model.info.n_embd, model.info.n_layer).sha256
     for name, known in KNOWN_MODELS.items():
         if known.sha256 == sha and (HEADS_DIR / f"{name}.gguf").is_file():
             return HEADS_DIR / f"{name}.gguf"
@@ -113,7 +113,7 @@ class Guard:
             self.model = Model(resolve_model(None if model is None else str(model)))
         info = self.model.info
         expect = fingerprint_file(self.model.path, info.architecture, info.n_embd, info.n_layer)
-        self.head: Head = load_head(head if head is not None else default_head_path(self.model),
+        self.head: Head = load_head(head if head is not None else default_head_path(self.model, expect.sha256),
                                     expect=expect, allow_mismatch=allow_head_mismatch)
         self.token_head: Head | None = self.head.token_head
         heads = [self.head] + ([self.token_head] if self.token_head else [])

@@ -27,6 +27,12 @@ from .head import Head
 from .features import FeatureConfig, FeatureExtractor, Features
 
 
+def _progress(enabled: bool) -> Progress:
+    """Progress bars on stderr, so --json output on stdout stays JSON."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), disable=not enabled, console=Console(stderr=True))
+
+
 def conversation(example: Example) -> list[dict[str, str]]:
     return [{"role": m.role, "content": m.content} for m in example.messages]
 
@@ -53,8 +59,7 @@ def extract_features(model: Model, model_sha: str, examples: Sequence[Example], 
     extractor = FeatureExtractor(model, config)
     started = time.perf_counter()
     try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TimeRemainingColumn(), disable=not progress, console=Console(stderr=True)) as bar:
+        with _progress(progress) as bar:
             task = bar.add_task(label, total=len(examples))
             features = extractor.extract([conversation(e) for e in examples],
                                          progress=lambda n: bar.advance(task, n))
@@ -137,8 +142,7 @@ def train_head(model: Model, model_sha: str, data_dir: Path, config: FeatureConf
     metrics: dict = {"recipe": recipe.describe(), "feature_config": asdict(config)}
     if loso_sources:
         n_sources = len(set(data.sources.tolist()))
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      disable=not progress, console=Console(stderr=True)) as bar:
+        with _progress(progress) as bar:
             for key, rec in (("loso", recipe), ("loso_baseline", HeadRecipe(blocks=(), lexical=True))):
                 task = bar.add_task(f"leave-one-source-out: {rec.describe()}", total=n_sources)
                 metrics[key] = loso(data, rec, fingerprint, progress=lambda _: bar.advance(task))
@@ -289,8 +293,7 @@ def attack_report(model_spec: str | None, head_path: str | None, *, per_suite: i
 
     cases = build_cases(read_jsonl(ensure_dataset(None) / "test.jsonl"), per_suite=per_suite)
     with Guard(model_spec, head_path) as guard:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      disable=not progress, console=Console(stderr=True)) as bar:
+        with _progress(progress) as bar:
             task = bar.add_task("attack suites", total=len(cases))
             outcomes = run_cases(guard, cases, max_tokens=max_tokens, progress=lambda: bar.advance(task))
         report = summarize_outcomes(outcomes)
