@@ -22,6 +22,7 @@ from .errors import (  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
+    "Guard",
     "CaptureError",
     "ContextError",
     "ContextOverflowError",
@@ -31,3 +32,12 @@ __all__ = [
     "ModelError",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    """``from guardrail import Guard`` without loading the whole stack on ``import guardrail``."""
+    if name == "Guard":
+        from .guard import Guard
+
+        return Guard
+    raise AttributeError(f"module 'guardrail' has no attribute {name!r}")

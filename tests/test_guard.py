@@ -109,6 +109,14 @@ def test_create_chat_completion_follows_llama_cpp_pythons_shape(guard):
     assert text == plain["choices"][0]["message"]["content"]
 
 
+def test_the_public_api_is_one_import():
+    import guardrail
+
+    assert guardrail.Guard is Guard
+    with pytest.raises(AttributeError):
+        guardrail.NoSuchThing  # noqa: B018
+
+
 def test_a_prompt_longer_than_the_context_is_refused(guard):
     with pytest.raises(ContextOverflowError):
         list(guard.chat([{"role": "user", "content": "word " * 3000}], max_tokens=4))
