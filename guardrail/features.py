@@ -30,6 +30,23 @@ REFUSAL_OPENERS = ("Sorry", "I", "As", "Unfortunately", "No")
 COMPLIANCE_OPENERS = ("Sure", "Here", "Certainly", "Absolutely", "Step", "To", "1")
 
 
+POOLINGS = ("last", "mean", "max", "tail")
+TAIL = 16
+
+
+def pool(states: np.ndarray, window: Sequence[int], kind: str) -> np.ndarray:
+    """One vector for a window of token states: ``mean``; ``max`` (per dimension, so one
+    salient token is not diluted by a long template); ``tail`` (mean of its last TAIL tokens)."""
+    rows = states[list(window)]
+    if kind == "mean":
+        return rows.mean(axis=0)
+    if kind == "max":
+        return rows.max(axis=0)
+    if kind == "tail":
+        return rows[-TAIL:].mean(axis=0)
+    raise ValueError(f"unknown pooling {kind!r}")
+
+
 def block_layer(name: str) -> int | None:
     """The layer a feature block reads (``l_out-20/probe`` -> 20); None for text or logit blocks."""
     hook = name.split("/", 1)[0]
@@ -135,7 +152,7 @@ class FeatureExtractor:
         n = len(prepared)
         d = self.model.info.n_embd
         blocks = {f"{h}/{kind}": np.zeros((n, d), np.float32)
-                  for h in self.hooks for kind in ("last", "mean", *self.probe_names)}
+                  for h in self.hooks for kind in (*POOLINGS, *self.probe_names)}
         blocks["opener"] = np.zeros((n, 3), np.float32)
         texts = [""] * n
         group: list[int] = []
@@ -186,7 +203,8 @@ class FeatureExtractor:
                 own = result.states.rows[h][start:start + n_own]
                 rows = np.concatenate([prefix_rows[h], own]) if shared else own
                 blocks[f"{h}/last"][i] = rows[-1]
-                blocks[f"{h}/mean"][i] = rows[window].mean(axis=0)
+                for kind in ("mean", "max", "tail"):
+                    blocks[f"{h}/{kind}"][i] = pool(rows, window, kind)
             blocks["opener"][i] = opener_logodds(ctx.logits(start + n_own - 1), self.refusal, self.compliance)
             texts[i] = self.model.detokenize([prompt.ids[p] for p in window])
         for tokens, kind in zip(self.probes, self.probe_names):

@@ -25,7 +25,7 @@ from .capture import layer_name
 from .engine import ChatFormat, Context, Detokenizer, Entry, Model, PromptTokens, Sampler, SamplingParams
 from .errors import ContextOverflowError, HeadError, OptionsError
 from .events import CheckEvent, DoneEvent, Event, InterventionEvent, QueryEvent, TokenEvent
-from .features import block_layer, probe_tokens, split_conversation
+from .features import block_layer, pool, probe_tokens, split_conversation
 from .head import LEXICAL, Head, fingerprint_file, load_head
 from .models import KNOWN_MODELS, resolve_model
 from .policy import CONTINUE, DEFAULT_OPENER, Action, Policy
@@ -244,8 +244,8 @@ class _Run:
             hook, kind = layer_name(layer), block.name.split("/", 1)[1]
             if kind == "last":
                 out[block.name] = history[hook][pos]
-            elif kind == "mean":
-                out[block.name] = history[hook][list(window or [pos])].mean(axis=0)
+            elif kind in ("mean", "max", "tail"):
+                out[block.name] = pool(history[hook], window or [pos], kind)
             elif kind == "probe":
                 if rows is None or probe_row is None:
                     raise HeadError(f"{block.name} needs a probe decode")

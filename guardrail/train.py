@@ -39,7 +39,7 @@ def conversation(example: Example) -> list[dict[str, str]]:
 
 def _cache_key(model_sha: str, config: FeatureConfig, examples: Sequence[Example]) -> str:
     digest = hashlib.sha256()
-    digest.update(b"features-v2")  # bump when the stored layout changes
+    digest.update(b"features-v3")  # bump when the stored layout changes
     digest.update(model_sha.encode())
     digest.update(json.dumps(asdict(config), sort_keys=True, default=str).encode())
     for example in examples:
@@ -188,12 +188,14 @@ def default_config(model: Model) -> FeatureConfig:
 def default_recipes(config: FeatureConfig) -> tuple[HeadRecipe, HeadRecipe]:
     """(check head, token head), chosen by leave-one-source-out (README, "Choosing the features").
 
-    The check reads the window's mean state two thirds deep, the one-token probe's
-    state and the last token's state near the top; the token head reads each
-    token's own state near the top. The lexical block did not add to the states
-    by LOSO, so the default heads leave it out (it stays the baseline they beat)."""
+    The check reads the window's mean state and the mean of its last tokens two
+    thirds deep (so a long jailbreak template does not dilute the request), the
+    one-token probe's state and the last token's state near the top; the token head
+    reads each token's own state near the top. The lexical block did not add to the
+    states by LOSO, so the default heads leave it out (it stays the baseline they beat)."""
     mid, top = config.layers[3], config.layers[-1]
-    check = HeadRecipe(blocks=(f"l_out-{mid}/mean", f"l_out-{top}/probe", f"l_out-{top}/last"), lexical=False)
+    check = HeadRecipe(blocks=(f"l_out-{mid}/mean", f"l_out-{mid}/tail", f"l_out-{top}/probe", f"l_out-{top}/last"),
+                       lexical=False)
     token = HeadRecipe(blocks=(f"l_out-{top}/last",), lexical=False)
     return check, token
 
