@@ -22,7 +22,7 @@ import llama_cpp
 import numpy as np
 
 from .capture import layer_name
-from .engine import ChatFormat, Context, Detokenizer, Entry, Model, PromptTokens, Sampler, SamplingParams
+from .engine import ChatFormat, Context, Detokenizer, Entry, Model, PromptTokens, Sampler, SamplingParams, prefill
 from .errors import ContextOverflowError, HeadError, OptionsError
 from .events import CheckEvent, DoneEvent, Event, InterventionEvent, QueryEvent, TokenEvent
 from .features import block_layer, pool, probe_tokens, split_conversation
@@ -292,12 +292,16 @@ class _Run:
         return len(positions) - 1, rows
 
     def _prefill(self) -> int:
-        """Decode the whole prompt; returns the batch index of its last token's logits."""
+        """Decode the whole prompt, keeping every chunk's states; returns the batch index of
+        its last token's logits."""
         ids = self.prompt.ids
-        for start in range(0, len(ids), self.ctx.n_batch):
-            chunk = list(range(start, min(len(ids), start + self.ctx.n_batch)))
-            last, _ = self._decode([Entry(ids[p], p, (0,), p == len(ids) - 1) for p in chunk], chunk, probe=False)
-        return last
+
+        def keep(offset: int, result: Any) -> None:
+            if result.states is not None:
+                n = min(self.ctx.n_batch, len(ids) - offset)
+                self.g._history.store(range(offset, offset + n), result.states.rows, 0)
+
+        return int(prefill(self.ctx, ids, on_chunk=keep).outputs[-1])
 
     def _write_forced(self, text: str, pos: int, index: int) -> Iterator[TokenEvent]:
         """Decode the policy's text (the opener) as answer tokens, in one batch."""

@@ -64,27 +64,25 @@ def _collect(events: Iterable[Event]) -> Summary:
     return summary
 
 
-def chat_response(events: Iterable[Event], model: str) -> dict[str, Any]:
+def _response(events: Iterable[Event], model: str, chat: bool) -> dict[str, Any]:
     summary = _collect(events)
     done = summary.done
+    choice = ({"index": 0, "message": {"role": "assistant", "content": done.text}} if chat
+              else {"text": done.text, "index": 0})
     return {
-        "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
-                     "logprobs": None, "finish_reason": _finish(done)}],
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+        "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+        "model": model, "choices": [choice | {"logprobs": None, "finish_reason": _finish(done)}],
         "usage": _usage(done), "guardrail": summary.to_dict(),
     }
+
+
+def chat_response(events: Iterable[Event], model: str) -> dict[str, Any]:
+    return _response(events, model, chat=True)
 
 
 def completion_response(events: Iterable[Event], model: str) -> dict[str, Any]:
-    summary = _collect(events)
-    done = summary.done
-    return {
-        "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-        "model": model,
-        "choices": [{"text": done.text, "index": 0, "logprobs": None, "finish_reason": _finish(done)}],
-        "usage": _usage(done), "guardrail": summary.to_dict(),
-    }
+    return _response(events, model, chat=False)
 
 
 def _stream(events: Iterable[Event], model: str, kind: str) -> Iterator[dict[str, Any]]:
