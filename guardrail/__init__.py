@@ -37,7 +37,7 @@ __all__ = [
 def __getattr__(name: str):
     """``from guardrail import Guard`` without loading the whole stack on ``import guardrail``."""
     if name == "Guard":
-        from .guard import Guard
+        from guardrail.runtime.guard import Guard
 
         return Guard
     raise AttributeError(f"module 'guardrail' has no attribute {name!r}")

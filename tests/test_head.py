@@ -19,11 +19,13 @@ import numpy as np
 import pytest
 
 from guardrail.errors import HeadError
-from guardrail.head import (FeatureBlock, Head, ModelFingerprint, dequantize_rows, fingerprint_file, load_head,
-                            quantization_report, quantize_rows, quantized, save_head)
-from guardrail.lexical import HashedNgrams
-from guardrail.metrics import auroc
-from guardrail.trainer import Standardizer, train_logreg, train_mlp
+from guardrail.head import FeatureBlock, Head, ModelFingerprint, fingerprint_file, load_head, quantized, save_head
+from guardrail.head.core import dequantize_rows, quantize_rows
+from guardrail.head.lexical import HashedNgrams
+from guardrail.head.model import Standardizer
+from guardrail.training.evaluate import quantization_report
+from guardrail.training.metrics import auroc
+from guardrail.training.trainer import train_logreg, train_mlp
 
 FP = ModelFingerprint("b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", "llama", 64, 30)
 HARMFUL = ["bomb", "poison", "steal", "malware", "weapon", "hack", "kill"]

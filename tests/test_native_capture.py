@@ -8,7 +8,7 @@ import ctypes
 import numpy as np
 import pytest
 
-from guardrail.capture import _load_native
+from guardrail.runtime.capture import _load_native
 
 N_EMBD = 4
 

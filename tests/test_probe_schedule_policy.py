@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from guardrail.policy import DEFAULT_OPENER, Policy
-from guardrail.probe import WindowParams, WindowState, choose_window, runs, update_window_state
-from guardrail.schedule import Schedule
+from guardrail.runtime.policy import DEFAULT_OPENER, Policy
+from guardrail.runtime.probe import WindowParams, WindowState, choose_window, runs, update_window_state
+from guardrail.runtime.schedule import Schedule
 
 QUERY = [5, 6, 7, 8]          # content positions of the prompt (markers skipped)
 ANSWER = list(range(20, 60))  # 40 answer tokens

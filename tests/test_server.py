@@ -19,7 +19,7 @@ import pytest
 
 import guardrail  # noqa: F401  (llama.cpp before numpy)
 from guardrail.errors import ContextOverflowError
-from guardrail.events import CheckEvent, DoneEvent, InterventionEvent, QueryEvent, TokenEvent
+from guardrail.runtime.events import CheckEvent, DoneEvent, InterventionEvent, QueryEvent, TokenEvent
 
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
@@ -27,7 +27,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("sse_starlette")
 pytest.importorskip("uvicorn")
 
-from guardrail.server import BackgroundServer, create_app  # noqa: E402
+from guardrail.serve.app import BackgroundServer, create_app  # noqa: E402
 
 API_KEY = "test-key-123"
 OPENER = "Sorry, I cannot fulfill your request because"
@@ -421,7 +421,7 @@ REAL_N_CTX = 512
 @pytest.fixture(scope="module")
 def real_guard(model_path):
     try:
-        from guardrail.guard import Guard
+        from guardrail.runtime.guard import Guard
     except ImportError as exc:
         pytest.skip(f"guardrail.guard not available yet: {exc}")
     from guardrail.errors import HeadError
@@ -485,7 +485,7 @@ def test_real_errors_and_concurrency(real_client):
 
 
 def test_server_benchmark_reports_ratios():
-    from guardrail.serve_bench import server_benchmark
+    from guardrail.measure.serve_bench import server_benchmark
 
     report = server_benchmark(FakeGuard(delay=0.001), ["alpha beta", "one two three"], max_tokens=4, runs=2)
     assert report["samples"] == 4 and report["same_text"] is True

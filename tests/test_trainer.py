@@ -16,11 +16,10 @@ import time
 import numpy as np
 import pytest
 
-from guardrail.lexical import HashedNgrams, ngram_buckets, normalize
-from guardrail.metrics import (auroc, loso_pairs, rates_at_threshold, summarize, threshold_at_fpr,
-                               tpr_at_fpr)
-from guardrail.trainer import (LinearModel, MLPModel, Standardizer, balanced_weights, fit_temperature,
-                               sigmoid, train_logreg, train_mlp)
+from guardrail.head.lexical import HashedNgrams, ngram_buckets, normalize
+from guardrail.head.model import LinearModel, MLPModel, Standardizer, sigmoid
+from guardrail.training.metrics import auroc, loso_pairs, rates_at_threshold, summarize, threshold_at_fpr, tpr_at_fpr
+from guardrail.training.trainer import balanced_weights, fit_temperature, train_logreg, train_mlp
 
 
 def separable(n: int, d: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -227,7 +226,7 @@ def test_featurizer_rows_are_l2_normalised_tfidf():
     assert np.array_equal(rebuilt.transform(texts), X)
 
 
-LEXICAL_PATH = os.path.join(os.path.dirname(__file__), "..", "guardrail", "lexical.py")
+LEXICAL_PATH = os.path.join(os.path.dirname(__file__), "..", "guardrail", "head", "lexical.py")
 CHILD = """
 import importlib.util, json, sys
 spec = importlib.util.spec_from_file_location("lexical_child", sys.argv[1])

@@ -1,49 +1,35 @@
-"""The safety head: named feature blocks -> calibrated probability that a conversation is malicious.
+"""The safety head's file: GGUF (architecture ``guardrail.head``), int8 weights, checked on load.
 
-A head reads blocks of features (hidden states such as ``l_out-20/last``
-captured from the host model, and optionally ``lexical``, computed here from
-the text), standardises each with its stored mean/std, and applies a logistic
-regression or a one-hidden-layer MLP; p = sigmoid(logit / temperature). A row
-is flagged when p >= threshold.
-
-It is stored as a GGUF file (architecture ``guardrail.head``) with int8
-weights in blocks of 32 along each row with one float32 scale per block, and
-records the base model it was trained for, so a head is never silently used
-with a model whose hidden states mean something else. The same file may carry a
-companion head for the per-token signal (each generated token's own hidden
-state), with its metadata under ``guardrail.token.`` and its tensors under
-``token.``; it shares the main head's base model, manifest and creator. This
-module knows numpy arrays and text only; nothing here touches llama.cpp.
+Weights are int8 in blocks of 32 along each row with one float32 scale per
+block; biases, standardisation and idf are float32. Metadata records the format
+version, the base model's fingerprint, the feature blocks, the probe text,
+threshold, temperature, tau, the training manifest and the metrics. The
+companion per-token head is stored in the same file, metadata under
+``guardrail.token.`` and tensors under ``token.``. Every fault in a file
+becomes a one-line :class:`~guardrail.errors.HeadError`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import gguf
 import numpy as np
 
-from . import __version__
-from .artifacts import cache_dir, sha256_file
-from .errors import HeadError
+from guardrail._json import json_safe
+from guardrail.errors import HeadError
+
+from .core import LEXICAL, QUANT_BLOCK, FeatureBlock, Head, ModelFingerprint, dequantize_rows, quantize_rows
 from .lexical import HashedNgrams
-from .metrics import auroc, json_safe
-from .trainer import LinearModel, MLPModel, Standardizer, sigmoid
+from .model import LinearModel, MLPModel, Standardizer
 
 ARCHITECTURE = "guardrail.head"
 FORMAT_VERSION = 1
-QUANT_BLOCK = 32
-LEXICAL = "lexical"
 TOKEN_PREFIX = "token."  # the companion head: tensors "token.*", metadata "guardrail.token.*"
 
 # Metadata keys (all under "guardrail."); those of one head move under a prefix with ``_key``.
@@ -74,231 +60,6 @@ _INT_TYPES = {gguf.GGUFValueType.UINT8, gguf.GGUFValueType.INT8, gguf.GGUFValueT
               gguf.GGUFValueType.INT16, gguf.GGUFValueType.UINT32, gguf.GGUFValueType.INT32,
               gguf.GGUFValueType.UINT64, gguf.GGUFValueType.INT64}
 _FLOAT_TYPES = {gguf.GGUFValueType.FLOAT32, gguf.GGUFValueType.FLOAT64}
-
-
-@dataclass(frozen=True)
-class ModelFingerprint:
-    """Identifies the base model whose hidden states a head was trained on."""
-
-    sha256: str
-    architecture: str
-    n_embd: int
-    n_layer: int
-
-    def describe(self) -> str:
-        return f"{self.architecture} {self.sha256[:12]} (n_embd {self.n_embd}, n_layer {self.n_layer})"
-
-    def same_shape(self, other: ModelFingerprint) -> bool:
-        """Same architecture and size: another checkpoint whose states line up dimensionally."""
-        return (self.architecture, self.n_embd, self.n_layer) == (other.architecture, other.n_embd, other.n_layer)
-
-
-@dataclass(frozen=True)
-class FeatureBlock:
-    """One named input of a head, e.g. ``l_out-20/last`` (dim n_embd) or ``lexical``."""
-
-    name: str
-    dim: int
-
-
-@dataclass(frozen=True)
-class _BlockPlan:
-    """Precomputed per-block arrays for scoring one row without concatenating."""
-
-    name: str
-    mean: np.ndarray
-    inv_std: np.ndarray
-    weight: np.ndarray  # this block's rows of the first layer, (dim, k)
-    offset: np.ndarray  # (mean * inv_std) @ weight, used by the sparse lexical path
-
-
-@dataclass(frozen=True, eq=False)
-class Head:
-    """A trained safety head; build a changed copy with ``dataclasses.replace``.
-
-    ``token_head`` is an optional companion that scores single generated tokens
-    (while this head scores the probe); it is stored in the same file.
-    """
-
-    fingerprint: ModelFingerprint
-    blocks: tuple[FeatureBlock, ...]
-    scalers: tuple[Standardizer, ...]
-    model: LinearModel | MLPModel
-    temperature: float = 1.0
-    threshold: float = 0.5
-    target_fpr: float = 0.01
-    tau: int = 3
-    layers: tuple[int, ...] = ()
-    pooling: tuple[str, ...] = ()
-    probe_text: str = ""
-    lexical: HashedNgrams | None = None
-    manifest: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-    created_by: str = f"guardrail {__version__}"
-    token_head: Head | None = None
-
-    def __post_init__(self) -> None:
-        problem = _inconsistency(self)
-        if problem:
-            raise HeadError(f"inconsistent safety head: {problem}")
-
-    @property
-    def kind(self) -> str:
-        return self.model.kind
-
-    @property
-    def n_features(self) -> int:
-        return sum(b.dim for b in self.blocks)
-
-    def _block_rows(self, block: FeatureBlock, features: Mapping[str, np.ndarray],
-                    texts: Sequence[str] | None) -> np.ndarray:
-        """The raw (n, dim) input of one block, from the captured features or from text."""
-        if block.name == LEXICAL:
-            if texts is None or self.lexical is None:
-                raise HeadError("this safety head reads the text too, but no text was given")
-            return self.lexical.transform(texts)
-        if block.name not in features:
-            raise HeadError(f"the safety head needs feature block {block.name!r}, which was not captured")
-        rows = np.asarray(features[block.name], dtype=np.float32)
-        if rows.ndim != 2 or rows.shape[1] != block.dim:
-            raise HeadError(f"feature block {block.name!r} has shape {rows.shape}, the head expects (n, {block.dim})")
-        return rows
-
-    def logits(self, features: Mapping[str, np.ndarray], texts: Sequence[str] | None = None) -> np.ndarray:
-        """Uncalibrated logits of a batch (before the temperature)."""
-        parts = [s.transform(self._block_rows(b, features, texts)) for b, s in zip(self.blocks, self.scalers)]
-        if len({p.shape[0] for p in parts}) != 1:
-            raise HeadError(f"feature blocks disagree on the number of rows: {[p.shape[0] for p in parts]}")
-        return self.model.logits(np.concatenate(parts, axis=1))
-
-    def score(self, features: Mapping[str, np.ndarray], texts: Sequence[str] | None = None) -> np.ndarray:
-        """Probabilities (n,) float32 that each row is malicious."""
-        return sigmoid(self.logits(features, texts) / np.float32(self.temperature)).astype(np.float32)
-
-    @cached_property
-    def _plans(self) -> tuple[_BlockPlan, ...]:
-        first = self.model.w[:, None] if isinstance(self.model, LinearModel) else self.model.w1
-        plans, start = [], 0
-        for block, scaler in zip(self.blocks, self.scalers):
-            weight = np.ascontiguousarray(first[start:start + block.dim])
-            inv_std = (1.0 / scaler.std).astype(np.float32)
-            offset = ((scaler.mean.astype(np.float64) * inv_std) @ weight.astype(np.float64)).astype(np.float32)
-            plans.append(_BlockPlan(block.name, scaler.mean, inv_std, weight, offset))
-            start += block.dim
-        return tuple(plans)
-
-    def score_one(self, features: Mapping[str, np.ndarray], text: str | None = None) -> float:
-        """Probability for a single row: no batch concatenation, sparse lexical block."""
-        acc = np.zeros(self._plans[0].weight.shape[1], dtype=np.float32)
-        for plan in self._plans:
-            if plan.name == LEXICAL:
-                if text is None or self.lexical is None:
-                    raise HeadError("this safety head reads the text too, but no text was given")
-                idx, values = self.lexical.sparse_row(text)
-                acc += (values * plan.inv_std[idx]) @ plan.weight[idx] - plan.offset
-                continue
-            if plan.name not in features:
-                raise HeadError(f"the safety head needs feature block {plan.name!r}, which was not captured")
-            x = np.asarray(features[plan.name], dtype=np.float32).reshape(-1)
-            if x.shape[0] != plan.mean.shape[0]:
-                raise HeadError(f"feature block {plan.name!r} has {x.shape[0]} values, the head expects {plan.mean.shape[0]}")
-            acc += ((x - plan.mean) * plan.inv_std) @ plan.weight
-        if isinstance(self.model, LinearModel):
-            logit = float(acc[0]) + self.model.b
-        else:
-            logit = float(np.maximum(acc + self.model.b1, 0.0) @ self.model.w2) + self.model.b2
-        return float(sigmoid(np.float64(logit / self.temperature)))
-
-
-def _inconsistency(head: Head) -> str:
-    """What is wrong with a head's parts, or '' when they fit together."""
-    names = [b.name for b in head.blocks]
-    if not head.blocks:
-        return "no feature blocks"
-    if len(set(names)) != len(names) or any(b.dim <= 0 for b in head.blocks):
-        return f"feature blocks must have distinct names and positive dims: {head.blocks}"
-    if len(head.scalers) != len(head.blocks):
-        return f"{len(head.scalers)} standardizers for {len(head.blocks)} blocks"
-    for block, scaler in zip(head.blocks, head.scalers):
-        if scaler.mean.shape != (block.dim,) or scaler.std.shape != (block.dim,):
-            return f"standardizer of {block.name!r} does not have {block.dim} values"
-        if not (np.all(np.isfinite(scaler.mean)) and np.all(scaler.std > 0) and np.all(np.isfinite(scaler.std))):
-            return f"standardizer of {block.name!r} has non-finite values or non-positive std"
-    if head.model.n_features != head.n_features:
-        return f"model takes {head.model.n_features} features, blocks give {head.n_features}"
-    if (LEXICAL in names) != (head.lexical is not None):
-        return "a lexical block needs a fitted featurizer and vice versa"
-    if head.lexical is not None:
-        lex_dim = head.blocks[names.index(LEXICAL)].dim
-        if head.lexical.idf is None or head.lexical.n_buckets != lex_dim:
-            return f"lexical featurizer is unfitted or does not give {lex_dim} features"
-    if not (math.isfinite(head.temperature) and head.temperature > 0):
-        return f"temperature must be positive, got {head.temperature}"
-    if not (math.isfinite(head.threshold) and 0.0 <= head.target_fpr <= 1.0):
-        return f"threshold {head.threshold} or target FPR {head.target_fpr} is out of range"
-    if head.tau < 1:
-        return f"tau must be at least 1, got {head.tau}"
-    return _companion_inconsistency(head)
-
-
-def _companion_inconsistency(head: Head) -> str:
-    """A companion is stored beside the main head, so it can be neither nested nor for another model."""
-    token = head.token_head
-    if token is None:
-        return ""
-    if token.token_head is not None:
-        return "the companion token head has a companion of its own"
-    if token.fingerprint != head.fingerprint:
-        return (f"the companion token head was trained for {token.fingerprint.describe()}, "
-                f"the head for {head.fingerprint.describe()}")
-    return ""
-
-
-# ---- int8 quantisation ----------------------------------------------------------------------
-
-def quantize_rows(w: np.ndarray, block: int = QUANT_BLOCK) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per block of ``block`` values along each row: (q (r, c) int8, scale (r, ceil(c/block)) f32)."""
-    rows, cols = w.shape
-    n_blocks = -(-cols // block)
-    padded = np.zeros((rows, n_blocks * block), dtype=np.float32)
-    padded[:, :cols] = w
-    blocks = padded.reshape(rows, n_blocks, block)
-    scale = (np.abs(blocks).max(axis=2) / 127.0).astype(np.float32)
-    safe = np.where(scale > 0, scale, np.float32(1.0))[:, :, None]
-    q = np.clip(np.rint(blocks / safe), -127, 127).astype(np.int8)
-    return q.reshape(rows, -1)[:, :cols], scale
-
-
-def dequantize_rows(q: np.ndarray, scale: np.ndarray, block: int = QUANT_BLOCK) -> np.ndarray:
-    """Inverse of ``quantize_rows`` (up to rounding): float32 (r, c)."""
-    cols = q.shape[1]
-    return (q.astype(np.float32) * np.repeat(scale, block, axis=1)[:, :cols]).astype(np.float32)
-
-
-def _roundtrip(w: np.ndarray) -> np.ndarray:
-    return dequantize_rows(*quantize_rows(w))
-
-
-def _quantized_model(model: LinearModel | MLPModel) -> LinearModel | MLPModel:
-    if isinstance(model, LinearModel):
-        return LinearModel(_roundtrip(model.w[None, :])[0], model.b)
-    return MLPModel(_roundtrip(model.w1.T).T.copy(), model.b1, _roundtrip(model.w2[None, :])[0], model.b2)
-
-
-def quantized(head: Head) -> Head:
-    """The head (and its companion) exactly as ``load_head`` will see it after ``save_head``: weights through int8."""
-    token = None if head.token_head is None else quantized(head.token_head)
-    return dataclasses.replace(head, model=_quantized_model(head.model), token_head=token)
-
-
-def quantization_report(head_float: Head, head_quant: Head, features: Mapping[str, np.ndarray],
-                        texts: Sequence[str] | None, labels: Sequence[int] | np.ndarray) -> dict[str, float]:
-    """How far int8 storage moved the probabilities, and whether ranking quality changed."""
-    p_float = head_float.score(features, texts).astype(np.float64)
-    p_quant = head_quant.score(features, texts).astype(np.float64)
-    return json_safe({"max_abs_diff": float(np.max(np.abs(p_float - p_quant))) if p_float.size else 0.0,
-                      "auroc_float": auroc(labels, p_float), "auroc_quant": auroc(labels, p_quant)})
 
 
 # ---- writing ---------------------------------------------------------------------------------
@@ -619,44 +380,3 @@ def load_head(path: str | os.PathLike[str], *, expect: ModelFingerprint | None =
     return _read_head(fields, tensors, file, "", token_head=token_head, **shared)
 
 
-# ---- base-model fingerprint ------------------------------------------------------------------
-
-def _fingerprint_cache() -> Path:
-    return cache_dir() / "fingerprints.json"
-
-
-def _read_cache(cache: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(cache.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def fingerprint_file(path: str | os.PathLike[str], architecture: str, n_embd: int, n_layer: int) -> ModelFingerprint:
-    """Fingerprint of a model file; its sha256 is cached by (absolute path, size, mtime_ns).
-
-    A multi-gigabyte model is hashed once, not on every start; touching or
-    replacing the file invalidates the entry.
-    """
-    model = Path(path).resolve()
-    try:
-        stat = model.stat()
-    except OSError as exc:
-        raise HeadError(f"cannot fingerprint model {model}: {exc.strerror or exc}") from None
-    cache = _fingerprint_cache()
-    entries = _read_cache(cache)
-    entry = entries.get(str(model))
-    if isinstance(entry, dict) and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns \
-            and isinstance(entry.get("sha256"), str):
-        return ModelFingerprint(entry["sha256"], architecture, n_embd, n_layer)
-    digest = sha256_file(model)
-    entries[str(model)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_name(f"{cache.name}.{os.getpid()}.part")
-        partial.write_text(json.dumps(entries, indent=1, sort_keys=True), encoding="utf-8")
-        os.replace(partial, cache)
-    except OSError:
-        pass  # an unwritable cache only costs a re-hash next time
-    return ModelFingerprint(digest, architecture, n_embd, n_layer)

@@ -17,7 +17,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ArtifactError
+from guardrail.errors import ArtifactError
 
 
 def cache_dir() -> Path:

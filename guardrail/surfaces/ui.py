@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .engine import ModelInfo
+from guardrail.runtime.engine import ModelInfo
 
 console = Console()
 

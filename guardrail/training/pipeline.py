@@ -15,22 +15,16 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .artifacts import cache_dir
+from guardrail.artifacts.wheels import cache_dir
+from guardrail.errors import HeadError
+from guardrail.head import Head
+from guardrail.runtime.engine import Model
+
 from .data.format import Example
-from .engine import Model
 from .evaluate import HeadRecipe, Labelled
-from .errors import HeadError
-from .head import Head
-from .features import FeatureConfig, FeatureExtractor, Features
-
-
-def _progress(enabled: bool) -> Progress:
-    """Progress bars on stderr, so --json output on stdout stays JSON."""
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), disable=not enabled, console=Console(stderr=True))
+from .extraction import FeatureConfig, FeatureExtractor, Features
+from .progress import progress_bar
 
 
 def conversation(example: Example) -> list[dict[str, str]]:
@@ -59,7 +53,7 @@ def extract_features(model: Model, model_sha: str, examples: Sequence[Example], 
     extractor = FeatureExtractor(model, config)
     started = time.perf_counter()
     try:
-        with _progress(progress) as bar:
+        with progress_bar(progress) as bar:
             task = bar.add_task(label, total=len(examples))
             features = extractor.extract([conversation(e) for e in examples],
                                          progress=lambda n: bar.advance(task, n))
@@ -114,8 +108,9 @@ def default_data_dir() -> Path:
 
 def ensure_dataset(data_dir: Path | None, progress: bool = True, max_per_source: int = DEFAULT_MAX_PER_SOURCE) -> Path:
     """The dataset directory, built with the default recipe (scaled to ``max_per_source``) when missing."""
+    from guardrail.training.data.augment import AugmentPlan
+
     from .data import build_dataset
-    from .data.augment import AugmentPlan
 
     data_dir = data_dir or default_data_dir()
     if not all((data_dir / f"{s}.jsonl").is_file() for s in SPLITS):
@@ -131,8 +126,9 @@ def train_head(model: Model, model_sha: str, data_dir: Path, config: FeatureConf
 
     The final head is fitted on the train split, calibrated and thresholded on
     validation; the test split is only scored, never fitted or tuned on."""
-    from .evaluate import baseline_head, evaluate_head, fit_head, loso
-    from .head import ModelFingerprint, quantization_report, quantized
+    from guardrail.head import ModelFingerprint, quantized
+
+    from .evaluate import baseline_head, evaluate_head, fit_head, loso, quantization_report
 
     started = time.perf_counter()
     examples, data = load_labelled(model, model_sha, data_dir, config, progress=progress)
@@ -142,7 +138,7 @@ def train_head(model: Model, model_sha: str, data_dir: Path, config: FeatureConf
     metrics: dict = {"recipe": recipe.describe(), "feature_config": asdict(config)}
     if loso_sources:
         n_sources = len(set(data.sources.tolist()))
-        with _progress(progress) as bar:
+        with progress_bar(progress) as bar:
             for key, rec in (("loso", recipe), ("loso_baseline", HeadRecipe(blocks=(), lexical=True))):
                 task = bar.add_task(f"leave-one-source-out: {rec.describe()}", total=n_sources)
                 metrics[key] = loso(data, rec, fingerprint, progress=lambda _: bar.advance(task))
@@ -177,8 +173,8 @@ LAYER_FRACTIONS = (0.27, 0.4, 0.53, 0.67, 0.8, 0.9)
 
 def default_config(model: Model) -> FeatureConfig:
     """Feature extraction for training: several depths, the one-token [CLS] probe first."""
-    from .features import EOT_PROBE
-    from .probe import DEFAULT_PROBE_TEXT
+    from guardrail.runtime.features import EOT_PROBE
+    from guardrail.runtime.probe import DEFAULT_PROBE_TEXT
 
     n = model.info.n_layer
     layers = tuple(sorted({min(n - 2, max(1, round(f * n))) for f in LAYER_FRACTIONS}))
@@ -201,8 +197,8 @@ def default_recipes(config: FeatureConfig) -> tuple[HeadRecipe, HeadRecipe]:
 
 
 def _model_and_sha(model_spec: str | None) -> tuple[Model, str]:
-    from .head import fingerprint_file
-    from .models import resolve_model
+    from guardrail.artifacts.models import resolve_model
+    from guardrail.head import fingerprint_file
 
     model = Model(resolve_model(model_spec))
     info = model.info
@@ -211,7 +207,7 @@ def _model_and_sha(model_spec: str | None) -> tuple[Model, str]:
 
 def train_default(model_spec: str | None, data_dir: Path | None, out: Path, *, loso_sources: bool = True) -> Head:
     """`guardrail train`: the whole recipe for one model, written to ``out``."""
-    from .head import save_head
+    from guardrail.head import save_head
 
     model, sha = _model_and_sha(model_spec)
     data_dir = ensure_dataset(data_dir)
@@ -228,12 +224,12 @@ def train_default(model_spec: str | None, data_dir: Path | None, out: Path, *, l
 
 
 def _head_and_config(model: Model, sha: str, head_path: str | None) -> tuple[Head, FeatureConfig, HeadRecipe]:
-    from .guard import default_head_path
-    from .head import ModelFingerprint, load_head
-    from .probe import WindowParams
+    from guardrail.artifacts.heads import find_head
+    from guardrail.head import ModelFingerprint, load_head
+    from guardrail.runtime.probe import WindowParams
 
     info = model.info
-    head = load_head(head_path or default_head_path(model),
+    head = load_head(head_path or find_head(sha, model.path.name),
                      expect=ModelFingerprint(sha, info.architecture, info.n_embd, info.n_layer))
     stored = dict(head.extra.get("feature_config") or {})
     if not stored:
@@ -249,9 +245,10 @@ def _head_and_config(model: Model, sha: str, head_path: str | None) -> tuple[Hea
 
 def evaluate_file(model_spec: str | None, head_path: str | None, data_file: Path | None) -> dict:
     """The head and the text baseline (fitted on the head's own training rows) on labelled JSONL."""
+    from guardrail.head import ModelFingerprint
+
     from .data import read_jsonl
     from .evaluate import baseline_head, evaluate_head
-    from .head import ModelFingerprint
 
     model, sha = _model_and_sha(model_spec)
     head, config, _ = _head_and_config(model, sha, head_path)
@@ -274,8 +271,9 @@ def evaluate_file(model_spec: str | None, head_path: str | None, data_file: Path
 
 def loso_report(model_spec: str | None, head_path: str | None) -> dict:
     """Leave-one-source-out for the head's recipe and for the text baseline, on the default dataset."""
+    from guardrail.head import ModelFingerprint
+
     from .evaluate import loso
-    from .head import ModelFingerprint
 
     model, sha = _model_and_sha(model_spec)
     head, config, recipe = _head_and_config(model, sha, head_path)
@@ -284,24 +282,3 @@ def loso_report(model_spec: str | None, head_path: str | None) -> dict:
     fingerprint = ModelFingerprint(sha, info.architecture, info.n_embd, info.n_layer)
     return {"loso": loso(data, recipe, fingerprint),
             "loso_baseline": loso(data, HeadRecipe(blocks=(), lexical=True), fingerprint)}
-
-
-def attack_report(model_spec: str | None, head_path: str | None, *, per_suite: int = 30,
-                  max_tokens: int = 40, progress: bool = True) -> dict:
-    """The attack suites on held-out requests of the default dataset, unguarded vs guarded."""
-    from .attack import build_cases, run_cases, summarize_outcomes
-    from .data import read_jsonl
-    from .guard import Guard
-
-    cases = build_cases(read_jsonl(ensure_dataset(None) / "test.jsonl"), per_suite=per_suite)
-    with Guard(model_spec, head_path) as guard:
-        with _progress(progress) as bar:
-            task = bar.add_task("attack suites", total=len(cases))
-            outcomes = run_cases(guard, cases, max_tokens=max_tokens, progress=lambda: bar.advance(task))
-        report = summarize_outcomes(outcomes)
-        report["head_threshold"] = guard.head.threshold
-        report["schedule"] = str(guard.options.schedule)
-    report["max_tokens"] = max_tokens
-    report["examples"] = [{"suite": o.case.suite, "guarded": o.guarded_text[:160], "unguarded": o.unguarded_text[:160],
-                           "intervened": o.intervened} for o in outcomes[:: max(1, len(outcomes) // 12)]]
-    return report

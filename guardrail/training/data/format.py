@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
+from guardrail.errors import DataError
 
 ROLES = ("system", "user", "assistant")
 REQUIRED = ("id", "source", "label", "messages")

@@ -16,7 +16,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from ..errors import DataError
+from guardrail.errors import DataError
+
 from .format import Example
 
 SPLITS = ("train", "val", "test")

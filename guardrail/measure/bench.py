@@ -17,8 +17,8 @@ from typing import Any
 
 import llama_cpp
 
-from .capture import layer_name
-from .engine import Context, Entry, Model, Sampler, prefill
+from guardrail.runtime.capture import layer_name
+from guardrail.runtime.engine import Context, Entry, Model, Sampler, prefill
 
 _TEXT = ("The history of the printing press begins in the fifteenth century, when movable type "
          "changed how knowledge travelled across Europe. Scholars, merchants and clergy ")
@@ -116,7 +116,8 @@ def guard_overhead(guard: Any, prompts: Sequence[str], *, max_tokens: int = 64, 
                    schedules: Sequence[str] = ("annealing",)) -> dict[str, Any]:
     """Tokens/s of guarded answers (policy monitor, so the tokens are the same) vs plain greedy
     generation on the same model, context size and prompts; runs interleaved in one process."""
-    from .engine import ChatFormat, generate
+    from guardrail.runtime.chat import ChatFormat
+    from guardrail.runtime.engine import generate
 
     model = guard.model
     plain_ctx = Context(model, n_ctx=guard.n_ctx, n_batch=512)

@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .errors import (
+from guardrail.errors import (
     ArtifactError,
     CaptureError,
     ContextError,
@@ -48,7 +48,7 @@ from .errors import (
     HeadError,
     ModelError,
 )
-from .events import CheckEvent, DoneEvent, Event, InterventionEvent, QueryEvent, TokenEvent
+from guardrail.runtime.events import CheckEvent, DoneEvent, Event, InterventionEvent, QueryEvent, TokenEvent
 
 log = logging.getLogger("guardrail.server")
 
@@ -79,7 +79,7 @@ class GuardOptions(BaseModel):
     @classmethod
     def _schedule(cls, value: str | None) -> str | None:
         if value is not None:
-            from .schedule import Schedule
+            from guardrail.runtime.schedule import Schedule
 
             Schedule.parse(value)  # ValueError -> a 400 naming the field
         return value
@@ -738,7 +738,7 @@ class _GenerationStream(EventSourceResponse):
 
 
 def _version() -> str:
-    from . import __version__
+    from guardrail import __version__
 
     return __version__
 
@@ -762,8 +762,8 @@ def serve(model: Any = None, head: Any = None, host: str = "127.0.0.1", port: in
 
     import uvicorn
 
-    from .guard import Guard
-    from .schedule import Schedule
+    from guardrail.runtime.guard import Guard
+    from guardrail.runtime.schedule import Schedule
 
     if guard_defaults.get("schedule") is not None:
         try:

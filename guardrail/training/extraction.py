@@ -1,17 +1,11 @@
 """Features for training and evaluating heads: the host model's own states for labelled conversations.
 
-For each conversation, at each captured layer ``L``:
-- ``l_out-L/last``  the state of the context's last token (what the token signal reads);
-- ``l_out-L/mean``  the mean state over the window's tokens;
-- ``l_out-L/probe`` the state of the [CLS] probe's last token, decoded in its own
-  KV sequence over the window (exactly how a check runs during generation);
-plus ``opener``: the model's own log-odds of refusal vs compliance openers as its
-next token, and the window's text (for lexical features).
-
-The window is what a check reads: the conversation's content (template markers
-and BOS skipped) with at most the last ``r2`` tokens of a partial answer.
-Several conversations share each ``llama_decode`` (one sequence each), and their
-probes share the next one.
+Several conversations share each ``llama_decode`` (one KV sequence each; the
+prefix they share is decoded once), and their probes share the next one. What
+each block means, and the window, come from :mod:`guardrail.runtime.features`,
+the same code the decoding loop uses. Besides the states: ``opener``, the
+model's own log-odds of refusal vs compliance openers as its next token, and
+the window's text (for the lexical baseline).
 """
 
 from __future__ import annotations
@@ -19,51 +13,18 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import llama_cpp.llama_cpp as llama_low
 import numpy as np
 
-from .capture import layer_name
-from .engine import ChatFormat, Context, Entry, Model, PromptTokens
-from .probe import DEFAULT_PROBE_TEXT, Probe, WindowParams, WindowState, choose_window
+from guardrail.runtime.capture import layer_name
+from guardrail.runtime.chat import ChatFormat, PromptTokens
+from guardrail.runtime.engine import Context, Entry, Model
+from guardrail.runtime.features import POOLINGS, check_window, pool, probe_tokens, split_conversation
+from guardrail.runtime.probe import DEFAULT_PROBE_TEXT, Probe, WindowParams
 
 REFUSAL_OPENERS = ("Sorry", "I", "As", "Unfortunately", "No")
 COMPLIANCE_OPENERS = ("Sure", "Here", "Certainly", "Absolutely", "Step", "To", "1")
 
 
-POOLINGS = ("last", "mean", "max", "tail")
-TAIL = 16
-
-
-def pool(states: np.ndarray, window: Sequence[int], kind: str) -> np.ndarray:
-    """One vector for a window of token states: ``mean``; ``max`` (per dimension, so one
-    salient token is not diluted by a long template); ``tail`` (mean of its last TAIL tokens)."""
-    rows = states[list(window)]
-    if kind == "mean":
-        return rows.mean(axis=0)
-    if kind == "max":
-        return rows.max(axis=0)
-    if kind == "tail":
-        return rows[-TAIL:].mean(axis=0)
-    raise ValueError(f"unknown pooling {kind!r}")
-
-
-def block_layer(name: str) -> int | None:
-    """The layer a feature block reads (``l_out-20/probe`` -> 20); None for text or logit blocks."""
-    hook = name.split("/", 1)[0]
-    if hook.startswith("l_out-") and hook[6:].isdigit() and "/" in name:
-        return int(hook[6:])
-    return None
-
-
-EOT_PROBE = "<eot>"  # the model's own end-of-turn token: a one-token [CLS] every chat model has
-
-
-def probe_tokens(model: Model, text: str) -> list[int]:
-    """Token ids of a probe: our own text (markup allowed), or the end-of-turn token for ``<eot>``."""
-    if text == EOT_PROBE:
-        eot = llama_low.llama_vocab_eot(model.vocab)
-        return [eot if eot >= 0 else llama_low.llama_vocab_eos(model.vocab)]
-    return model.tokenize(text, special=True)
 
 
 @dataclass(frozen=True)
@@ -89,17 +50,6 @@ class Features:
         return Features({k: v[index] for k, v in self.blocks.items()}, [self.texts[i] for i in index])
 
 
-def split_conversation(prompt: PromptTokens, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
-    """(query positions, answer positions): content tokens, the final assistant message as answer."""
-    prefill_index = len(messages) - 1 if messages[-1]["role"] == "assistant" else -2
-    query = [i for i, m in enumerate(prompt.message) if m >= 0 and m != prefill_index]
-    answer = [i for i, m in enumerate(prompt.message) if m == prefill_index]
-    return query, answer
-
-
-def check_window(query: Sequence[int], answer: Sequence[int], params: WindowParams) -> list[int]:
-    """The window a check reads at this point of a conversation (the first-check rule)."""
-    return choose_window(query, answer, WindowState(), params)
 
 
 def _truncate(prompt: PromptTokens, limit: int) -> PromptTokens:

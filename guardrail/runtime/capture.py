@@ -24,7 +24,7 @@ import llama_cpp  # noqa: F401  (load llama.cpp before numpy: see README, import
 import llama_cpp.llama_cpp as llama_low
 import numpy as np
 
-from .errors import CaptureError
+from guardrail.errors import CaptureError
 
 RESULT_NORM = "result_norm"
 _NATIVE_ABI = 1

@@ -8,9 +8,11 @@ import numpy as np
 from rich.console import Console
 from rich.panel import Panel
 
-from .capture import layer_name
-from .engine import ChatFormat, Context, Model, Sampler, generate
-from .models import resolve_model
+from guardrail.artifacts.models import resolve_model
+from guardrail.runtime.capture import layer_name
+from guardrail.runtime.chat import ChatFormat
+from guardrail.runtime.engine import Context, Model, Sampler, generate
+
 from .ui import TokenStrip
 
 DEFAULT_PROMPT = "Explain in three sentences why the sky is blue."
@@ -60,8 +62,9 @@ def guard_tour(model_spec: str | None, head: str | None, *, max_tokens: int = 40
     from rich.columns import Columns
     from rich.rule import Rule
 
-    from .bench import guard_overhead
-    from .guard import Guard
+    from guardrail.measure.bench import guard_overhead
+    from guardrail.runtime.guard import Guard
+
     from .ui import AnswerView, Footer, render_stream
 
     console = console or Console()

@@ -20,8 +20,9 @@ from typing import Any
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..artifacts import fetch_wheel, sha256_file
-from ..errors import DataError
+from guardrail.artifacts.wheels import fetch_wheel, sha256_file
+from guardrail.errors import DataError
+
 from .augment import AugmentPlan, augment, unit_hash
 from .format import Example, Message, write_jsonl
 from .sources import SOURCES, TEMPLATE_WHEELS, load_jailbreak_templates

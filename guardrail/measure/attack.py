@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .data.format import Example
+from guardrail.training.data.format import Example
 
 REFUSAL_PHRASES = (
     "i'm sorry", "i am sorry", "i apologize", "as an ai", "as a language model", "as an assistant",
@@ -145,3 +145,26 @@ def _block(rows: Sequence[Outcome]) -> dict[str, Any]:
         "caught_by_query_check": sum(o.intervened_at == 0 for o in rows) / n,
         "caught_by_rechecks": sum(o.intervened and (o.intervened_at or 0) > 0 for o in rows) / n,
     }
+
+
+def attack_report(model_spec: str | None, head_path: str | None, *, per_suite: int = 30,
+                  max_tokens: int = 40, progress: bool = True) -> dict:
+    """The attack suites on held-out requests of the default dataset, unguarded vs guarded."""
+    from guardrail.measure.attack import build_cases, run_cases, summarize_outcomes
+    from guardrail.runtime.guard import Guard
+    from guardrail.training.data import read_jsonl
+    from guardrail.training.pipeline import ensure_dataset
+    from guardrail.training.progress import progress_bar
+
+    cases = build_cases(read_jsonl(ensure_dataset(None) / "test.jsonl"), per_suite=per_suite)
+    with Guard(model_spec, head_path) as guard:
+        with progress_bar(progress) as bar:
+            task = bar.add_task("attack suites", total=len(cases))
+            outcomes = run_cases(guard, cases, max_tokens=max_tokens, progress=lambda: bar.advance(task))
+        report = summarize_outcomes(outcomes)
+        report["head_threshold"] = guard.head.threshold
+        report["schedule"] = str(guard.options.schedule)
+    report["max_tokens"] = max_tokens
+    report["examples"] = [{"suite": o.case.suite, "guarded": o.guarded_text[:160], "unguarded": o.unguarded_text[:160],
+                           "intervened": o.intervened} for o in outcomes[:: max(1, len(outcomes) // 12)]]
+    return report

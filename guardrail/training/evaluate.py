@@ -10,16 +10,19 @@ on the same rows) is always reported beside the head.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from .features import Features
-from .head import LEXICAL, FeatureBlock, Head, ModelFingerprint
-from .lexical import HashedNgrams
-from .metrics import auroc, json_safe, summarize, threshold_at_fpr
-from .trainer import Standardizer, balanced_weights, fit_temperature, sigmoid, train_logreg, train_mlp
+from guardrail._json import json_safe
+from guardrail.head import LEXICAL, FeatureBlock, Head, ModelFingerprint
+from guardrail.head.lexical import HashedNgrams
+from guardrail.head.model import Standardizer, sigmoid
+
+from .extraction import Features
+from .metrics import auroc, summarize, threshold_at_fpr
+from .trainer import balanced_weights, fit_temperature, train_logreg, train_mlp
 
 
 @dataclass(frozen=True)
@@ -135,3 +138,12 @@ def evaluate_head(head: Head, data: Labelled, rows: np.ndarray) -> dict:
 def baseline_head(data: Labelled, train: np.ndarray, val: np.ndarray, fingerprint: ModelFingerprint) -> Head:
     """The text-only rival every head must beat: n-grams + logistic regression on the same rows."""
     return fit_head(data, train, val, HeadRecipe(blocks=(), lexical=True), fingerprint)
+
+
+def quantization_report(head_float: Head, head_quant: Head, features: Mapping[str, np.ndarray],
+                        texts: Sequence[str] | None, labels: Sequence[int] | np.ndarray) -> dict[str, float]:
+    """How far int8 storage moved the probabilities, and whether ranking quality changed."""
+    p_float = head_float.score(features, texts).astype(np.float64)
+    p_quant = head_quant.score(features, texts).astype(np.float64)
+    return json_safe({"max_abs_diff": float(np.max(np.abs(p_float - p_quant))) if p_float.size else 0.0,
+                      "auroc_float": auroc(labels, p_float), "auroc_quant": auroc(labels, p_quant)})

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .events import DoneEvent, TokenEvent
+from guardrail.runtime.events import DoneEvent, TokenEvent
 
 
 def _in_process(guard: Any, messages: list[dict[str, str]], max_tokens: int,
@@ -94,7 +94,7 @@ def server_benchmark(guard: Any, prompts: Sequence[str], max_tokens: int = 32, *
     are the server's cost) and ``same_text`` (greedy answers must match)."""
     import httpx
 
-    from .server import BackgroundServer, create_app
+    from guardrail.serve.app import BackgroundServer, create_app
 
     if not prompts:
         raise ValueError("server_benchmark needs at least one prompt")

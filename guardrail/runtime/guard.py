@@ -21,28 +21,19 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
+from guardrail.artifacts.heads import find_head
+from guardrail.artifacts.models import resolve_model
+from guardrail.errors import ContextOverflowError, HeadError, OptionsError
+from guardrail.head import LEXICAL, Head, fingerprint_file, load_head
+
 from .capture import layer_name
-from .engine import ChatFormat, Context, Detokenizer, Entry, Model, PromptTokens, Sampler, SamplingParams, prefill
-from .errors import ContextOverflowError, HeadError, OptionsError
+from .chat import ChatFormat, PromptTokens
+from .engine import Context, Detokenizer, Entry, Model, Sampler, SamplingParams, prefill
 from .events import CheckEvent, DoneEvent, Event, InterventionEvent, QueryEvent, TokenEvent
 from .features import block_layer, pool, probe_tokens, split_conversation
-from .head import LEXICAL, Head, fingerprint_file, load_head
-from .models import KNOWN_MODELS, resolve_model
 from .policy import CONTINUE, DEFAULT_OPENER, Action, Policy
 from .probe import Probe, WindowParams, WindowState, choose_window, runs, update_window_state
 from .schedule import Schedule
-
-HEADS_DIR = Path(__file__).parent / "heads"
-
-
-def default_head_path(model: Model, sha: str | None = None) -> Path:
-    """The shipped head for a known model, found by the model file's sha256."""
-    sha = sha or fingerprint_file(model.path, model.info.architecture, model.info.n_embd, model.info.n_layer).sha256
-    for name, known in KNOWN_MODELS.items():
-        if known.sha256 == sha and (HEADS_DIR / f"{name}.gguf").is_file():
-            return HEADS_DIR / f"{name}.gguf"
-    raise HeadError(f"no safety head ships for {model.info.name}; train one with `guardrail train` "
-                    "and pass it with --head")
 
 
 @dataclass(frozen=True)
@@ -113,7 +104,7 @@ class Guard:
             self.model = Model(resolve_model(None if model is None else str(model)))
         info = self.model.info
         expect = fingerprint_file(self.model.path, info.architecture, info.n_embd, info.n_layer)
-        self.head: Head = load_head(head if head is not None else default_head_path(self.model, expect.sha256),
+        self.head: Head = load_head(head if head is not None else find_head(expect.sha256, self.model.path.name),
                                     expect=expect, allow_mismatch=allow_head_mismatch)
         self.token_head: Head | None = self.head.token_head
         heads = [self.head] + ([self.token_head] if self.token_head else [])
@@ -173,7 +164,7 @@ class Guard:
                                stop: Sequence[str] | str | None = None, stream: bool = False,
                                guard: Mapping[str, Any] | None = None, **sampling: Any) -> Any:
         """A drop-in for ``Llama.create_chat_completion``: same shapes, plus a ``guardrail`` object."""
-        from .openai_shapes import chat_chunks, chat_response
+        from .shapes import chat_chunks, chat_response
 
         events = self.chat(messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                            stop=stop, **sampling, **dict(guard or {}))
@@ -183,7 +174,7 @@ class Guard:
                           top_p: float = 0.95, seed: int | None = None, stop: Sequence[str] | str | None = None,
                           stream: bool = False, guard: Mapping[str, Any] | None = None, **sampling: Any) -> Any:
         """A drop-in for ``Llama.create_completion`` (raw text), with a ``guardrail`` object."""
-        from .openai_shapes import completion_chunks, completion_response
+        from .shapes import completion_chunks, completion_response
 
         events = self.complete(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                stop=stop, **sampling, **dict(guard or {}))

@@ -1,0 +1,1 @@
+"""What is fetched, never committed: PyPI-wheel files, known models, shipped heads."""

@@ -1,0 +1,1 @@
+"""Both sides in one run: benchmarks, attack suites, and the content judge."""

@@ -1,0 +1,1 @@
+"""The guarded decoding loop, step by step: engine -> capture -> features -> probe/schedule -> policy -> guard."""

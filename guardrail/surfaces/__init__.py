@@ -1,0 +1,1 @@
+"""What a person sees: Rich renderables (decide nothing) and the demo."""

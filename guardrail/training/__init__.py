@@ -1,0 +1,1 @@
+"""Beside the loop, never inside it: labelled data, feature extraction, the trainer and its evaluation."""
