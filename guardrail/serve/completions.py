@@ -1,0 +1,158 @@
+"""``/v1/chat/completions`` and ``/v1/completions``: a request checked against the operator's bounds
+and rules, a turn on the guard, and the answer, whole or streamed.
+
+Bounds are checked before anything is tokenized. An answer that runs into the end of the
+context ends with ``finish_reason: "length"`` and keeps what was written.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from guardrail.runtime.events import DoneEvent, Event
+from guardrail.runtime.shapes import Answer, Chunks, response
+
+from .config import Limits
+from .context import ServerContext, client_gone, request_id
+from .errors import APIError, api_error_from, bad_request
+from .options import request_options
+from .runner import ClientGone
+from .schemas import ChatCompletionRequest, CommonRequest, CompletionRequest
+from .stream import GenerationStream, StopHoldBack, dumps, sse_chunks
+
+log = logging.getLogger("guardrail.server")
+
+
+def _check_common(body: CommonRequest, limits: Limits, n_ctx: int) -> None:
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = getattr(body, name)
+        if value is not None and value > n_ctx:
+            raise bad_request(f"Invalid request: {name} is {value}, more than the context holds ({n_ctx} tokens).",
+                              param=name, code="max_tokens_too_large")
+    stops = body.stop or []
+    if len(stops) > limits.max_stop:
+        raise bad_request(f"Invalid request: stop has {len(stops)} strings; this server takes at most "
+                          f"{limits.max_stop} (max_stop).", param="stop", code="too_many_stop_strings")
+    for i, stop in enumerate(stops):
+        if len(stop) > limits.max_stop_chars:
+            raise bad_request(f"Invalid request: stop.{i} is {len(stop)} characters; at most {limits.max_stop_chars} "
+                              "(max_stop_chars).", param=f"stop.{i}", code="stop_string_too_long")
+
+
+def _too_much_text(chars: int, limits: Limits, param: str) -> APIError:
+    return bad_request(f"Invalid request: {param} holds {chars} characters of text; this server takes at most "
+                       f"{limits.max_chars} per request (max_chars).", param=param, code="content_too_long")
+
+
+def chat_messages(body: ChatCompletionRequest, limits: Limits) -> list[dict[str, str]]:
+    """The conversation as the guard takes it, within the bounds."""
+    if len(body.messages) > limits.max_messages:
+        raise bad_request(f"Invalid request: messages holds {len(body.messages)} messages; this server takes at "
+                          f"most {limits.max_messages} (max_messages).", param="messages", code="too_many_messages")
+    messages, chars = [], 0
+    for i, message in enumerate(body.messages):
+        try:
+            text = message.text()
+        except ValueError as exc:
+            raise bad_request(f"Invalid request: messages.{i}.content: {exc}", param=f"messages.{i}.content") from None
+        if message.role == "user" and not text:
+            raise bad_request(f"Invalid request: messages.{i}.content: a user message must not be empty.",
+                              param=f"messages.{i}.content", code="empty_content")
+        chars += len(text)
+        if chars > limits.max_chars:
+            raise _too_much_text(chars, limits, "messages")
+        messages.append({"role": "system" if message.role == "developer" else message.role, "content": text})
+    if chars == 0:
+        raise bad_request("Invalid request: messages: every message is empty; there is nothing to answer.",
+                          param="messages", code="empty_content")
+    return messages
+
+
+async def chat_completion(ctx: ServerContext, body: ChatCompletionRequest, request: Request) -> Response:
+    limits = ctx.config.limits
+    messages = chat_messages(body, limits)
+    _check_common(body, limits, ctx.guard.n_ctx)
+    kwargs = body.sampling(ctx.max_tokens_default()) | request_options(body.guardrail, ctx.guard,
+                                                                        ctx.config.client_options)
+    return await _answer(ctx, request, body, lambda: ctx.guard.chat(messages, **kwargs), chat=True,
+                         shown={"messages": messages})
+
+
+async def text_completion(ctx: ServerContext, body: CompletionRequest, request: Request) -> Response:
+    limits = ctx.config.limits
+    prompt = body.prompt_text()
+    if len(prompt) > limits.max_chars:
+        raise _too_much_text(len(prompt), limits, "prompt")
+    _check_common(body, limits, ctx.guard.n_ctx)
+    kwargs = body.sampling(ctx.max_tokens_default()) | request_options(body.guardrail, ctx.guard,
+                                                                        ctx.config.client_options)
+    return await _answer(ctx, request, body, lambda: ctx.guard.complete(prompt, **kwargs), chat=False,
+                         shown={"prompt": prompt})
+
+
+def _audit_hook(ctx: ServerContext, rid: str, endpoint: str, shown: dict[str, Any]) -> Callable[[Answer], None]:
+    """Writes one audit line per intervention once the answer is over (however it ended)."""
+    def write(answer: Answer) -> None:
+        if ctx.audit is None:
+            return
+        for intervention in answer.interventions:
+            before = [c for c in answer.checks if c["index"] <= intervention["index"]]
+            risk = before[-1]["risk"] if before else None
+            ctx.audit.write(rid, endpoint, risk=risk, verdict="malicious", action=intervention["action"],
+                            reason=intervention.get("reason"), index=intervention["index"],
+                            text=shown | {"answer": answer.text})
+    return write
+
+
+async def _answer(ctx: ServerContext, request: Request, body: CommonRequest, start: Callable[[], Iterator[Event]],
+                  *, chat: bool, shown: dict[str, Any]) -> Response:
+    rid = request_id("chatcmpl" if chat else "cmpl")
+    created = int(time.time())
+    try:
+        slot = await ctx.runner.turn(lambda: client_gone(request))
+    except ClientGone:
+        log.info("%s: the client left while waiting for its turn; nothing was run", rid)
+        return Response(status_code=499)
+    slot.on_release.append(_audit_hook(ctx, rid, request.url.path, shown))
+    try:
+        await slot.start(start, StopHoldBack(body.stop) if body.stream and body.stop else None)
+    except BaseException as exc:
+        slot.release()
+        if isinstance(exc, Exception):  # the template, the options, the prompt's length: the request's fault
+            raise api_error_from(exc, preparing=True) from None
+        raise
+    # the first batch is read before answering, so a failure before the first token is a proper status
+    try:
+        first = await slot.next_batch()
+    except BaseException as exc:
+        slot.release()
+        if isinstance(exc, Exception):
+            raise api_error_from(exc) from None
+        raise
+    config = ctx.config
+    if body.stream:
+        chunks = Chunks(ctx.model_name, chat=chat, detail=config.detail, ident=rid, created=created)
+        events = sse_chunks(slot, chunks, first, include_usage=body.include_usage(), rid=rid)
+        return GenerationStream(events, slot, rid, send_timeout=config.send_timeout_s)
+    try:
+        batch = first
+        while batch and not any(isinstance(e, DoneEvent) for e in batch):
+            if await request.is_disconnected():
+                log.info("%s: the client went away; its generation was stopped", rid)
+                return Response(status_code=499)
+            batch = await slot.next_batch()
+    except Exception as exc:
+        raise api_error_from(exc) from None
+    finally:
+        slot.release()
+    if slot.answer.done is None:
+        raise APIError(500, "the guard ended without finishing the answer", type="server_error", code="internal_error")
+    reply = response(slot.answer, ctx.model_name, chat=chat, detail=config.detail, ident=rid, created=created)
+    return Response(dumps(reply), media_type="application/json")
+

@@ -1,0 +1,107 @@
+"""``POST /v1/moderations`` in OpenAI's shape, so apps that already ask a moderation endpoint can
+ask the local guard without changing their inference backend.
+
+Each input is scored as a user's request (``Guard.score``: the first check, nothing generated).
+There is one category, ``harmful``: the head's probability that the request is malicious;
+``flagged`` is its verdict at the guard's threshold (a non-finite score is flagged, never
+passed). Unless the operator shows clients full detail, the score is the verdict itself
+(1.0 or 0.0), so the endpoint is not an oracle for tuning requests against the head. An empty
+text asks for nothing and is not flagged (score 0.0, not run through the model).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from guardrail.errors import ContextOverflowError
+
+from .context import ServerContext, client_gone, request_id
+from .errors import api_error_from, bad_request
+from .runner import ClientGone
+from .schemas import ModerationRequest
+from .stream import dumps
+
+CATEGORIES = ("harmful",)
+
+
+def _verdict(guard: Any, text: str) -> tuple[float, bool]:
+    """(risk, flagged) of one text as a user's request; on the worker thread."""
+    if not text.strip():
+        return 0.0, False
+    messages = [{"role": "user", "content": text}]
+    verdict = guard.score(messages) if hasattr(guard, "score") else _first_check(guard, messages)
+    risk = float(verdict.risk)
+    if not math.isfinite(risk):
+        return 1.0, True
+    return risk, bool(verdict.malicious)
+
+
+class _Verdict:
+    def __init__(self, risk: float, malicious: bool):
+        self.risk, self.malicious = risk, malicious
+
+
+def _first_check(guard: Any, messages: list[dict[str, str]]) -> _Verdict:
+    """Until every Guard has ``score``: its first check, read from a generation of no tokens."""
+    events = guard.chat(messages, max_tokens=0, policy="monitor")
+    try:
+        for event in events:
+            if getattr(event, "type", None) == "check":
+                return _Verdict(float(event.risk), bool(event.malicious))
+    finally:
+        events.close()
+    raise RuntimeError("the guard ran no check")
+
+
+async def moderate(ctx: ServerContext, body: ModerationRequest, request: Request) -> Response:
+    limits = ctx.config.limits
+    texts = body.texts()
+    if len(texts) > limits.max_inputs:
+        raise bad_request(f"Invalid request: input holds {len(texts)} texts; this server takes at most "
+                          f"{limits.max_inputs} per call (max_inputs).", param="input", code="too_many_inputs")
+    chars = sum(len(t) for t in texts)
+    if chars > limits.max_chars:
+        raise bad_request(f"Invalid request: input holds {chars} characters of text; this server takes at most "
+                          f"{limits.max_chars} per request (max_chars).", param="input", code="content_too_long")
+    rid = request_id("modr")
+    try:
+        slot = await ctx.runner.turn(lambda: client_gone(request))
+    except ClientGone:
+        return Response(status_code=499)
+    try:
+        verdicts = []
+        for text in texts:
+            verdicts.append(await slot.call(_verdict, ctx.guard, text))
+            if await request.is_disconnected():
+                return Response(status_code=499)
+    except ContextOverflowError as exc:
+        raise bad_request(f"Invalid request: input: {exc}", param="input", code="context_length_exceeded") from None
+    except Exception as exc:
+        raise api_error_from(exc) from None
+    finally:
+        slot.release()
+    full = ctx.config.detail == "full"
+    results = []
+    for i, (risk, flagged) in enumerate(verdicts):
+        score = risk if full else float(flagged)
+        results.append({"flagged": flagged, "categories": {"harmful": flagged},
+                        "category_scores": {"harmful": score},
+                        "category_applied_input_types": {"harmful": ["text"]}})
+        if flagged and ctx.audit is not None:
+            ctx.audit.write(rid, "/v1/moderations", risk=risk, verdict="malicious", action="flagged", input_index=i,
+                            text={"input": texts[i]})
+    reply: dict[str, Any] = {"id": rid, "model": ctx.model_name, "results": results}
+    if ctx.config.detail != "none":
+        reply["guardrail"] = {"categories": list(CATEGORIES), "threshold": _threshold(ctx) if full else None}
+    return Response(dumps(reply), media_type="application/json")
+
+
+def _threshold(ctx: ServerContext) -> float | None:
+    options = ctx.guard.options
+    value = getattr(options, "threshold", None)
+    return float(value) if value is not None else float(ctx.guard.head.threshold)
+
