@@ -63,8 +63,8 @@ class Limits:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """How a server runs. ``allowed_hosts``: the Host header values accepted (a guard against DNS
-    rebinding on a loopback server); empty means any. ``detail``: ``full``, ``summary`` or ``none``
+    """How a server runs. ``allowed_hosts``: the host names accepted in the Host header (any port;
+    a guard against DNS rebinding on a loopback server); empty means any. ``detail``: ``full``, ``summary`` or ``none``
     (see :mod:`guardrail.runtime.shapes`)."""
 
     api_key: str | None = None
@@ -99,10 +99,7 @@ def is_loopback(host: str) -> bool:
     return host in LOOPBACK_NAMES
 
 
-def loopback_hosts(port: int) -> tuple[str, ...]:
-    """The Host header values a browser sends to a loopback server on ``port``."""
-    names = ("127.0.0.1", "localhost", "[::1]")
-    return tuple(f"{name}:{port}" for name in names) + names
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")  # the names a browser sends in Host for a loopback server
 
 
 def load_config(path: str, **overrides: Any) -> ServerConfig:

@@ -23,7 +23,7 @@ class Gate:
                  open_paths: tuple[str, ...] = ("/health",)):
         self.app = app
         self._key = api_key.encode() if api_key else None
-        self._hosts = {h.lower() for h in allowed_hosts}
+        self._hosts = {_hostname(h.lower()) for h in allowed_hosts}
         self._max = max_body_bytes
         self._open = open_paths
 
@@ -46,7 +46,7 @@ class Gate:
 
     def _refusal(self, scope: Any, headers: dict[bytes, bytes]) -> APIError | None:
         host = headers.get(b"host", b"").decode("latin-1").lower()
-        if self._hosts and host not in self._hosts:
+        if self._hosts and _hostname(host) not in self._hosts:
             return APIError(403, f"Host {host or '(none)'!r} is not a name this server is bound to; "
                                  "requests through other names are refused (DNS rebinding).",
                             type="permission_error", code="host_not_allowed")
@@ -85,6 +85,13 @@ class Gate:
             parts.append(part)
             if not message.get("more_body", False):
                 return b"".join(parts), None
+
+
+def _hostname(host: str) -> str:
+    """The name in a Host header, without its port ("[::1]:8000" -> "[::1]")."""
+    if host.startswith("["):
+        return host[:host.find("]") + 1] if "]" in host else host
+    return host.split(":", 1)[0]
 
 
 def _bearer_matches(header: bytes, key: bytes) -> bool:

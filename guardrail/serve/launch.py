@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from .app import create_app
-from .config import ServerConfig, is_loopback, loopback_hosts
+from .config import LOOPBACK_HOSTS, ServerConfig, is_loopback
 
 log = logging.getLogger("guardrail.server")
 
@@ -26,7 +26,7 @@ def serve(model: Any = None, head: Any = None, *, host: str = "127.0.0.1", port:
 
     config = config or ServerConfig()
     if is_loopback(host) and not config.allowed_hosts:
-        config = dataclasses.replace(config, allowed_hosts=loopback_hosts(port))
+        config = dataclasses.replace(config, allowed_hosts=LOOPBACK_HOSTS)
     if not config.api_key and not is_loopback(host):
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
     guard = Guard(model, head, **{k: v for k, v in guard_options.items() if v is not None})
