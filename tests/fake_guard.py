@@ -73,6 +73,8 @@ class FakeGuard:
         with self._state:
             self.scored += 1
         text = " ".join(m["content"] for m in messages)
+        if len(text.split()) + 1 > self.n_ctx:
+            raise ContextOverflowError(f"the prompt is {len(text.split())} tokens; the context holds {self.n_ctx}")
         risk = self._risk(text)
         return FakeVerdict(risk, risk >= threshold, threshold)
 
