@@ -134,17 +134,16 @@ def chat(model, head, policy, schedule, threshold, tau, max_tokens, temperature,
 @cli.command()
 @click.option("--model", default=None, help=MODEL_HELP)
 @click.option("--head", default=None, help="a head file (default: the one shipped for the model)")
+@click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None, help="override the head's threshold")
 @click.argument("text")
-def score(model, head, text) -> None:
-    """Print the probability that TEXT, as a user's request, is malicious (the first check)."""
+def score(model, head, threshold, text) -> None:
+    """Print the probability that TEXT, as a user's request, is malicious (the first check; nothing generated)."""
     from guardrail.runtime.guard import Guard
 
-    with Guard(model, head, policy="monitor") as guard:
-        events = guard.chat([{"role": "user", "content": text}], max_tokens=0)
-        risk = next(e.risk for e in events if e.type == "check")
-        events.close()
-        verdict = "malicious" if risk >= guard.head.threshold else "benign"
-        click.echo(f"{risk:.4f}\t{verdict} (threshold {guard.head.threshold:.4f})")
+    with Guard(model, head, threshold=threshold) as guard:
+        verdict = guard.score([{"role": "user", "content": text}])
+        shown = "malicious" if verdict.malicious else "benign"
+        click.echo(f"{verdict.risk:.4f}\t{shown} (threshold {verdict.threshold:.4f})")
 
 
 @cli.command()
@@ -278,24 +277,53 @@ def attack(model, head, per_suite, max_tokens, as_json) -> None:
               help="address to listen on (loopback; anything else should have --api-key)")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--api-key", envvar="GUARDRAIL_API_KEY", default=None,
-              help="require 'Authorization: Bearer KEY' on /v1 (or set GUARDRAIL_API_KEY)")
-@click.option("--n-ctx", type=click.IntRange(min=64), default=2048, show_default=True, help="context size in tokens")
+              help="require 'Authorization: Bearer KEY' (or set GUARDRAIL_API_KEY); /health stays open, minimal")
+@click.option("--n-ctx", type=click.IntRange(min=64), default=None, help="context size in tokens (default: the guard's)")
 @click.option("--policy", type=click.Choice(["refuse", "halt", "monitor"]), default=None,
-              help="default policy (default refuse); a request may set its own in 'guardrail'")
+              help="the guard's policy (default refuse)")
 @click.option("--schedule", default=None, help="annealing | every | every-probe | first | periodic:K (default annealing)")
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None, help="override the head's threshold")
 @click.option("--tau", type=click.IntRange(min=1), default=None,
               help="consecutive malicious checks before acting mid-answer")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
-              help="max_tokens of a request that sets none")
-@click.option("--temperature", type=click.FloatRange(0.0, 2.0), default=0.0, show_default=True,
-              help="temperature of a request that sets none (0 = greedy)")
-def serve(model, head, host, port, api_key, n_ctx, policy, schedule, threshold, tau, max_tokens, temperature) -> None:
-    """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) under the guard."""
-    from guardrail.serve.app import serve as run_server
+@click.option("--client-options", default=None, metavar="RULES",
+              help="what a request's 'guardrail' object may change: stricter (default: policy, threshold, tau only "
+                   "towards a stricter guard), none, any, or KEY=any|stricter|none,... (e.g. threshold=any)")
+@click.option("--detail", type=click.Choice(["full", "summary", "none"]), default=None,
+              help="what clients see of the guard: full (per-token risks, checks), summary (intervened or not), "
+                   "none (default: full on loopback, summary otherwise)")
+@click.option("--queue-size", type=click.IntRange(min=0), default=None, help="requests that may wait (default 16)")
+@click.option("--queue-timeout", type=click.FloatRange(min=0.1), default=None,
+              help="seconds a request may wait for its turn (default 60)")
+@click.option("--send-timeout", type=click.FloatRange(min=0.1), default=None,
+              help="seconds a streaming client may read nothing before its answer is stopped (default 30)")
+@click.option("--allowed-host", "allowed_hosts", multiple=True,
+              help="a host name clients may use (repeatable; default on loopback: 127.0.0.1, localhost, [::1])")
+@click.option("--audit-log", type=click.Path(dir_okay=False), default=None,
+              help="append one JSON line per intervention and per flagged moderation input")
+@click.option("--audit-log-text", is_flag=True, default=None, help="include the conversation's text in the audit log")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="a YAML file of server settings (limits, client_options, detail, ...); flags override it")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None,
+              help="max_tokens of a request that sets none (default 256)")
+@click.option("--temperature", type=click.FloatRange(0.0, 2.0), default=None,
+              help="temperature of a request that sets none (default 0: greedy)")
+def serve(model, head, host, port, api_key, n_ctx, policy, schedule, threshold, tau, client_options, detail,
+          queue_size, queue_timeout, send_timeout, allowed_hosts, audit_log, audit_log_text, config_file,
+          max_tokens, temperature) -> None:
+    """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/moderations, /v1/models)."""
+    from guardrail.serve.config import is_loopback, make_config, read_settings
+    from guardrail.serve.launch import serve as run_server
 
-    run_server(model, head, host=host, port=port, api_key=api_key, n_ctx=n_ctx, policy=policy,
-               schedule=schedule, threshold=threshold, tau=tau, max_tokens=max_tokens, temperature=temperature)
+    flags = dict(api_key=api_key, client_options=client_options, detail=detail, queue_size=queue_size,
+                 queue_timeout_s=queue_timeout, send_timeout_s=send_timeout, allowed_hosts=allowed_hosts or None,
+                 audit_log=audit_log, audit_text=audit_log_text)
+    settings = (read_settings(config_file) if config_file else {}) | {k: v for k, v in flags.items() if v is not None}
+    settings.setdefault("detail", "full" if is_loopback(host) else "summary")
+    sampling = {"max_tokens": max_tokens, "temperature": temperature}
+    settings["defaults"] = {"max_tokens": 256, "temperature": 0.0} | dict(settings.get("defaults") or {}) | {
+        k: v for k, v in sampling.items() if v is not None}
+    run_server(model, head, host=host, port=port, config=make_config(settings), n_ctx=n_ctx, policy=policy,
+               schedule=schedule, threshold=threshold, tau=tau)
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ that stop reading). Driven over real HTTP, raw sockets where a client must misbe
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -205,7 +206,7 @@ def test_a_streaming_client_that_stops_reading_loses_the_slot_after_the_send_tim
     fake = FakeGuard(delay=0, n_ctx=10**6)
     with served(fake, api_key=API_KEY, send_timeout_s=1.0, limits={"max_chars": 20_000}) as srv:
         word = "x" * 8000  # 8 KB a token: the socket buffers fill within a few thousand tokens
-        body = ('{"stream": true, "max_tokens": 100000, "messages": [{"role": "user", "content": "%s"}]}' % word)
+        body = json.dumps({"stream": True, "max_tokens": 100000, "messages": [{"role": "user", "content": word}]})
         request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}").encode()
         closed = fake.closed_early

@@ -102,8 +102,8 @@ def is_loopback(host: str) -> bool:
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")  # the names a browser sends in Host for a loopback server
 
 
-def load_config(path: str, **overrides: Any) -> ServerConfig:
-    """A server configuration from a YAML (or JSON) file; ``overrides`` (set ones only) win.
+def read_settings(path: str) -> dict[str, Any]:
+    """Server settings from a YAML (or JSON) file, for :func:`make_config`.
 
     Keys: ``detail``, ``client_options`` (a rule string or a mapping), ``queue_size``,
     ``queue_timeout_s``, ``send_timeout_s``, ``allowed_hosts``, ``audit_log``, ``audit_text``,
@@ -119,7 +119,7 @@ def load_config(path: str, **overrides: Any) -> ServerConfig:
         raise OptionsError(f"the server config {path} is not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
         raise OptionsError(f"the server config {path} must be a mapping of settings")
-    return make_config(data, **overrides)
+    return data
 
 
 def make_config(data: Mapping[str, Any] | None = None, **overrides: Any) -> ServerConfig:
