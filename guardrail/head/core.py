@@ -197,7 +197,7 @@ def _inconsistency(head: Head) -> str:
             return f"lexical featurizer is unfitted or does not give {lex_dim} features"
     if not (math.isfinite(head.temperature) and head.temperature > 0):
         return f"temperature must be positive, got {head.temperature}"
-    if not (math.isfinite(head.threshold) and 0.0 <= head.target_fpr <= 1.0):
+    if not (0.0 <= head.threshold <= 1.0 and 0.0 <= head.target_fpr <= 1.0):
         return f"threshold {head.threshold} or target FPR {head.target_fpr} is out of range"
     if head.tau < 1:
         return f"tau must be at least 1, got {head.tau}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -30,7 +31,10 @@ from .model import LinearModel, MLPModel, Standardizer
 
 ARCHITECTURE = "guardrail.head"
 FORMAT_VERSION = 1
-TOKEN_PREFIX = "token."  # the companion head: tensors "token.*", metadata "guardrail.token.*"
+TOKEN_PREFIX = "token."
+MAX_QUANT_BLOCK = 4096
+MAX_LEXICAL_DIM = 1 << 22
+_STATE_BLOCK = re.compile(r"l_out-(\d+)/([a-z_]+)")  # the companion head: tensors "token.*", metadata "guardrail.token.*"
 
 # Metadata keys (all under "guardrail."); those of one head move under a prefix with ``_key``.
 K_VERSION = "guardrail.format_version"
@@ -269,8 +273,8 @@ def _read_model(fields: _Fields, tensors: _Tensors, n_features: int, path: Path,
                 prefix: str) -> LinearModel | MLPModel:
     kind, hidden = fields.text(_key(K_KIND, prefix)), fields.integer(_key(K_HIDDEN, prefix))
     block = fields.integer(_key(K_QUANT_BLOCK, prefix))
-    if block <= 0:
-        raise HeadError(f"{path} is corrupt: quantisation block size {block}")
+    if not 1 <= block <= MAX_QUANT_BLOCK:  # dequantizing repeats each scale ``block`` times
+        raise HeadError(f"{path} is corrupt: quantisation block size {block} (1 to {MAX_QUANT_BLOCK})")
     head = f"{prefix}head"
     if kind == LinearModel.kind:
         w = _read_matrix(tensors, f"{head}.w", 1, n_features, block)[0]
@@ -301,6 +305,7 @@ def _read_head(fields: _Fields, tensors: _Tensors, path: Path, prefix: str, **sh
     if len(names) != len(dims) or not names or min(dims) <= 0:
         raise HeadError(f"{path} is corrupt: {len(names)} block names for {len(dims)} block dims")
     blocks = tuple(FeatureBlock(n, d) for n, d in zip(names, dims))
+    _check_blocks(blocks, shared["fingerprint"], path)
     scalers = tuple(Standardizer(tensors.get(f"{prefix}block.{i}.mean", (b.dim,)),
                                  tensors.get(f"{prefix}block.{i}.std", (b.dim,)))
                     for i, b in enumerate(blocks))
@@ -314,6 +319,25 @@ def _read_head(fields: _Fields, tensors: _Tensors, path: Path, prefix: str, **sh
         probe_text=fields.text(k(K_PROBE)), lexical=lexical,
         metrics=fields.json_value(k(K_METRICS)), extra=fields.json_value(k(K_EXTRA)), **shared,
     )
+
+
+def _check_blocks(blocks: tuple[FeatureBlock, ...], fingerprint: ModelFingerprint, path: Path) -> None:
+    """Every block is the text (``lexical``) or a state of a layer the base model has, as wide as its states."""
+    for block in blocks:
+        if block.name == LEXICAL:
+            if block.dim > MAX_LEXICAL_DIM:
+                raise HeadError(f"{path} is corrupt: lexical block of {block.dim} features (at most {MAX_LEXICAL_DIM})")
+            continue
+        match = _STATE_BLOCK.fullmatch(block.name)
+        if match is None:
+            raise HeadError(f"{path} asks for feature block {block.name!r}, which is neither 'lexical' nor a layer's "
+                            "state ('l_out-N/pooling')")
+        layer = int(match.group(1))
+        if layer >= fingerprint.n_layer:
+            raise HeadError(f"{path} reads layer {layer}, but its base model has {fingerprint.n_layer} layers")
+        if block.dim != fingerprint.n_embd:
+            raise HeadError(f"{path} is corrupt: block {block.name} has {block.dim} features, "
+                            f"the base model's states have {fingerprint.n_embd}")
 
 
 def _read_companion(fields: _Fields, tensors: _Tensors, path: Path, **shared: Any) -> Head | None:
