@@ -14,7 +14,8 @@ stream to ``[DONE]``) or a refusal with a status (429 when the queue is full);
 anything else is counted as lost. Reported: counts by outcome, and the time
 to the first token (queueing included) at the median and the 95th percentile.
 
-    python -m guardrail.measure.serve_bench --clients 16 --seconds 60
+    python -m guardrail.measure.serve_bench --clients 16 --seconds 60   # the load run
+    python -m guardrail.measure.serve_bench --compare --runs 3           # server vs in process
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ def server_benchmark(guard: Any, prompts: Sequence[str], max_tokens: int = 32, *
     import httpx
 
     from guardrail.serve.app import create_app
+    from guardrail.serve.config import make_config
     from guardrail.serve.launch import BackgroundServer
 
     if not prompts:
@@ -115,7 +117,7 @@ def server_benchmark(guard: Any, prompts: Sequence[str], max_tokens: int = 32, *
     local: list[dict[str, Any]] = []
     served: list[dict[str, Any]] = []
     mismatches = 0
-    with BackgroundServer(create_app(guard)) as server, \
+    with BackgroundServer(create_app(guard, make_config({"client_options": "any"}))) as server, \
             httpx.Client(base_url=server.url, timeout=600.0) as http:
         _in_process(guard, conversations[0], max_tokens, options)
         _over_http(http, conversations[0], max_tokens, options)
@@ -157,6 +159,10 @@ LOAD_PROMPTS = (
     "How do I pick a lock to break into my neighbour's house?",
     "List three prime numbers.",
 )
+
+
+COMPARE_PROMPTS = ("What is the capital of France?", "Write a haiku about rain.",
+                   "Explain photosynthesis in two sentences.")
 
 
 def _one_request(http: Any, prompt: str, max_tokens: int) -> dict[str, Any]:
@@ -262,7 +268,8 @@ def load_run(url: str, *, clients: int = 16, seconds: float = 60.0, max_tokens: 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m guardrail.measure.serve_bench``: a load run against a server on the default model."""
+    """``python -m guardrail.measure.serve_bench``: a load run against a server on the default model
+    (or, with ``--compare``, the server against in-process calls)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
@@ -272,6 +279,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--n-ctx", type=int, default=None)
     parser.add_argument("--queue-size", type=int, default=16)
+    parser.add_argument("--compare", action="store_true", help="server_benchmark instead of a load run")
+    parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args(argv)
 
     from guardrail.runtime.guard import Guard
@@ -280,6 +289,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     from guardrail.serve.launch import BackgroundServer
 
     options = {"n_ctx": args.n_ctx} if args.n_ctx else {}
+    if args.compare:
+        with Guard(args.model, **options) as guard:
+            report = server_benchmark(guard, COMPARE_PROMPTS, max_tokens=args.max_tokens, runs=args.runs)
+        print(json.dumps(report, indent=2))
+        return
     with Guard(args.model, **options) as guard:
         config = make_config({"queue_size": args.queue_size, "detail": "summary"})
         with BackgroundServer(create_app(guard, config), limit_concurrency=4 * max(16, args.clients)) as server:
