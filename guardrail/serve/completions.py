@@ -138,7 +138,7 @@ async def _answer(ctx: ServerContext, request: Request, body: CommonRequest, sta
     config = ctx.config
     if body.stream:
         chunks = Chunks(ctx.model_name, chat=chat, detail=config.detail, ident=rid, created=created)
-        events = sse_chunks(slot, chunks, first, include_usage=body.include_usage(), rid=rid)
+        events = sse_chunks(slot, chunks, first, include_usage=body.include_usage())
         return GenerationStream(events, slot, rid, send_timeout=config.send_timeout_s)
     try:
         batch = first

@@ -20,6 +20,12 @@ class HeadLike(Protocol):
     tau: int
 
 
+class OptionsLike(Protocol):
+    """The runtime's guard options: ``updated`` is its validation (raises OptionsError)."""
+
+    def updated(self, **changes: Any) -> Any: ...
+
+
 class VerdictLike(Protocol):
     """``Guard.score``'s answer: the first check's probability and verdict."""
 
@@ -32,8 +38,8 @@ class VerdictLike(Protocol):
 class GuardLike(Protocol):
     """One model under one head, running one generation at a time."""
 
-    head: Any  # HeadLike: .threshold, .tau
-    options: Any  # the runtime's guard options: ``.updated(**changes)`` validates a request's
+    head: HeadLike
+    options: OptionsLike
 
     @property
     def model_name(self) -> str: ...

@@ -78,8 +78,8 @@ def dumps(obj: Any) -> str:
     return json.dumps(safe(obj), separators=(",", ":"), allow_nan=False)
 
 
-async def sse_chunks(slot: Slot, chunks: Chunks, first: list[Event], *, include_usage: bool,
-                     rid: str) -> AsyncIterator[dict[str, str]]:
+async def sse_chunks(slot: Slot, chunks: Chunks, first: list[Event], *,
+                     include_usage: bool) -> AsyncIterator[dict[str, str]]:
     """The SSE events of one streamed answer; the generation is released however it ends."""
     try:
         for chunk in chunks.start():
