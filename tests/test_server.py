@@ -203,7 +203,7 @@ def test_the_operators_guard_is_the_baseline_for_stricter():
 BAD_OPTIONS = [({"policy": "nope"}, "guardrail.policy"), ({"threshold": 2.0}, "guardrail.threshold"),
                ({"threshold": "0.5"}, "guardrail.threshold"), ({"tau": 0}, "guardrail.tau"),
                ({"tau": True}, "guardrail.tau"), ({"schedule": "sometimes"}, "guardrail.schedule"),
-               ({"treshold": 0.5}, "guardrail.treshold")]
+               ({"treshold": 0.5}, "guardrail.treshold"), ({"window": 5}, "guardrail.window")]
 
 
 @pytest.mark.parametrize("options,param", BAD_OPTIONS, ids=[p + repr(o) for o, p in BAD_OPTIONS])

@@ -19,7 +19,11 @@ SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat
 #: how far a client may move each guard option in its request's ``guardrail`` object:
 #: ``any`` value, only ``stricter`` ones (equal counts), or ``none`` (a 403 if it differs)
 RULES = ("any", "stricter", "none")
-OPTION_KEYS = ("policy", "threshold", "tau", "schedule", "opener", "r1", "r2", "r3")
+#: the guard options a request may name, with their JSON types (the runtime checks the values)
+OPTION_TYPES: Mapping[str, tuple[type, ...]] = MappingProxyType({
+    "policy": (str,), "schedule": (str,), "threshold": (int, float), "tau": (int,), "opener": (str,),
+    "r1": (int,), "r2": (int,), "r3": (int,)})
+OPTION_KEYS = tuple(OPTION_TYPES)
 STRICTER = MappingProxyType({"policy": "stricter", "threshold": "stricter", "tau": "stricter"})
 
 

@@ -13,13 +13,9 @@ from typing import Any
 from guardrail.errors import OptionsError
 from guardrail.runtime.policy import POLICIES
 
+from .config import OPTION_TYPES
 from .errors import APIError, bad_request
 
-# JSON types of the options a client may name (the runtime checks the values themselves)
-_JSON_TYPES: dict[str, tuple[type, ...]] = {
-    "policy": (str,), "schedule": (str,), "threshold": (int, float), "tau": (int,), "opener": (str,),
-    "r1": (int,), "r2": (int,), "r3": (int,),
-}
 # policies from the most lenient to the strictest: monitor never acts, halt stops at once
 _POLICY_RANK = {"monitor": 0, "refuse": 1, "halt": 2}
 assert set(_POLICY_RANK) == set(POLICIES), "rank every policy the runtime knows"
@@ -58,8 +54,11 @@ def request_options(given: Mapping[str, Any] | None, guard: Any, rules: Mapping[
         return {}
     base = guard.options
     for key, value in given.items():
-        types = _JSON_TYPES.get(key)
-        if types is not None and (isinstance(value, bool) or not isinstance(value, types)):
+        types = OPTION_TYPES.get(key)
+        if types is None:
+            raise bad_request(f"Invalid request: guardrail.{key}: unknown guard option; a request may name "
+                              f"{', '.join(OPTION_TYPES)}", param=f"guardrail.{key}")
+        if isinstance(value, bool) or not isinstance(value, types):
             raise bad_request(f"Invalid request: guardrail.{key}: expected {' or '.join(t.__name__ for t in types)}",
                               param=f"guardrail.{key}", code="invalid_type")
         try:
