@@ -75,7 +75,11 @@ class StopHoldBack:
 
 
 def dumps(obj: Any) -> str:
-    return json.dumps(safe(obj), separators=(",", ":"), allow_nan=False)
+    """Compact JSON; NaN/inf as null and numpy values as Python ones (only walked when needed)."""
+    try:
+        return json.dumps(obj, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError):
+        return json.dumps(safe(obj), separators=(",", ":"), allow_nan=False)
 
 
 async def sse_chunks(slot: Slot, chunks: Chunks, first: list[Event], *,
