@@ -18,10 +18,7 @@ from dataclasses import dataclass
 
 from guardrail.errors import ContextError, ContextOverflowError
 from guardrail.runtime.events import CheckEvent, DoneEvent, InterventionEvent, QueryEvent, TokenEvent
-try:  # where the runtime keeps its option validation
-    from guardrail.runtime.options import GuardOptions
-except ImportError:
-    from guardrail.runtime.guard import GuardOptions
+from guardrail.runtime.options import GuardOptions
 
 REFUSAL = "Sorry, I cannot fulfill your request because it could cause harm."
 HALT = "Sorry, I can't help with that."

@@ -33,28 +33,11 @@ def _verdict(guard: Any, text: str) -> tuple[float, bool]:
     if not text.strip():
         return 0.0, False
     messages = [{"role": "user", "content": text}]
-    verdict = guard.score(messages) if hasattr(guard, "score") else _first_check(guard, messages)
+    verdict = guard.score(messages)
     risk = float(verdict.risk)
     if not math.isfinite(risk):
         return 1.0, True
     return risk, bool(verdict.malicious)
-
-
-class _Verdict:
-    def __init__(self, risk: float, malicious: bool):
-        self.risk, self.malicious = risk, malicious
-
-
-def _first_check(guard: Any, messages: list[dict[str, str]]) -> _Verdict:
-    """Until every Guard has ``score``: its first check, read from a generation of no tokens."""
-    events = guard.chat(messages, max_tokens=0, policy="monitor")
-    try:
-        for event in events:
-            if getattr(event, "type", None) == "check":
-                return _Verdict(float(event.risk), bool(event.malicious))
-    finally:
-        events.close()
-    raise RuntimeError("the guard ran no check")
 
 
 async def moderate(ctx: ServerContext, body: ModerationRequest, request: Request) -> Response:
