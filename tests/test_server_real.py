@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from serving import openai_client, served
+from serving import openai_client, served, wait_for
 
 from guardrail.runtime.shapes import chat_chunks
 
@@ -64,7 +64,9 @@ def test_the_server_answers_and_streams_exactly_as_the_library(real_client, real
     r = real_client.chat.completions.create(model="m", messages=_user(BENIGN), max_tokens=16)
     served_chunks = [c.model_dump(exclude_unset=True) for c in real_client.chat.completions.create(
         model="m", messages=_user(BENIGN), max_tokens=16, stream=True)]
-    # the server is idle now, so the guard is free for in-process calls
+    # the server closes a finished generation on its worker right after the response: wait for it,
+    # then the guard is free for in-process calls
+    assert wait_for(lambda: not real_guard.busy, timeout=10)
     lib = real_guard.create_chat_completion(_user(BENIGN), max_tokens=16, temperature=0.0)
     assert r.choices[0].message.content == lib["choices"][0]["message"]["content"]
     assert r.choices[0].finish_reason == lib["choices"][0]["finish_reason"]
@@ -159,3 +161,19 @@ def test_the_serve_command_runs_the_operators_server(model_path, tmp_path):
     assert process.returncode == 0, out
     assert "Traceback" not in out
     assert audit.read_text().count('"action": "refuse"') + audit.read_text().count('"action": "insert"') == 1
+
+
+def test_the_score_command_prints_the_first_checks_verdict(model_path):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+
+    def score(*args):
+        return subprocess.run([sys.executable, "-m", "cli", "score", "--model", str(model_path), *args], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=300)
+
+    harmful, benign = score(HARMFUL), score(BENIGN)
+    assert harmful.returncode == 0 and benign.returncode == 0, harmful.stderr + benign.stderr
+    risk, verdict = harmful.stdout.split("\t")
+    assert verdict.startswith("malicious (threshold") and 0.0 <= float(risk) <= 1.0
+    assert benign.stdout.split("\t")[1].startswith("benign")
+    strict = score("--threshold", "0.0", BENIGN)  # every risk is at least 0
+    assert strict.stdout.split("\t")[1].startswith("malicious (threshold 0.0000)")
