@@ -135,7 +135,7 @@ class StreamState:
             self.checks += 1
             if event.index == 0:
                 self.query_risk, self.query_malicious = event.risk, event.malicious
-            if event.signal == "probe" and event.index:  # the token signal is already the colour
+            if event.index and (event.signal == "probe" or event.malicious):  # every-step checks: only alarms
                 self.pieces.append(("▏", "bold red" if event.malicious else "green"))
         elif kind == "intervention":
             self.intervention = f"{event.action} at token {event.index}: {event.reason}"
