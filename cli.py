@@ -197,17 +197,26 @@ def data() -> None:
 
 
 @data.command("build")
+@click.option("--preset", type=click.Choice(["default-v1", "capped-v2", "full-v2"]), default="default-v1",
+              show_default=True, help="the recipe: default-v1 (200 requests/source, what the shipped heads saw), "
+              "capped-v2 (the same plus the attack families), full-v2 (everything the sources hold)")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="output directory (default: the cache's default dataset)")
-@click.option("--max-per-source", type=click.IntRange(min=10), default=200, show_default=True,
-              help="requests kept per source (derived examples scale with it)")
-def data_build(out: str | None, max_per_source: int) -> None:
+              help="output directory (default: the cache's directory named for the preset)")
+@click.option("--max-per-source", type=click.IntRange(min=10), default=None,
+              help="requests kept per source, the default-v1 recipe scaled to it (derived examples scale with it)")
+def data_build(preset: str, out: str | None, max_per_source: int | None) -> None:
     """Fetch every source, de-duplicate, augment, split by hash: train/val/test JSONL + manifest."""
     from pathlib import Path
 
+    from guardrail.artifacts.wheels import cache_dir
+    from guardrail.training.data.build import build_preset
     from guardrail.training.pipeline import default_data_dir, ensure_dataset
 
-    path = ensure_dataset(Path(out) if out else default_data_dir(), max_per_source=max_per_source)
+    if max_per_source is not None:
+        path = ensure_dataset(Path(out) if out else default_data_dir(), max_per_source=max_per_source)
+    else:
+        path = Path(out) if out else cache_dir() / "data" / preset
+        build_preset(path, preset)
     click.echo(str(path))
 
 

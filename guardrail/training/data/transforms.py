@@ -9,8 +9,8 @@ itself a signal of harm, and the attack suites measure over-refusal on it.
 
 Some forms are held out: training never uses them (``TRAIN_FORMS`` excludes
 them), only the attack suites do, so the suites' report separates the forms the
-head saw in training from ones it never saw. Held out: ``base64``,
-``reversed``, ``persona:dialogue``, ``persona:manual``, ``persona:sage``,
+head saw in training from ones it never saw. Held out: ``obfuscation:base64``,
+``obfuscation:reversed``, ``persona:dialogue``, ``persona:manual``, ``persona:sage``,
 ``multiturn:late`` (harm in turn 3 after two benign exchanges of the held-out
 filler), ``spread:variables``. Other languages are a suite fixture only
 (``guardrail.measure.suites``), never training data.
@@ -232,7 +232,7 @@ class Form:
 
 
 def _forms() -> dict[str, Form]:
-    forms = [Form("obfuscation", kind, kind in ("base64", "reversed"),
+    forms = [Form("obfuscation", f"obfuscation:{kind}", kind in ("base64", "reversed"),
                   lambda r, s, k=kind: obfuscate(r, k, s)) for kind in _OBFUSCATIONS]
     forms += [Form("persona", f"persona:{name}", name in ("sage", "dialogue", "manual"),
                    lambda r, s, n=name: persona(r, n, s)) for name in PERSONAS]
