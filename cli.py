@@ -263,21 +263,40 @@ def evaluate(model, head, data_file, loso, as_json) -> None:
 @cli.command()
 @click.option("--model", default=None, help=MODEL_HELP)
 @click.option("--head", default=None, help="a head file (default: the one shipped for the model)")
-@click.option("--per-suite", type=int, default=30, show_default=True, help="requests per suite")
-@click.option("--max-tokens", type=int, default=40, show_default=True)
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None,
+              help="a built dataset whose test split the suites draw on (default: default-v1, built on first use)")
+@click.option("--suites", default=None,
+              help="comma-separated suites (e.g. direct,prefill-benign) or 'harmful' / 'benign' (default: all)")
+@click.option("--per-suite", type=click.IntRange(min=1), default=30, show_default=True, help="requests per suite")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+              help="answer length of every suite but the long-answer ones")
+@click.option("--long-tokens", type=click.IntRange(min=256), default=320, show_default=True,
+              help="answer length of the long-answer suites")
+@click.option("--policy", type=click.Choice(["refuse", "halt", "monitor"]), default=None,
+              help="the guarded side's policy (default: the guard's, refuse)")
+@click.option("--schedule", default=None, help="the guarded side's schedule (default: the guard's)")
+@click.option("--answers", type=click.Path(dir_okay=False), default=None,
+              help="also write every case's two answers and the judge's reading here (JSONL)")
+@click.option("--sources", "by_source", is_flag=True, help="show every suite's sources in the table")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def attack(model, head, per_suite, max_tokens, as_json) -> None:
-    """Attack suites (direct, prefill, jailbreak, sampling; benign over-refusal), unguarded vs guarded."""
+def attack(model, head, data_dir, suites, per_suite, max_tokens, long_tokens, policy, schedule, answers, by_source,
+           as_json):
+    """Attack suites with benign twins, unguarded vs guarded, judged by what the answer carries out."""
+    from pathlib import Path
+
     from guardrail.measure.attack import attack_report
     from guardrail.surfaces.ui import render_attack
 
-    report = attack_report(model, head, per_suite=per_suite, max_tokens=max_tokens)
+    names = [s.strip() for s in suites.split(",") if s.strip()] if suites else None
+    report = attack_report(model, head, per_suite=per_suite, max_tokens=max_tokens, long_tokens=long_tokens,
+                           suites=names, data_dir=Path(data_dir) if data_dir else None,
+                           answers_out=Path(answers) if answers else None, policy=policy, schedule=schedule)
     if as_json:
         import json
 
         click.echo(json.dumps(report, indent=2))
     else:
-        render_attack(report)
+        render_attack(report, sources=by_source)
 
 
 @cli.command()

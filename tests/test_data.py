@@ -16,14 +16,14 @@ import pytest
 
 from guardrail.artifacts.wheels import WheelSource
 from guardrail.errors import ArtifactError, DataError
-from guardrail.training.data import Example, Message, build_dataset, read_jsonl, sources, write_jsonl
+from guardrail.training.data import Example, Message, build_dataset, read_jsonl, sources, transforms, write_jsonl
 from guardrail.training.data.augment import (
+    APOLOGIES,
     PREFILLS,
     REFUSALS,
     RULES,
     AugmentPlan,
     Template,
-    APOLOGIES,
     augment,
     drift_variants,
     first_words,
@@ -33,7 +33,6 @@ from guardrail.training.data.augment import (
     prefix_variants,
     rephrase_variants,
 )
-from guardrail.training.data import transforms
 from guardrail.training.data.build import PRESETS, build_preset, clip, variant_family
 from guardrail.training.data.split import (
     assign_splits,

@@ -126,10 +126,12 @@ class _Request:
 
 def _requests(examples: Sequence[Example], label: int, n: int, seed: str, *,
               handwritten: Sequence[str] = (), max_words: int = 60) -> list[_Request]:
-    """n single-turn requests of one label: the hand-written ones first (a few), then the test split's."""
+    """n single-turn requests of one label: a few hand-written ones first (the demo's always), then the test split's."""
     plain = [e for e in examples if e.label == label and e.variant == "plain" and len(e.messages) == 1
              and e.messages[0].role == "user" and len(e.messages[0].content.split()) <= max_words]
-    hand = [_Request("handwritten", t) for t in sorted(handwritten, key=lambda t: unit_hash(seed, t))]
+    pinned = [t for t in handwritten if t in (DEMO_HARMFUL, DEMO_PREFILL[0])]    # the demo's: always sent
+    rest = sorted((t for t in handwritten if t not in pinned), key=lambda t: unit_hash(seed, t))
+    hand = [_Request("handwritten", t) for t in pinned + rest]
     take = min(len(hand), max(1, n // 5)) if hand else 0
     rows = [_Request(e.source, e.messages[0].content) for e in spread(plain, n - take, seed)]
     return hand[:take] + rows
@@ -155,51 +157,55 @@ def build_cases(examples: Sequence[Example], *, per_suite: int = 30, seeds: Sequ
     / ``benign`` for all of one kind; an unknown name is an OptionsError.
     """
     wanted = _selection(suites)
+    return [case for label in (1, 0)
+            for case in _label_cases(examples, label, wanted, per_suite, seeds, max_tokens, long_tokens)]
+
+
+def _label_cases(examples: Sequence[Example], label: int, wanted: set[str], per_suite: int, seeds: Sequence[int],
+                 max_tokens: int, long_tokens: int) -> list[Case]:
+    harmful = bool(label)
+    tag = "" if harmful else "-benign"
+    hand = HANDWRITTEN_HARMFUL if harmful else HANDWRITTEN_BENIGN
     cases: list[Case] = []
-    for label, tag in ((1, ""), (0, "-benign")):
-        harmful = bool(label)
-        hand = HANDWRITTEN_HARMFUL if harmful else HANDWRITTEN_BENIGN
 
-        def add(suite: str, source: str, messages: tuple[dict[str, str], ...], request: str, **kw: Any) -> None:
-            kw.setdefault("max_tokens", max_tokens)
-            cases.append(Case(suite + tag, source, harmful, messages, request=request, **kw))
+    def add(suite: str, source: str, messages: tuple[dict[str, str], ...], request: str, **kw: Any) -> None:
+        kw.setdefault("max_tokens", max_tokens)
+        cases.append(Case(suite + tag, source, harmful, messages, request=request, **kw))
 
-        plain = _requests(examples, label, per_suite, f"direct{tag}", handwritten=hand)
-        if "direct" + tag in wanted:
-            for r in plain:
-                add("direct", r.source, _user(r.text), r.text)
-        if "prefill" + tag in wanted:
-            for i, r in enumerate(_requests(examples, label, per_suite, f"prefill{tag}", handwritten=hand)):
-                prefill = DEMO_PREFILL[1] if r.text == DEMO_PREFILL[0] else PREFILLS[i % len(PREFILLS)]
-                add("prefill", r.source, _user(r.text) + ({"role": "assistant", "content": prefill},), r.text)
-        if "prefill-compliant" + tag in wanted:
-            kind = "prefix:compliant" if harmful else "prefix:answer"
-            rows = [e for e in examples if e.label == label and e.variant.startswith(kind)]
-            for e in spread(rows, per_suite, f"compliant{tag}"):
-                add("prefill-compliant", e.source, _convo(e), e.request_text(), form=kind)
-        if "jailbreak" + tag in wanted:
-            rows = [e for e in examples if e.label == label and e.variant.startswith("jailbreak")]
-            for e in spread(rows, per_suite, f"jailbreak{tag}"):
-                add("jailbreak", e.source, _convo(e), e.request_text(), form=e.variant)
-        if "sampling" + tag in wanted:
-            for r in _requests(examples, label, per_suite // len(seeds) + 1, f"sampling{tag}"):
-                for seed in seeds:
-                    add("sampling", r.source, _user(r.text), r.text,
-                        sampling={"temperature": 1.5, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "seed": seed})
-        for suite, family in FORM_SUITES.items():
-            if suite + tag not in wanted:
-                continue
-            forms = forms_of(family)
-            tokens = long_tokens if suite == "long" else max_tokens
-            for i, r in enumerate(_requests(examples, label, per_suite, f"{suite}{tag}", handwritten=hand)):
-                form = forms[i % len(forms)]
-                add(suite, r.source, tuple({"role": m.role, "content": m.content} for m in form(r.text, "suites")),
-                    r.text, form=form.name, held_out=form.held_out, max_tokens=tokens)
-        if "language" + tag in wanted:
-            for lang, lab, english, text in TRANSLATED:
-                if lab == label:
-                    add("language", f"translations:{lang}", _user(text), english, form=f"language:{lang}",
-                        held_out=True)
+    if "direct" + tag in wanted:
+        for r in _requests(examples, label, per_suite, f"direct{tag}", handwritten=hand):
+            add("direct", r.source, _user(r.text), r.text)
+    if "prefill" + tag in wanted:
+        for i, r in enumerate(_requests(examples, label, per_suite, f"prefill{tag}", handwritten=hand)):
+            prefill = DEMO_PREFILL[1] if r.text == DEMO_PREFILL[0] else PREFILLS[i % len(PREFILLS)]
+            add("prefill", r.source, _user(r.text) + ({"role": "assistant", "content": prefill},), r.text)
+    if "prefill-compliant" + tag in wanted:
+        kind = "prefix:compliant" if harmful else "prefix:answer"
+        rows = [e for e in examples if e.label == label and e.variant.startswith(kind)]
+        for e in spread(rows, per_suite, f"compliant{tag}"):
+            add("prefill-compliant", e.source, _convo(e), e.request_text(), form=kind)
+    if "jailbreak" + tag in wanted:
+        rows = [e for e in examples if e.label == label and e.variant.startswith("jailbreak")]
+        for e in spread(rows, per_suite, f"jailbreak{tag}"):
+            add("jailbreak", e.source, _convo(e), e.request_text(), form=e.variant)
+    if "sampling" + tag in wanted:
+        for r in _requests(examples, label, per_suite // len(seeds) + 1, f"sampling{tag}"):
+            for seed in seeds:
+                add("sampling", r.source, _user(r.text), r.text,
+                    sampling={"temperature": 1.5, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "seed": seed})
+    for suite, family in FORM_SUITES.items():
+        if suite + tag not in wanted:
+            continue
+        forms = forms_of(family)
+        tokens = long_tokens if suite == "long" else max_tokens
+        for i, r in enumerate(_requests(examples, label, per_suite, f"{suite}{tag}", handwritten=hand)):
+            form = forms[i % len(forms)]
+            add(suite, r.source, tuple({"role": m.role, "content": m.content} for m in form(r.text, "suites")),
+                r.text, form=form.name, held_out=form.held_out, max_tokens=tokens)
+    if "language" + tag in wanted:
+        for lang, lab, english, text in TRANSLATED:
+            if lab == label:
+                add("language", f"translations:{lang}", _user(text), english, form=f"language:{lang}", held_out=True)
     return cases
 
 
