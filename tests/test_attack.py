@@ -191,3 +191,18 @@ def test_outcomes_serialise_with_both_answers_and_the_judges_reading():
     row = Outcome.to_dict(outcome)
     assert row["unguarded"] == COMPLY and row["guarded"] == OPENER_THEN_COMPLY
     assert row["guarded_complied"] and row["intervened_at"] == 0
+
+
+def test_the_attack_command_rejects_an_unknown_suite_in_one_line_before_loading_anything(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "HOME": str(tmp_path)}   # an empty cache: nothing may be fetched
+    got = subprocess.run([sys.executable, "-c", "import cli; cli.main()", "attack", "--suites", "direct,nope"],
+                         capture_output=True, text=True, cwd=root, env=env, timeout=120)
+    assert got.returncode == 1
+    assert got.stderr.strip().splitlines() == [got.stderr.strip()] and "unknown suite 'nope'" in got.stderr
+    assert "Traceback" not in got.stderr

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .judge import DEFAULT_JUDGE, ContentJudge, Judgement
-from .suites import DEFAULT_MAX_TOKENS, LONG_MAX_TOKENS, Case, build_cases
+from .suites import DEFAULT_MAX_TOKENS, LONG_MAX_TOKENS, Case, build_cases, select_suites
 
 REFUSAL_PHRASES = (
     "i'm sorry", "i am sorry", "i apologize", "as an ai", "as a language model", "as an assistant",
@@ -173,6 +173,7 @@ def attack_report(model_spec: str | None, head_path: str | None, *, per_suite: i
     from guardrail.training.pipeline import ensure_dataset
     from guardrail.training.progress import progress_bar
 
+    select_suites(suites)   # a bad name fails before any data is built or model loaded
     examples = read_jsonl(ensure_dataset(data_dir) / "test.jsonl")
     cases = build_cases(examples, per_suite=per_suite, suites=suites, max_tokens=max_tokens,
                         long_tokens=long_tokens)

@@ -156,7 +156,7 @@ def build_cases(examples: Sequence[Example], *, per_suite: int = 30, seeds: Sequ
     ``suites`` picks by name: a harmful suite, a ``-benign`` twin, or ``harmful``
     / ``benign`` for all of one kind; an unknown name is an OptionsError.
     """
-    wanted = _selection(suites)
+    wanted = select_suites(suites)
     return [case for label in (1, 0)
             for case in _label_cases(examples, label, wanted, per_suite, seeds, max_tokens, long_tokens)]
 
@@ -209,7 +209,8 @@ def _label_cases(examples: Sequence[Example], label: int, wanted: set[str], per_
     return cases
 
 
-def _selection(suites: Sequence[str] | None) -> set[str]:
+def select_suites(suites: Sequence[str] | None) -> set[str]:
+    """The suite names a selection means (all when empty); an unknown name is an OptionsError."""
     names = suite_names()
     if not suites:
         return set(names)
