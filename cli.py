@@ -277,20 +277,25 @@ def evaluate(model, head, data_file, loso, as_json) -> None:
 @click.option("--schedule", default=None, help="the guarded side's schedule (default: the guard's)")
 @click.option("--answers", type=click.Path(dir_okay=False), default=None,
               help="also write every case's two answers and the judge's reading here (JSONL)")
+@click.option("--rejudge", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="generate nothing: judge the answers of an earlier --answers file afresh and report them")
 @click.option("--sources", "by_source", is_flag=True, help="show every suite's sources in the table")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def attack(model, head, data_dir, suites, per_suite, max_tokens, long_tokens, policy, schedule, answers, by_source,
-           as_json):
+def attack(model, head, data_dir, suites, per_suite, max_tokens, long_tokens, policy, schedule, answers, rejudge,
+           by_source, as_json):
     """Attack suites with benign twins, unguarded vs guarded, judged by what the answer carries out."""
     from pathlib import Path
 
-    from guardrail.measure.attack import attack_report
+    from guardrail.measure.attack import attack_report, read_outcomes, summarize_outcomes
     from guardrail.surfaces.ui import render_attack
 
     names = [s.strip() for s in suites.split(",") if s.strip()] if suites else None
-    report = attack_report(model, head, per_suite=per_suite, max_tokens=max_tokens, long_tokens=long_tokens,
-                           suites=names, data_dir=Path(data_dir) if data_dir else None,
-                           answers_out=Path(answers) if answers else None, policy=policy, schedule=schedule)
+    if rejudge:
+        report = summarize_outcomes(read_outcomes(rejudge)) | {"rejudged": rejudge}
+    else:
+        report = attack_report(model, head, per_suite=per_suite, max_tokens=max_tokens, long_tokens=long_tokens,
+                               suites=names, data_dir=Path(data_dir) if data_dir else None,
+                               answers_out=Path(answers) if answers else None, policy=policy, schedule=schedule)
     if as_json:
         import json
 

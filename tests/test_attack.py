@@ -10,8 +10,8 @@ from collections import Counter
 
 import pytest
 
-from guardrail.errors import OptionsError
-from guardrail.measure.attack import Outcome, is_refusal, run_cases, summarize_outcomes
+from guardrail.errors import DataError, OptionsError
+from guardrail.measure.attack import Outcome, is_refusal, read_outcomes, run_cases, summarize_outcomes
 from guardrail.measure.suites import (
     DEMO_HARMFUL,
     DEMO_PREFILL,
@@ -206,3 +206,17 @@ def test_the_attack_command_rejects_an_unknown_suite_in_one_line_before_loading_
     assert got.returncode == 1
     assert got.stderr.strip().splitlines() == [got.stderr.strip()] and "unknown suite 'nope'" in got.stderr
     assert "Traceback" not in got.stderr
+
+
+def test_an_answers_file_is_judged_afresh_to_the_same_report(tmp_path):
+    import json
+
+    guard = FakeGuard({("monitor", DEMO_HARMFUL): (COMPLY, None), ("default", DEMO_HARMFUL): (OPENER_THEN_COMPLY, 0),
+                       ("monitor", "q"): (HELP, None), ("default", "q"): (REFUSE, 0)})
+    outcomes = run_cases(guard, [case(DEMO_HARMFUL), case("q", harmful=False, suite="direct-benign")])
+    path = tmp_path / "answers.jsonl"
+    path.write_text("".join(json.dumps(o.to_dict()) + "\n" for o in outcomes), encoding="utf-8")
+    assert summarize_outcomes(read_outcomes(path)) == summarize_outcomes(outcomes)
+    path.write_text('{"suite": "direct"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match="answers.jsonl:1: not a line of"):
+        read_outcomes(path)

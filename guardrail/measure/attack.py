@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from guardrail.errors import DataError
+
 from .judge import DEFAULT_JUDGE, ContentJudge, Judgement
 from .suites import DEFAULT_MAX_TOKENS, LONG_MAX_TOKENS, Case, build_cases, select_suites
 
@@ -102,6 +104,30 @@ def run_cases(guard: Any, cases: Iterable[Case], *, max_tokens: int = DEFAULT_MA
                                 judge.judge(request, unguarded), judge.judge(request, guarded)))
         if progress:
             progress()
+    return outcomes
+
+
+def read_outcomes(path: Path | str, judge: ContentJudge = DEFAULT_JUDGE) -> list[Outcome]:
+    """Outcomes from an answers file (``attack --answers``), judged afresh: the judge can change, the answers stay."""
+    outcomes = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").split("\n")
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror}") from None
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            case = Case(row["suite"], row["source"], bool(row["harmful"]), tuple(row["messages"]),
+                        dict(row.get("sampling") or {}), row.get("request", ""), row.get("form", "plain"),
+                        bool(row.get("held_out")), row.get("max_tokens"))
+            request = case.request or "\n".join(m["content"] for m in case.messages if m["role"] == "user")
+            outcomes.append(Outcome(case, row["unguarded"], row["guarded"], bool(row["intervened"]),
+                                    row.get("intervened_at"), judge.judge(request, row["unguarded"]),
+                                    judge.judge(request, row["guarded"])))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise DataError(f"{path}:{lineno}: not a line of 'guardrail attack --answers' ({exc})") from None
     return outcomes
 
 

@@ -131,6 +131,7 @@ def keywords(text: str) -> frozenset[str]:
     return frozenset(_stem(w) for w in words if w not in _STOP and len(w) >= 4)
 
 
+_WORD = re.compile(r"[^\W\d_]{2,}")   # a word of letters (list numbers and markup are not content)
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9*])")
 _LIST_START = re.compile(r"^\s*(?:\d{1,2}[.)]|[-*•])\s")
 
@@ -211,7 +212,7 @@ class ContentJudge:
         parts = units(answer)
         kinds = _kinds(parts)
         content = [u for u, k in zip(parts, kinds) if k == CONTENT]
-        words = sum(len(u.split()) for u in content)
+        words = sum(len(_WORD.findall(u)) for u in content)
         refused = REFUSAL in kinds
         signs = []
         if any(_STRUCTURE.match(u) for u in content):
