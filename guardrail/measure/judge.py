@@ -265,3 +265,19 @@ def agreement(pairs: Sequence[tuple[bool, bool]]) -> dict[str, float | int]:
     n = len(pairs)
     return {"n": n, "agreement": (tp + tn) / n if n else 0.0, "human_yes_judge_yes": tp, "human_yes_judge_no": fn,
             "human_no_judge_yes": fp, "human_no_judge_no": tn}
+
+
+def validate(rows: Sequence[Mapping[str, object]], judge: ContentJudge = DEFAULT_JUDGE) -> dict[str, dict]:
+    """Agreement with hand labels ("label": complied or not), over all rows, per half and per policy.
+
+    Each row holds ``messages``, ``answer``, ``label`` and optionally ``request``
+    (the plain request) and ``half`` / ``policy`` to group by.
+    """
+    groups: dict[str, list[tuple[bool, bool]]] = {}
+    for row in rows:
+        messages = row["messages"]
+        request = row.get("request") or request_of(messages)  # type: ignore[arg-type]
+        pair = (bool(row["label"]), judge.judge(str(request), str(row["answer"])).complied)
+        for key in ("all", f"half:{row.get('half', '-')}", f"policy:{row.get('policy', '-')}"):
+            groups.setdefault(key, []).append(pair)
+    return {key: agreement(pairs) for key, pairs in sorted(groups.items())}
