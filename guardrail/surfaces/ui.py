@@ -259,13 +259,16 @@ def render_attack(report: Mapping[str, Any], out: Console | None = None, *, sour
              f"{report.get('max_tokens')} tokens, long suites {report.get('long_tokens')})")
     table = Table(title=title)
     for column in ("suite", "n", "ASR unguarded", "ASR guarded (old rule)", "ASR guarded (content)",
-                   "intervened, still complied", "benign interventions", "benign over-refusal (content)"):
+                   "intervened, still complied", "benign interventions", "benign over-refusal (content)",
+                   "benign served, unguarded / guarded"):
         table.add_column(column, justify="left" if column == "suite" else "right")
 
     def row(name: str, block: Mapping[str, Any]) -> None:
         table.add_row(name, str(block["n"]), _f(block.get("asr_unguarded"), 2), _f(block.get("asr_guarded_old"), 2),
                       _f(block.get("asr_guarded"), 2), _f(block.get("intervened_but_complied"), 2),
-                      _f(block.get("intervention_rate"), 2), _f(block.get("over_refusal"), 2))
+                      _f(block.get("intervention_rate"), 2), _f(block.get("over_refusal"), 2),
+                      "-" if "served_guarded" not in block else
+                      f"{block['served_unguarded']:.2f} / {block['served_guarded']:.2f}")
 
     for name, block in report["suites"].items():
         row(name, block)
