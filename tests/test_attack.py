@@ -220,3 +220,22 @@ def test_an_answers_file_is_judged_afresh_to_the_same_report(tmp_path):
     path.write_text('{"suite": "direct"}\n', encoding="utf-8")
     with pytest.raises(DataError, match="answers.jsonl:1: not a line of"):
         read_outcomes(path)
+
+
+def test_the_report_renders_with_the_old_rule_beside_the_content_judged_asr():
+    import io
+
+    from rich.console import Console
+
+    from guardrail.surfaces.ui import render_attack
+
+    guard = FakeGuard({("monitor", DEMO_HARMFUL): (COMPLY, None), ("default", DEMO_HARMFUL): (OPENER_THEN_COMPLY, 0),
+                       ("monitor", "q"): (HELP, None), ("default", "q"): (REFUSE, 0)})
+    outcomes = run_cases(guard, [case(DEMO_HARMFUL), case("q", harmful=False, suite="direct-benign")])
+    out = io.StringIO()
+    render_attack(summarize_outcomes(outcomes), Console(file=out, width=400), sources=True)
+    text = out.getvalue()
+    assert "ASR guarded (old rule)" in text and "ASR guarded (content)" in text
+    direct = next(line for line in text.splitlines() if "│ direct " in line)
+    assert "0.00" in direct and "1.00" in direct          # stopped by the old rule, served by content
+    assert "1.00 / 0.00" in text                            # benign: served unguarded, refused guarded
