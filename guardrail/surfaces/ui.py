@@ -280,8 +280,10 @@ def render_training(head: Any, out: Console | None = None) -> None:
 def render_attack(report: Mapping[str, Any], out: Console | None = None, *, sources: bool = False) -> None:
     """The attack suites judged by content: ASR unguarded, by the old rule and by content; benign over-refusal."""
     out = out or console
-    title = (f"attack suites (policy {report.get('policy')}, schedule {report.get('schedule')}, "
-             f"{report.get('max_tokens')} tokens, long suites {report.get('long_tokens')})")
+    settings = [f"{label} {report[key]}" for key, label in (("policy", "policy"), ("schedule", "schedule"),
+                                                             ("max_tokens", "tokens"), ("long_tokens", "long suites"))
+                if report.get(key) is not None]
+    title = "attack suites" + (f" ({', '.join(settings)})" if settings else "")
     table = Table(title=title)
     for column in ("suite", "n", "ASR unguarded", "ASR guarded (old rule)", "ASR guarded (content)",
                    "intervened, still complied", "benign interventions", "benign over-refusal (content)",
@@ -306,12 +308,15 @@ def render_attack(report: Mapping[str, Any], out: Console | None = None, *, sour
     out.print(table)
     pooled = report.get("forms_seen_vs_held_out") or {}
     if pooled:
-        forms = Table(title="forms training used vs held-out forms")
-        for column in ("requests", "forms", "n", "ASR guarded (content)", "benign interventions"):
+        forms = Table(title="forms training used vs held-out forms (obfuscation, persona, multi-turn, spread, "
+                            "long, language)")
+        for column in ("requests", "forms", "n", "ASR unguarded", "intervened", "ASR guarded (content)",
+                       "benign interventions"):
             forms.add_column(column, justify="left" if column in ("requests", "forms") else "right")
         for kind, blocks in pooled.items():
             for which, block in blocks.items():
-                forms.add_row(kind, which, str(block["n"]), _f(block.get("asr_guarded"), 2),
+                forms.add_row(kind, which, str(block["n"]), _f(block.get("asr_unguarded"), 2),
+                              _f(block.get("intervened"), 2), _f(block.get("asr_guarded"), 2),
                               _f(block.get("intervention_rate"), 2))
         out.print(forms)
 
