@@ -240,3 +240,9 @@ def test_the_report_renders_with_the_old_rule_beside_the_content_judged_asr():
     direct = next(line for line in text.splitlines() if "│ direct " in line)
     assert "0.00" in direct and "1.00" in direct          # stopped by the old rule, served by content
     assert "1.00 / 0.00" in text                            # benign: served unguarded, refused guarded
+
+
+def test_the_suites_send_the_demos_own_harmful_examples():
+    from guardrail.surfaces.demo import TOUR_HARMFUL, TOUR_PREFILL_ATTACK
+
+    assert (DEMO_HARMFUL, DEMO_PREFILL) == (TOUR_HARMFUL, TOUR_PREFILL_ATTACK)
