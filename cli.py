@@ -302,8 +302,9 @@ def evaluate(model, head, data_file, loso, as_json) -> None:
 @cli.command()
 @click.option("--model", default=None, help=MODEL_HELP)
 @click.option("--head", default=None, help="a head file (default: the one shipped for the model)")
-@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None,
-              help="a built dataset whose test split the suites draw on (default: default-v1, built on first use)")
+@click.option("--data", "data_dir", type=click.Path(file_okay=False, exists=True), default=None,
+              help="a built dataset whose test split the suites draw on, e.g. ~/.cache/guardrail/data/full-v2 "
+              "(default: default-v1, built on first use)")
 @click.option("--suites", default=None,
               help="comma-separated suites (e.g. direct,prefill-benign) or 'harmful' / 'benign' (default: all)")
 @click.option("--per-suite", type=click.IntRange(min=1), default=30, show_default=True, help="requests per suite")
