@@ -31,6 +31,9 @@ from guardrail.runtime.events import DoneEvent, TokenEvent
 
 def _in_process(guard: Any, messages: list[dict[str, str]], max_tokens: int,
                 options: dict[str, Any]) -> dict[str, Any]:
+    deadline = time.monotonic() + 30
+    while getattr(guard, "busy", False) and time.monotonic() < deadline:  # the server's last close, if pending
+        time.sleep(0.001)
     t0 = time.perf_counter()
     first = end = None
     tokens, text = 0, ""

@@ -164,6 +164,8 @@ class Slot:
                 out.append(event)
                 if isinstance(event, DoneEvent):
                     self._finished = True
+                    for _ in self._events:  # run the generator to its end: the guard is free before the last chunk
+                        pass
                 if isinstance(event, (TokenEvent, DoneEvent)):
                     return out
         except ContextOverflowError:
