@@ -31,9 +31,6 @@ from guardrail.runtime.events import DoneEvent, TokenEvent
 
 def _in_process(guard: Any, messages: list[dict[str, str]], max_tokens: int,
                 options: dict[str, Any]) -> dict[str, Any]:
-    deadline = time.monotonic() + 30
-    while getattr(guard, "busy", False) and time.monotonic() < deadline:  # the server's last close, if pending
-        time.sleep(0.001)
     t0 = time.perf_counter()
     first = end = None
     tokens, text = 0, ""
@@ -46,6 +43,14 @@ def _in_process(guard: Any, messages: list[dict[str, str]], max_tokens: int,
             end = time.perf_counter()
             text = event.text
     return _sample(t0, first, end, tokens, text)
+
+
+def _cold(guard: Any) -> None:
+    """Empty the guard's conversation cache (the server is idle between samples), so neither
+    side reuses the prompt the other just decoded."""
+    reset = getattr(guard, "reset", None)
+    if reset is not None:
+        reset()
 
 
 def _over_http(http: Any, messages: list[dict[str, str]], max_tokens: int,
@@ -102,7 +107,8 @@ def server_benchmark(guard: Any, prompts: Sequence[str], max_tokens: int = 32, *
     """Serve ``guard`` on a loopback port and time it against in-process calls.
 
     Each run goes through every prompt once on each side (in process first on even
-    runs, the server first on odd ones), after one untimed warm-up of each side.
+    runs, the server first on odd ones), after one untimed warm-up of each side; the
+    guard's conversation cache is emptied before every sample.
     Returns per-side medians, ``ratios`` (server / in process: ttft > 1 and tokens/s < 1
     are the server's cost) and ``same_text`` (greedy answers must match)."""
     import httpx
@@ -126,12 +132,12 @@ def server_benchmark(guard: Any, prompts: Sequence[str], max_tokens: int = 32, *
         _over_http(http, conversations[0], max_tokens, options)
         for run in range(runs):
             for messages in conversations:
-                if run % 2 == 0:
-                    a = _in_process(guard, messages, max_tokens, options)
-                    b = _over_http(http, messages, max_tokens, options)
-                else:
-                    b = _over_http(http, messages, max_tokens, options)
-                    a = _in_process(guard, messages, max_tokens, options)
+                sample = {}
+                for side in ("local", "http") if run % 2 == 0 else ("http", "local"):
+                    _cold(guard)
+                    sample[side] = (_in_process(guard, messages, max_tokens, options) if side == "local"
+                                    else _over_http(http, messages, max_tokens, options))
+                a, b = sample["local"], sample["http"]
                 local.append(a)
                 served.append(b)
                 mismatches += a["text"] != b["text"]
