@@ -26,6 +26,7 @@ import llama_cpp  # load llama.cpp before numpy (see README, import order)
 import llama_cpp.llama_cpp as llama_low
 import numpy as np
 
+from guardrail.artifacts.models import KNOWN_MODELS
 from guardrail.errors import ContextError, ContextOverflowError, ModelError
 
 from .capture import BatchStates, NativeCapture
@@ -108,15 +109,25 @@ class ModelInfo:
     add_bos: bool
 
 
+def display_name(path: Path) -> str:
+    """A known model's name, else the file's: never the GGUF's own ``general.name``, which is often
+    a training-run label ("Smollm2 135M 8k Lc100K Mix1 Ep2")."""
+    for name, known in KNOWN_MODELS.items():
+        if known.filename == path.name:
+            return name
+    return path.stem
+
+
 class Model:
     """A loaded GGUF model: weights, vocabulary, metadata. Owns the llama_model unless borrowed."""
 
-    def __init__(self, path: str | os.PathLike[str], *, n_gpu_layers: int = -1):
+    def __init__(self, path: str | os.PathLike[str], *, n_gpu_layers: int = -1, vocab_only: bool = False):
         _init_backend()
         self.path = Path(path).expanduser()
         check_gguf(self.path)
         params = llama_low.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else 0x7FFFFFFF
+        params.vocab_only = vocab_only  # tokenizer and metadata only: no weights, no context possible
         handle = llama_low.llama_model_load_from_file(str(self.path).encode(), params)
         if not handle:
             raise ModelError(f"llama.cpp could not load {self.path}: {_last_llama_error()}")
@@ -164,7 +175,7 @@ class Model:
         return ModelInfo(
             path=str(self.path),
             architecture=architecture,
-            name=self.meta("general.name") or self.path.stem,
+            name=display_name(self.path),
             n_layer=llama_low.llama_model_n_layer(handle),
             n_embd=llama_low.llama_model_n_embd(handle),
             n_ctx_train=llama_low.llama_model_n_ctx_train(handle),
