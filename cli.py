@@ -11,8 +11,11 @@ import sys
 
 import click
 
-import guardrail  # noqa: F401  (loads llama.cpp before numpy)
-from guardrail.errors import GuardrailError
+try:
+    import guardrail  # noqa: F401  (loads llama.cpp before numpy)
+except ImportError as exc:  # llama-cpp-python missing or not the API guardrail binds: one line, no traceback
+    sys.exit(f"error: {exc}")
+from guardrail.errors import GuardrailError  # noqa: E402
 
 MODEL_HELP = "a GGUF path or a known model name (default: the default model, fetched once)"
 

@@ -41,3 +41,7 @@ class OptionsError(GuardrailError):
 
 class DataError(GuardrailError):
     """Labelled data is malformed or a data source could not be read."""
+
+
+class LlamaCppError(GuardrailError, ImportError):
+    """llama-cpp-python is missing, fails to load, or lacks the low-level API guardrail binds."""

@@ -265,8 +265,10 @@ class Sampler:
         self._chain = llama_low.llama_sampler_chain_init(chain_params)
         add = lambda s: llama_low.llama_sampler_chain_add(self._chain, s)  # noqa: E731
         if params.repeat_penalty != 1.0:
-            add(llama_low.llama_sampler_init_penalties(
-                model.info.n_vocab, params.repeat_last_n, params.repeat_penalty, 0.0, 0.0))
+            penalties = (params.repeat_last_n, params.repeat_penalty, 0.0, 0.0)
+            if len(llama_low.llama_sampler_init_penalties.argtypes) == 5:  # llama-cpp-python >= 0.3.35
+                penalties = (model.info.n_vocab, *penalties)
+            add(llama_low.llama_sampler_init_penalties(*penalties))
         if params.temperature <= 0:
             add(llama_low.llama_sampler_init_greedy())
             return
