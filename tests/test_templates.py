@@ -17,7 +17,7 @@ import pytest
 
 from guardrail.errors import ArtifactError, ContextError, ModelError
 from guardrail.runtime.chat import ChatFormat, special_tokens
-from guardrail.runtime.engine import Model
+from guardrail.runtime.engine import Context, Model
 
 SYSTEM = {"role": "system", "content": "Answer like a Zanzibar ferry captain."}
 USER = {"role": "user", "content": "Which harbour do we sail from?"}
@@ -127,6 +127,13 @@ def test_the_corpus_holds_every_tokenizer_family_and_the_templates(corpus):
     assert all(path.stat().st_size > 0 for path in [*corpus.vocabs.values(), *corpus.templates.values()])
 
 
+def test_a_vocab_only_model_tokenizes_but_refuses_a_context(corpus):
+    with Model(corpus.vocabs["llama-bpe"], vocab_only=True) as vocab:
+        assert vocab.tokenize("Hello world") == [9906, 1917]
+        with pytest.raises(ContextError, match="vocab-only"):  # llama.cpp would crash on the first decode
+            Context(vocab, n_ctx=256)
+
+
 # -- every template renders ----------------------------------------------------------
 
 
@@ -166,6 +173,8 @@ def test_templates_that_refuse_a_system_turn_render_without_one(corpus, vocabs):
     fmt = ChatFormat(vocabs["llama-bpe"], corpus.templates["google-gemma-2-2b-it"])
     prompt = fmt.tokens([USER, ASSISTANT, USER2])
     assert vocabs["llama-bpe"].detokenize(prompt.ids, special=True).endswith("<start_of_turn>model\n")
+    prefilled = fmt.tokens([USER, PREFILL])
+    assert vocabs["llama-bpe"].detokenize(prefilled.ids, special=True).endswith("<start_of_turn>model\n" + PREFILL["content"])
     nemo = ChatFormat(vocabs["llama-bpe"], corpus.templates["mistralai-Mistral-Nemo-Instruct-2407"])
     assert _content(nemo.tokens([USER, PREFILL]), 1) == vocabs["llama-bpe"].tokenize(PREFILL["content"])
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -86,14 +87,20 @@ class PromptTokens:
         return len(self.ids)
 
 
+_SPECIALS: weakref.WeakKeyDictionary[Model, dict[int, str]] = weakref.WeakKeyDictionary()
+
+
 def special_tokens(model: Model) -> dict[int, str]:
     """The tokens text a person writes must never become, by id: the vocabulary's markup.
 
     Control and unknown-type tokens, end-of-generation and the vocabulary's
     bos/eos/eot/pad/sep tokens, and user-defined tokens that are markup
     (``<|START_OF_TURN_TOKEN|>``, ``<|tool_call>``), not text (whitespace runs,
-    single characters, HTML tags).
+    single characters, HTML tags). Read once per model (a scan of the vocabulary).
     """
+    cached = _SPECIALS.get(model)
+    if cached is not None:
+        return dict(cached)
     vocab = model.vocab
     named = {llama_low.llama_vocab_bos(vocab), llama_low.llama_vocab_eos(vocab), llama_low.llama_vocab_eot(vocab),
              llama_low.llama_vocab_pad(vocab), llama_low.llama_vocab_sep(vocab)}
@@ -109,7 +116,8 @@ def special_tokens(model: Model) -> dict[int, str]:
             out[token] = text
         elif len(text.strip()) > 1 and not _HTML_TAG.fullmatch(text):
             out[token] = text
-    return out
+    _SPECIALS[model] = out
+    return dict(out)
 
 
 class PlainText:

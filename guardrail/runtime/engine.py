@@ -128,6 +128,7 @@ class Model:
         params = llama_low.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else 0x7FFFFFFF
         params.vocab_only = vocab_only  # tokenizer and metadata only: no weights, no context possible
+        self.vocab_only = vocab_only
         handle = llama_low.llama_model_load_from_file(str(self.path).encode(), params)
         if not handle:
             raise ModelError(f"llama.cpp could not load {self.path}: {_last_llama_error()}")
@@ -143,6 +144,7 @@ class Model:
         self.path = Path(llm.model_path)
         self._handle = llm.model
         self._owner = llm  # keeps the Llama (and so the weights) alive; we never free them
+        self.vocab_only = bool(llm.model_params.vocab_only)
         self._finish_init()
         return self
 
@@ -347,6 +349,8 @@ class Context:
                  n_threads: int | None = None):
         self.model = model
         info = model.info
+        if model.vocab_only:  # llama.cpp would make the context and crash on the first decode
+            raise ContextError(f"{info.name} was loaded vocab-only (tokenizer only); load its weights to decode")
         if n_ctx <= 0:
             n_ctx = info.n_ctx_train
         self.capture = (NativeCapture(hooks, n_embd=info.n_embd, n_layer=info.n_layer,
