@@ -109,10 +109,11 @@ def special_tokens(model: Model) -> dict[int, str]:
     out: dict[int, str] = {}
     for token in range(model.info.n_vocab):
         attr = llama_low.llama_vocab_get_attr(vocab, token)
-        if not (attr & (marked | user) or token in named or model.is_eog(token)):
+        always = bool(attr & marked) or token in named or model.is_eog(token)
+        if not (always or attr & user):
             continue
         text = (llama_low.llama_vocab_get_text(vocab, token) or b"").decode("utf-8", "replace")
-        if attr & marked or token in named or model.is_eog(token):
+        if always:
             out[token] = text
         elif len(text.strip()) > 1 and not _HTML_TAG.fullmatch(text):
             out[token] = text
@@ -139,6 +140,13 @@ class PlainText:
         self._pattern = _trie_pattern(texts) if texts else None
 
     def tokenize(self, text: str) -> list[int]:
+        ids = self._tokenize(text)
+        if self.special_ids.isdisjoint(ids):
+            return ids
+        # Not seen in any of llama.cpp's tokenizer families; kept so the promise holds for any vocabulary.
+        return [token for char in text for token in self.model.tokenize(char, special=False)]
+
+    def _tokenize(self, text: str) -> list[int]:
         if self._pattern is None or self._pattern.search(text) is None:
             return self.model.tokenize(text, special=False)
         ids: list[int] = []
