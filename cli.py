@@ -59,7 +59,7 @@ def guard_options(func):
         click.option("--head", default=None, help="a head file (default: the one shipped for the model)"),
         click.option("--policy", type=click.Choice(["refuse", "halt", "monitor"]), default=None,
                      help="what a malicious verdict does (default refuse)"),
-        click.option("--schedule", default=None, help="annealing | every | every-probe | first | periodic:K (default annealing)"),
+        click.option("--schedule", default=None, help="auto | every | annealing | first | periodic:K (default auto: every step when checks are free)"),
         click.option("--threshold", type=float, default=None, help="override the head's threshold"),
         click.option("--tau", type=int, default=None, help="consecutive malicious checks before acting mid-answer"),
         click.option("--max-tokens", type=int, default=256, show_default=True),
@@ -174,18 +174,40 @@ def capture_demo(model: str | None, layer: int | None, max_tokens: int, prompt: 
 
 
 @cli.command()
+@click.argument("what", type=click.Choice(["capture", "guard", "chat", "extraction"]), default="capture")
 @click.option("--model", default=None, help=MODEL_HELP)
-@click.option("--tokens", type=int, default=96, show_default=True, help="tokens generated per run")
-@click.option("--prompt-tokens", type=int, default=384, show_default=True)
-@click.option("--runs", type=int, default=5, show_default=True, help="interleaved runs per variant")
+@click.option("--head", default=None, help="a head file (guard, chat, extraction; default: the model's)")
+@click.option("--tokens", type=int, default=None, help="tokens generated per answer (capture 96, chat 96; "
+              "guard measures 64 and 256)")
+@click.option("--prompt-tokens", type=int, default=384, show_default=True, help="capture: prompt length")
+@click.option("--runs", type=int, default=None, help="interleaved runs per side (default 5 capture, 3 others)")
+@click.option("--schedule", "schedules", multiple=True, help="guard: schedules to measure (default auto)")
+@click.option("--threads", type=int, default=None, help="llama.cpp threads for both sides (default: every core)")
 @click.option("--json", "as_json", is_flag=True, help="print the results as JSON")
-def bench(model: str | None, tokens: int, prompt_tokens: int, runs: int, as_json: bool) -> None:
-    """Capture overhead: plain llama-cpp-python vs the engine with the capture on 1 and 3 layers."""
+def bench(what, model, head, tokens, prompt_tokens, runs, schedules, threads, as_json) -> None:
+    """Both sides in one run, as ratios: capture | guard (vs plain decoding) | chat (vs llama_cpp.Llama)
+    | extraction (vs plain prompt processing)."""
     from guardrail.artifacts.models import resolve_model
-    from guardrail.measure.bench import capture_benchmark
+    from guardrail.measure import bench as benches
     from guardrail.surfaces.ui import render_benchmark
 
-    report = capture_benchmark(resolve_model(model), n_decode=tokens, n_prompt=prompt_tokens, runs=runs)
+    path = resolve_model(model)
+    if what == "capture":
+        report = benches.capture_benchmark(path, n_decode=tokens or 96, n_prompt=prompt_tokens, runs=runs or 5,
+                                           threads=threads)
+    else:
+        from guardrail.runtime.guard import Guard
+
+        with Guard(path, head, n_threads=threads) as guard:
+            if what == "guard":
+                report = {"kind": "guard", "model": guard.model_name, "lengths": [
+                    benches.guard_overhead(guard, max_tokens=n, runs=runs or 3, schedules=schedules or ("auto",))
+                    for n in ((tokens,) if tokens else (64, 256))]}
+            elif what == "chat":
+                report = benches.chat_benchmark(guard, path, max_tokens=tokens or 96, runs=runs or 3,
+                                                threads=threads)
+            else:
+                report = benches.extraction_benchmark_default(guard.model, runs=runs or 3, threads=threads)
     if as_json:
         import json
 
@@ -229,6 +251,23 @@ def train(model, data_dir, out, no_loso) -> None:
 
     head = train_default(model, Path(data_dir) if data_dir else None, Path(out), loso_sources=not no_loso)
     render_training(head)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def heads(as_json: bool) -> None:
+    """The safety heads guardrail finds on its own: shipped ones and those `train --model` saved."""
+    from guardrail.artifacts.heads import known_heads
+    from guardrail.head import describe_head
+    from guardrail.surfaces.ui import render_heads
+
+    rows = [describe_head(path) for path in known_heads()]
+    if as_json:
+        import json
+
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        render_heads(rows)
 
 
 @cli.command("eval")
@@ -285,7 +324,7 @@ def attack(model, head, per_suite, max_tokens, as_json) -> None:
 @click.option("--n-ctx", type=click.IntRange(min=64), default=2048, show_default=True, help="context size in tokens")
 @click.option("--policy", type=click.Choice(["refuse", "halt", "monitor"]), default=None,
               help="default policy (default refuse); a request may set its own in 'guardrail'")
-@click.option("--schedule", default=None, help="annealing | every | every-probe | first | periodic:K (default annealing)")
+@click.option("--schedule", default=None, help="auto | every | annealing | first | periodic:K (default auto: every step when checks are free)")
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None, help="override the head's threshold")
 @click.option("--tau", type=click.IntRange(min=1), default=None,
               help="consecutive malicious checks before acting mid-answer")

@@ -43,5 +43,9 @@ class DataError(GuardrailError):
     """Labelled data is malformed or a data source could not be read."""
 
 
+class GuardBusyError(GuardrailError):
+    """A Guard was asked for a second generation while one is still running (it runs one at a time)."""
+
+
 class LlamaCppError(GuardrailError, ImportError):
     """llama-cpp-python is missing, fails to load, or lacks the low-level API guardrail binds."""

@@ -61,7 +61,32 @@ class TokenStrip:
 
 
 def render_benchmark(report: Mapping[str, Any], out: Console | None = None) -> None:
+    """Any of `guardrail bench`'s reports: each is both sides of one run and their ratio."""
     out = out or console
+    if "variants" in report:
+        _render_capture(report, out)
+    elif report.get("kind") == "guard":
+        for row in report["lengths"]:
+            for s in row["schedules"]:
+                out.print(f"guard ({s['schedule']}), {row['max_tokens']}-token answers: {s['ratio']:.3f}x plain "
+                          f"tokens/s ({s['guarded_tps']:.1f} vs {s['plain_tps']:.1f}; {row['runs']} runs, "
+                          f"{row['prompts']} prompts)")
+    elif "turns" in report:
+        table = Table(title=f"A {len(report['turns'])}-turn chat on {report['model']}: guarded vs llama_cpp.Llama "
+                            f"({report['runs']} runs, medians)")
+        for column in ("turn", "prompt tokens", "TTFT guarded", "TTFT Llama", "TTFT ratio", "turn ratio"):
+            table.add_column(column, justify="right")
+        for t in report["turns"]:
+            table.add_row(str(t["turn"]), str(t["prompt_tokens"]), f"{t['ttft_guarded_s']:.3f} s",
+                          f"{t['ttft_plain_s']:.3f} s", f"{t['ttft_ratio']:.2f}", f"{t['turn_ratio']:.2f}")
+        out.print(table)
+    else:
+        out.print(f"extraction {report['extraction_tokens_per_s']:.0f} prompt tok/s vs plain "
+                  f"{report['plain_tokens_per_s']:.0f}: {report['ratio']:.3f}x ({report['conversations']} "
+                  f"conversations, layers {report['layers']}, probes {report['probes']}, {report['threads']} threads)")
+
+
+def _render_capture(report: Mapping[str, Any], out: Console) -> None:
     table = Table(title=f"Capture overhead on {report['model']} ({report['runs']} interleaved runs, medians)")
     for column in ("variant", "prompt tok/s", "decode tok/s", "prompt ratio", "decode ratio"):
         table.add_column(column, justify="right" if column != "variant" else "left")
@@ -262,4 +287,22 @@ def render_attack(report: Mapping[str, Any], out: Console | None = None) -> None
         table.add_row(name, str(row["n"]), _f(row.get("asr_unguarded"), 2), _f(row.get("asr_guarded"), 2),
                       _f(row.get("caught_by_query_check"), 2), _f(row.get("caught_by_rechecks"), 2),
                       _f(row.get("intervention_rate"), 2))
+    out.print(table)
+
+
+def render_heads(rows: Sequence[Mapping[str, Any]], out: Console | None = None) -> None:
+    out = out or console
+    if not rows:
+        out.print("no safety heads found")
+        return
+    table = Table(title="safety heads guardrail finds (shipped, then trained with `guardrail train --model`)")
+    for column in ("model (sha256)", "arch", "created", "examples", "LOSO mean / min", "test AUROC", "path"):
+        table.add_column(column)
+    for row in rows:
+        if "error" in row:
+            table.add_row("-", "-", "-", "-", "-", "-", f"{row['path']}: {row['error']}")
+            continue
+        table.add_row(row["model_sha256"][:12], row["architecture"], str(row["created"]), str(row["examples"] or "-"),
+                      f"{_f(row['loso_mean_auroc'])} / {_f(row['loso_min_auroc'])}", _f(row["test_auroc"]),
+                      row["path"])
     out.print(table)
