@@ -193,8 +193,9 @@ class Model:
             size_bytes=self.path.stat().st_size if self.path.is_file() else 0,
             chat_template=template.decode("utf-8", errors="replace") if template else None,
             add_bos=bool(llama_low.llama_vocab_get_add_bos(self.vocab)),
-            n_head_kv=llama_low.llama_model_n_head_kv(handle),
-            head_dim=int(self.meta(f"{architecture}.attention.key_length") or 0)
+            # A vocab-only model has no layers: llama.cpp aborts when asked for their heads.
+            n_head_kv=0 if self.vocab_only else llama_low.llama_model_n_head_kv(handle),
+            head_dim=0 if self.vocab_only else int(self.meta(f"{architecture}.attention.key_length") or 0)
             or llama_low.llama_model_n_embd(handle) // max(1, llama_low.llama_model_n_head(handle)),
         )
 
