@@ -417,7 +417,9 @@ class Context:
             raise ContextError(f"llama.cpp could not create a context (n_ctx={n_ctx}): {_last_llama_error()}")
         self._handle = handle
         self.n_ctx = llama_low.llama_n_ctx(handle)
-        self.n_batch = llama_low.llama_n_batch(handle)
+        # Never more than asked: the capture holds n_batch rows, and llama.cpp before 0.3.16 raised a
+        # small n_batch to 64 (GGML_KQ_MASK_PAD).
+        self.n_batch = min(n_batch, llama_low.llama_n_batch(handle))
         self.n_seq_max = n_seq_max
         self._memory = llama_low.llama_get_memory(handle)
         self._batch = llama_low.llama_batch_init(self.n_batch, 0, n_seq_max)
