@@ -158,6 +158,19 @@ def demo(model, head, max_tokens) -> None:
     guard_tour(model, head, max_tokens=max_tokens)
 
 
+@cli.command(hidden=True)
+@click.option("--out", type=click.Path(dir_okay=False), default="docs/guardrail-chat.svg", show_default=True)
+@click.option("--model", default=None, help=MODEL_HELP)
+@click.option("--head", default=None, help="a head file (default: the one shipped for the model)")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=48, show_default=True)
+@click.option("--width", type=click.IntRange(min=40), default=110, show_default=True, help="terminal columns")
+def record(out, model, head, max_tokens, width) -> None:
+    """Record a guarded chat (a benign and a harmful turn) as the README's SVG picture."""
+    from guardrail.surfaces.record import record_chat
+
+    click.echo(str(record_chat(out, model=model, head=head, max_tokens=max_tokens, width=width)))
+
+
 @cli.command("capture-demo")
 @click.option("--model", default=None, help=MODEL_HELP)
 @click.option("--layer", type=int, default=None, help="layer to show (default: two thirds deep)")
