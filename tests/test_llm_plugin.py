@@ -80,7 +80,8 @@ def test_the_plugin_registers_guarded_models_without_loading_one():
     listing = run("models")
     assert f"guardrail: {MODEL} (aliases: guardrail)" in listing
     assert "guardrail: guardrail-gemma3" in listing
-    assert "policy" in run("models", "--options", "-m", MODEL)
+    options = run("models", "--options").split(f"guardrail: {MODEL}")[1].split("guardrail: guardrail-gemma3")[0]
+    assert all(f"{name}:" in options for name in ("policy", "schedule", "threshold", "tau", "max_tokens"))
     assert llm_plugin._guards == {}  # nothing is loaded until a prompt needs it
 
 
