@@ -34,8 +34,8 @@ def record_chat(out: str | Path, *, model: str | None = None, head: str | None =
         options = guard.options
         console.print(Rule(f"guardrail chat on {guard.model_name}"))
         console.print(f"policy [bold]{options.policy}[/] · schedule [bold]{options.schedule}[/] · "
-                      f"threshold {guard.head.threshold:.2f} · colour = each token's risk (green → red) · "
-                      "▏ = a re-check", style="dim")
+                      f"threshold {guard.head.threshold:.2f} · colour: each token's risk, green → red · "
+                      "▏ a re-check", style="dim")
         for turn in turns:
             console.print(f"\n[bold]you>[/] {turn}")
             history.append({"role": "user", "content": turn})
