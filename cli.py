@@ -56,7 +56,7 @@ def guard_options(func):
         click.option("--head", default=None, help="a head file (default: the one shipped for the model)"),
         click.option("--policy", type=click.Choice(["refuse", "halt", "monitor"]), default=None,
                      help="what a malicious verdict does (default refuse)"),
-        click.option("--schedule", default=None, help="annealing | every | every-probe | first | periodic:K (default annealing)"),
+        click.option("--schedule", default=None, help="auto | every | annealing | first | periodic:K (default auto: every step when checks are free)"),
         click.option("--threshold", type=float, default=None, help="override the head's threshold"),
         click.option("--tau", type=int, default=None, help="consecutive malicious checks before acting mid-answer"),
         click.option("--max-tokens", type=int, default=256, show_default=True),
@@ -184,18 +184,40 @@ def capture_demo(model: str | None, layer: int | None, max_tokens: int, prompt: 
 
 
 @cli.command()
+@click.argument("what", type=click.Choice(["capture", "guard", "chat", "extraction"]), default="capture")
 @click.option("--model", default=None, help=MODEL_HELP)
-@click.option("--tokens", type=int, default=96, show_default=True, help="tokens generated per run")
-@click.option("--prompt-tokens", type=int, default=384, show_default=True)
-@click.option("--runs", type=int, default=5, show_default=True, help="interleaved runs per variant")
+@click.option("--head", default=None, help="a head file (guard, chat, extraction; default: the model's)")
+@click.option("--tokens", type=int, default=None, help="tokens generated per answer (capture 96, chat 96; "
+              "guard measures 64 and 256)")
+@click.option("--prompt-tokens", type=int, default=384, show_default=True, help="capture: prompt length")
+@click.option("--runs", type=int, default=None, help="interleaved runs per side (default 5 capture, 3 others)")
+@click.option("--schedule", "schedules", multiple=True, help="guard: schedules to measure (default auto)")
+@click.option("--threads", type=int, default=None, help="llama.cpp threads for both sides (default: every core)")
 @click.option("--json", "as_json", is_flag=True, help="print the results as JSON")
-def bench(model: str | None, tokens: int, prompt_tokens: int, runs: int, as_json: bool) -> None:
-    """Capture overhead: plain llama-cpp-python vs the engine with the capture on 1 and 3 layers."""
+def bench(what, model, head, tokens, prompt_tokens, runs, schedules, threads, as_json) -> None:
+    """Both sides in one run, as ratios: capture | guard (vs plain decoding) | chat (vs llama_cpp.Llama)
+    | extraction (vs plain prompt processing)."""
     from guardrail.artifacts.models import resolve_model
-    from guardrail.measure.bench import capture_benchmark
+    from guardrail.measure import bench as benches
     from guardrail.surfaces.ui import render_benchmark
 
-    report = capture_benchmark(resolve_model(model), n_decode=tokens, n_prompt=prompt_tokens, runs=runs)
+    path = resolve_model(model)
+    if what == "capture":
+        report = benches.capture_benchmark(path, n_decode=tokens or 96, n_prompt=prompt_tokens, runs=runs or 5,
+                                           threads=threads)
+    else:
+        from guardrail.runtime.guard import Guard
+
+        with Guard(path, head, n_threads=threads) as guard:
+            if what == "guard":
+                report = {"kind": "guard", "model": guard.model_name, "lengths": [
+                    benches.guard_overhead(guard, max_tokens=n, runs=runs or 3, schedules=schedules or ("auto",))
+                    for n in ((tokens,) if tokens else (64, 256))]}
+            elif what == "chat":
+                report = benches.chat_benchmark(guard, path, max_tokens=tokens or 96, runs=runs or 3,
+                                                threads=threads)
+            else:
+                report = benches.extraction_benchmark_default(guard.model, runs=runs or 3, threads=threads)
     if as_json:
         import json
 
@@ -210,17 +232,26 @@ def data() -> None:
 
 
 @data.command("build")
+@click.option("--preset", type=click.Choice(["default-v1", "capped-v2", "full-v2"]), default="default-v1",
+              show_default=True, help="the recipe: default-v1 (200 requests/source, what the shipped heads saw), "
+              "capped-v2 (the same plus the attack families), full-v2 (everything the sources hold)")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="output directory (default: the cache's default dataset)")
-@click.option("--max-per-source", type=click.IntRange(min=10), default=200, show_default=True,
-              help="requests kept per source (derived examples scale with it)")
-def data_build(out: str | None, max_per_source: int) -> None:
+              help="output directory (default: the cache's directory named for the preset)")
+@click.option("--max-per-source", type=click.IntRange(min=10), default=None,
+              help="requests kept per source, the default-v1 recipe scaled to it (derived examples scale with it)")
+def data_build(preset: str, out: str | None, max_per_source: int | None) -> None:
     """Fetch every source, de-duplicate, augment, split by hash: train/val/test JSONL + manifest."""
     from pathlib import Path
 
+    from guardrail.artifacts.wheels import cache_dir
+    from guardrail.training.data.build import build_preset
     from guardrail.training.pipeline import default_data_dir, ensure_dataset
 
-    path = ensure_dataset(Path(out) if out else default_data_dir(), max_per_source=max_per_source)
+    if max_per_source is not None:
+        path = ensure_dataset(Path(out) if out else default_data_dir(), max_per_source=max_per_source)
+    else:
+        path = Path(out) if out else cache_dir() / "data" / preset
+        build_preset(path, preset)
     click.echo(str(path))
 
 
@@ -239,6 +270,23 @@ def train(model, data_dir, out, no_loso) -> None:
 
     head = train_default(model, Path(data_dir) if data_dir else None, Path(out), loso_sources=not no_loso)
     render_training(head)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def heads(as_json: bool) -> None:
+    """The safety heads guardrail finds on its own: shipped ones and those `train --model` saved."""
+    from guardrail.artifacts.heads import known_heads
+    from guardrail.head import describe_head
+    from guardrail.surfaces.ui import render_heads
+
+    rows = [describe_head(path) for path in known_heads()]
+    if as_json:
+        import json
+
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        render_heads(rows)
 
 
 @cli.command("eval")
@@ -267,21 +315,46 @@ def evaluate(model, head, data_file, loso, as_json) -> None:
 @cli.command()
 @click.option("--model", default=None, help=MODEL_HELP)
 @click.option("--head", default=None, help="a head file (default: the one shipped for the model)")
-@click.option("--per-suite", type=int, default=30, show_default=True, help="requests per suite")
-@click.option("--max-tokens", type=int, default=40, show_default=True)
+@click.option("--data", "data_dir", type=click.Path(file_okay=False, exists=True), default=None,
+              help="a built dataset whose test split the suites draw on, e.g. ~/.cache/guardrail/data/full-v2 "
+              "(default: default-v1, built on first use)")
+@click.option("--suites", default=None,
+              help="comma-separated suites (e.g. direct,prefill-benign) or 'harmful' / 'benign' (default: all)")
+@click.option("--per-suite", type=click.IntRange(min=1), default=30, show_default=True, help="requests per suite")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+              help="answer length of every suite but the long-answer ones")
+@click.option("--long-tokens", type=click.IntRange(min=256), default=320, show_default=True,
+              help="answer length of the long-answer suites")
+@click.option("--policy", type=click.Choice(["refuse", "halt", "monitor"]), default=None,
+              help="the guarded side's policy (default: the guard's, refuse)")
+@click.option("--schedule", default=None, help="the guarded side's schedule (default: the guard's)")
+@click.option("--answers", type=click.Path(dir_okay=False), default=None,
+              help="also write every case's two answers and the judge's reading here (JSONL)")
+@click.option("--rejudge", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="generate nothing: judge the answers of an earlier --answers file afresh and report them")
+@click.option("--sources", "by_source", is_flag=True, help="show every suite's sources in the table")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def attack(model, head, per_suite, max_tokens, as_json) -> None:
-    """Attack suites (direct, prefill, jailbreak, sampling; benign over-refusal), unguarded vs guarded."""
-    from guardrail.measure.attack import attack_report
+def attack(model, head, data_dir, suites, per_suite, max_tokens, long_tokens, policy, schedule, answers, rejudge,
+           by_source, as_json):
+    """Attack suites with benign twins, unguarded vs guarded, judged by what the answer carries out."""
+    from pathlib import Path
+
+    from guardrail.measure.attack import attack_report, read_outcomes, summarize_outcomes
     from guardrail.surfaces.ui import render_attack
 
-    report = attack_report(model, head, per_suite=per_suite, max_tokens=max_tokens)
+    names = [s.strip() for s in suites.split(",") if s.strip()] if suites else None
+    if rejudge:
+        report = summarize_outcomes(read_outcomes(rejudge)) | {"rejudged": rejudge}
+    else:
+        report = attack_report(model, head, per_suite=per_suite, max_tokens=max_tokens, long_tokens=long_tokens,
+                               suites=names, data_dir=Path(data_dir) if data_dir else None,
+                               answers_out=Path(answers) if answers else None, policy=policy, schedule=schedule)
     if as_json:
         import json
 
         click.echo(json.dumps(report, indent=2))
     else:
-        render_attack(report)
+        render_attack(report, sources=by_source)
 
 
 @cli.command()
@@ -295,7 +368,7 @@ def attack(model, head, per_suite, max_tokens, as_json) -> None:
 @click.option("--n-ctx", type=click.IntRange(min=64), default=2048, show_default=True, help="context size in tokens")
 @click.option("--policy", type=click.Choice(["refuse", "halt", "monitor"]), default=None,
               help="default policy (default refuse); a request may set its own in 'guardrail'")
-@click.option("--schedule", default=None, help="annealing | every | every-probe | first | periodic:K (default annealing)")
+@click.option("--schedule", default=None, help="auto | every | annealing | first | periodic:K (default auto: every step when checks are free)")
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None, help="override the head's threshold")
 @click.option("--tau", type=click.IntRange(min=1), default=None,
               help="consecutive malicious checks before acting mid-answer")

@@ -41,3 +41,7 @@ class OptionsError(GuardrailError):
 
 class DataError(GuardrailError):
     """Labelled data is malformed or a data source could not be read."""
+
+
+class GuardBusyError(GuardrailError):
+    """A Guard was asked for a second generation while one is still running (it runs one at a time)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from guardrail.runtime.policy import DEFAULT_OPENER, Policy
+from guardrail.runtime.policy import HALT_MESSAGE, Policy, acceptable_reason, halt_text, lead_in
 from guardrail.runtime.probe import WindowParams, WindowState, choose_window, runs, update_window_state
 from guardrail.runtime.schedule import Schedule
 
@@ -50,8 +50,7 @@ def test_windows_become_seq_cp_runs():
 
 
 @pytest.mark.parametrize("spec, due", [
-    ("every-probe", list(range(0, 12))),
-    ("every", [0, 4, 8]),
+    ("every", list(range(0, 12))),
     ("first", [0]),
     ("periodic:5", [0, 5, 10]),
 ])
@@ -60,46 +59,68 @@ def test_schedules_say_when_to_check(spec, due):
     assert [s for s in range(12) if schedule.due(s)] == due
 
 
-def test_every_decides_each_step_with_the_token_signal_where_the_probe_does_not_run():
-    schedule = Schedule.parse("every")
-    assert all(schedule.due(s) != schedule.token_due(s) for s in range(1, 200))
-    assert not schedule.token_due(0) and schedule.due(0)
-    assert not any(Schedule.parse("annealing").token_due(s) for s in range(200))
-
-
-def test_annealing_is_dense_early_sparse_later_then_stops():
+def test_annealing_is_dense_early_then_sparse_to_the_end_of_the_answer():
     schedule = Schedule.parse("annealing")
-    steps = [s for s in range(400) if schedule.due(s)]
-    assert steps == [0, 4, 8, 12, 16, 32, 48, 64]
+    steps = [s for s in range(120) if schedule.due(s)]
+    assert steps == [0, 4, 8, 12, 16, 32, 48, 64, 80, 96, 112]
+    assert schedule.due(4096)  # checks never stop before the answer does
     assert str(schedule) == "annealing" and str(Schedule.parse("periodic:7")) == "periodic:7"
+
+
+def test_auto_checks_every_step_when_checks_are_free_and_anneals_when_they_decode_a_probe():
+    auto = Schedule.parse("auto")
+    assert auto.resolve(checks_are_free=True).kind == "every"
+    assert auto.resolve(checks_are_free=False).kind == "annealing"
+    assert Schedule.parse("periodic:3").resolve(checks_are_free=True).kind == "periodic"
     with pytest.raises(ValueError):
-        Schedule.parse("sometimes")
+        auto.due(1)
 
 
-def test_refuse_starts_the_answer_with_the_opener_on_a_malicious_first_verdict():
+@pytest.mark.parametrize("spec", ["sometimes", "every-probe", "periodic:0", "periodic:x", "first:2"])
+def test_unknown_schedules_are_refused(spec):
+    with pytest.raises(ValueError):
+        Schedule.parse(spec)
+
+
+def test_refuse_acts_on_a_malicious_first_verdict():
     policy = Policy("refuse")
-    action = policy.on_verdict(True, answer_len=0)
-    assert action.kind == "insert" and action.text == DEFAULT_OPENER and policy.intervened
-
-
-def test_refuse_after_a_prefill_puts_the_opener_on_a_new_line():
-    action = Policy("refuse").on_verdict(True, answer_len=4)
-    assert action.text == "\n" + DEFAULT_OPENER
+    action = policy.on_verdict(0, True)
+    assert action.kind == "refuse" and action.acts and policy.triggered
 
 
 def test_refuse_needs_tau_consecutive_malicious_verdicts_after_a_benign_start():
     policy = Policy("refuse", tau=3)
-    assert policy.on_verdict(False, answer_len=0).kind == "continue"
-    kinds = [policy.on_verdict(v, answer_len=10 + i).kind
-             for i, v in enumerate([True, True, False, True, True, True])]
-    assert kinds == ["continue"] * 5 + ["insert"]
-    assert policy.on_verdict(True, answer_len=30).kind == "continue"  # acts once
+    assert not policy.on_verdict(0, False).acts
+    kinds = [policy.on_verdict(i, v).kind for i, v in enumerate([True, True, False, True, True, True], start=1)]
+    assert kinds == ["continue"] * 5 + ["refuse"]
+    assert not policy.on_verdict(8, True).acts  # acts once
 
 
-def test_halt_stops_and_monitor_never_acts():
-    assert Policy("halt").on_verdict(True, answer_len=0).kind == "halt"
+def test_halt_stops_and_monitor_never_acts_but_records_what_it_saw():
+    assert Policy("halt").on_verdict(0, True).kind == "halt"
     monitor = Policy("monitor", tau=1)
-    assert all(monitor.on_verdict(True, answer_len=i).kind == "continue" for i in range(5))
-    assert not monitor.intervened
+    assert all(not monitor.on_verdict(i, True).acts for i in range(5))
+    assert monitor.triggered == "the query was judged malicious"
     with pytest.raises(ValueError):
         Policy("maybe")
+
+
+def test_a_refusal_after_written_text_starts_a_new_paragraph_never_mid_word():
+    assert lead_in("") == ""
+    assert lead_in("The answer is a type") == "\n\n"
+    assert lead_in("Line one\n") == "\n"
+    assert halt_text("...is a type") == "\n\n" + HALT_MESSAGE
+
+
+@pytest.mark.parametrize("reason, ok", [
+    (" it could be used to hurt people.", True),
+    (" making explosives is dangerous and illegal.", True),
+    (" I'm not a chatbot", False),                                   # not a finished sentence
+    (" it is illegal. However, here is how to do it:", False),       # drifts back to the task
+    (" you need the following materials: 1. a pipe", False),
+    (" it is illegal.\n\nStep 1: get a pipe.", False),
+    (" it is illegal. But I can help you with the first step.", False),
+    (" no.", False),                                                 # too short to be a reason
+])
+def test_the_models_reason_is_kept_only_when_it_is_one_plain_complete_sentence(reason, ok):
+    assert acceptable_reason(reason) is ok

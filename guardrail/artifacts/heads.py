@@ -38,3 +38,10 @@ def find_head(model_sha: str, model_name: str) -> Path:
         return mine
     raise HeadError(f"no safety head for {model_name} yet: run `guardrail train --model {model_name}` "
                     "once (it saves one where guardrail finds it), or pass one with --head")
+
+
+def known_heads() -> list[Path]:
+    """Every head guardrail would find: the shipped ones, then the user's."""
+    shipped = sorted(SHIPPED_HEADS.glob("*.gguf"))
+    mine = sorted(user_heads_dir().glob("*.gguf")) if user_heads_dir().is_dir() else []
+    return shipped + mine

@@ -78,6 +78,8 @@ class _BlockPlan:
 class Head:
     """A trained safety head; build a changed copy with ``dataclasses.replace``.
 
+    ``baseline`` is the text-only rival it was measured against (n-grams + logistic
+    regression, fitted on the same rows), shipped so evaluation needs no training data.
     ``token_head`` is an optional companion that scores single generated tokens
     (while this head scores the probe); it is stored in the same file.
     """
@@ -99,6 +101,7 @@ class Head:
     extra: dict[str, Any] = field(default_factory=dict)
     created_by: str = f"guardrail {__version__}"
     token_head: Head | None = None
+    baseline: Head | None = None
 
     def __post_init__(self) -> None:
         problem = _inconsistency(self)
@@ -150,6 +153,26 @@ class Head:
             start += block.dim
         return tuple(plans)
 
+    def linear_terms(self) -> tuple[list[tuple[str, np.ndarray]], float] | None:
+        """The logit as ``bias + sum(direction . block)`` when the head is linear in its state blocks
+        (a logistic regression without text features), else None. With it a check costs a few
+        scalar operations (see ``runtime.features.LinearCheck``)."""
+        if not isinstance(self.model, LinearModel) or self.lexical is not None:
+            return None
+        terms, bias = [], float(self.model.b)
+        for plan in self._plans:
+            direction = plan.weight[:, 0].astype(np.float64) * plan.inv_std.astype(np.float64)
+            terms.append((plan.name, direction))
+            bias -= float(plan.mean.astype(np.float64) @ direction)
+        return terms, bias
+
+    def probability(self, logit: float) -> float:
+        """Calibrated probability of a logit; a non-finite logit fails closed (1.0: malicious)."""
+        if not math.isfinite(logit):
+            return 1.0
+        p = float(sigmoid(np.float64(logit / self.temperature)))
+        return p if math.isfinite(p) else 1.0
+
     def score_one(self, features: Mapping[str, np.ndarray], text: str | None = None) -> float:
         """Probability for a single row: no batch concatenation, sparse lexical block."""
         acc = np.zeros(self._plans[0].weight.shape[1], dtype=np.float32)
@@ -170,7 +193,7 @@ class Head:
             logit = float(acc[0]) + self.model.b
         else:
             logit = float(np.maximum(acc + self.model.b1, 0.0) @ self.model.w2) + self.model.b2
-        return float(sigmoid(np.float64(logit / self.temperature)))
+        return self.probability(logit)
 
 
 def _inconsistency(head: Head) -> str:
@@ -206,14 +229,16 @@ def _inconsistency(head: Head) -> str:
 
 def _companion_inconsistency(head: Head) -> str:
     """A companion is stored beside the main head, so it can be neither nested nor for another model."""
-    token = head.token_head
-    if token is None:
-        return ""
-    if token.token_head is not None:
-        return "the companion token head has a companion of its own"
-    if token.fingerprint != head.fingerprint:
-        return (f"the companion token head was trained for {token.fingerprint.describe()}, "
-                f"the head for {head.fingerprint.describe()}")
+    for what, companion in (("token head", head.token_head), ("text baseline", head.baseline)):
+        if companion is None:
+            continue
+        if companion.token_head is not None or companion.baseline is not None:
+            return f"the companion {what} has a companion of its own"
+        if companion.fingerprint != head.fingerprint:
+            return (f"the companion {what} was trained for {companion.fingerprint.describe()}, "
+                    f"the head for {head.fingerprint.describe()}")
+    if head.baseline is not None and [b.name for b in head.baseline.blocks] != [LEXICAL]:
+        return "the text baseline must read the text alone"
     return ""
 
 
@@ -251,7 +276,8 @@ def _quantized_model(model: LinearModel | MLPModel) -> LinearModel | MLPModel:
 def quantized(head: Head) -> Head:
     """The head (and its companion) exactly as ``load_head`` will see it after ``save_head``: weights through int8."""
     token = None if head.token_head is None else quantized(head.token_head)
-    return dataclasses.replace(head, model=_quantized_model(head.model), token_head=token)
+    baseline = None if head.baseline is None else quantized(head.baseline)
+    return dataclasses.replace(head, model=_quantized_model(head.model), token_head=token, baseline=baseline)
 
 
 # ---- base-model fingerprint ------------------------------------------------------------------

@@ -31,6 +31,8 @@ from .model import LinearModel, MLPModel, Standardizer
 ARCHITECTURE = "guardrail.head"
 FORMAT_VERSION = 1
 TOKEN_PREFIX = "token."  # the companion head: tensors "token.*", metadata "guardrail.token.*"
+BASELINE_PREFIX = "baseline."  # the text baseline: tensors "baseline.*", metadata "guardrail.baseline.*"
+COMPANIONS = (("token_head", TOKEN_PREFIX, "per-token companion head"), ("baseline", BASELINE_PREFIX, "text baseline"))
 
 # Metadata keys (all under "guardrail."); those of one head move under a prefix with ``_key``.
 K_VERSION = "guardrail.format_version"
@@ -146,7 +148,8 @@ def _head_tensors(head: Head, prefix: str) -> dict[str, np.ndarray]:
 def save_head(head: Head, path: str | os.PathLike[str]) -> None:
     """Write the head (and its companion) as GGUF, atomically (a crash never leaves a half-written head behind)."""
     target = Path(path)
-    parts = [(head, "")] + ([] if head.token_head is None else [(head.token_head, TOKEN_PREFIX)])
+    parts = [(head, "")] + [(getattr(head, attr), prefix) for attr, prefix, _ in COMPANIONS
+                            if getattr(head, attr) is not None]
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".part", dir=target.parent)
@@ -316,14 +319,15 @@ def _read_head(fields: _Fields, tensors: _Tensors, path: Path, prefix: str, **sh
     )
 
 
-def _read_companion(fields: _Fields, tensors: _Tensors, path: Path, **shared: Any) -> Head | None:
-    """The per-token companion when any trace of it is stored; a partial one is a fault, not an absence."""
-    if not (fields.any_under(_key("guardrail.", TOKEN_PREFIX)) or tensors.any_under(TOKEN_PREFIX)):
+def _read_companion(fields: _Fields, tensors: _Tensors, path: Path, prefix: str, what: str,
+                    **shared: Any) -> Head | None:
+    """A companion when any trace of it is stored; a partial one is a fault, not an absence."""
+    if not (fields.any_under(_key("guardrail.", prefix)) or tensors.any_under(prefix)):
         return None
     try:
-        return _read_head(fields, tensors, path, TOKEN_PREFIX, **shared)
+        return _read_head(fields, tensors, path, prefix, **shared)
     except HeadError as exc:
-        raise HeadError(f"{exc} (in the per-token companion head)") from None
+        raise HeadError(f"{exc} (in the {what})") from None
 
 
 def _open(path: Path) -> gguf.GGUFReader:
@@ -376,7 +380,38 @@ def load_head(path: str | os.PathLike[str], *, expect: ModelFingerprint | None =
     _check_fingerprint(fingerprint, expect, allow_mismatch)
     shared = {"fingerprint": fingerprint, "manifest": fields.json_value(K_MANIFEST),
               "created_by": fields.text(K_CREATED_BY, "")}
-    token_head = _read_companion(fields, tensors, file, **shared)
-    return _read_head(fields, tensors, file, "", token_head=token_head, **shared)
+    companions = {attr: _read_companion(fields, tensors, file, prefix, what, **shared)
+                  for attr, prefix, what in COMPANIONS}
+    return _read_head(fields, tensors, file, "", **companions, **shared)
 
 
+
+
+def describe_head(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What `guardrail heads` lists of a head file: its model, when it was made, how it measured.
+
+    A file that cannot be read is listed with its error instead (one line), not skipped."""
+    file = Path(path)
+    row: dict[str, Any] = {"path": str(file)}
+    try:
+        head = load_head(file)
+    except HeadError as exc:
+        return row | {"error": str(exc)}
+    metrics = head.metrics
+    test = (metrics.get("test") or {}).get("overall") or {}
+    return row | {
+        "model_sha256": head.fingerprint.sha256, "architecture": head.fingerprint.architecture,
+        "n_layer": head.fingerprint.n_layer, "n_embd": head.fingerprint.n_embd,
+        "created": head.extra.get("created") or _mtime(file), "created_by": head.created_by,
+        "blocks": [b.name for b in head.blocks], "threshold": head.threshold,
+        "examples": head.manifest.get("examples"), "preset": head.extra.get("preset"),
+        "loso_mean_auroc": (metrics.get("loso") or {}).get("mean_auroc"),
+        "loso_min_auroc": (metrics.get("loso") or {}).get("min_auroc"),
+        "test_auroc": test.get("auroc"), "test_tpr_at_threshold": test.get("tpr"), "test_fpr": test.get("fpr"),
+    }
+
+
+def _mtime(path: Path) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -112,15 +112,22 @@ def capture_benchmark(path: Path, *, n_decode: int = 96, n_prompt: int = 384, ru
             "n_prompt": len(prompt), "n_decode": len(continuation), "variants": rows}
 
 
-def guard_overhead(guard: Any, prompts: Sequence[str], *, max_tokens: int = 64, runs: int = 3,
-                   schedules: Sequence[str] = ("annealing",)) -> dict[str, Any]:
+# What `guardrail bench guard` and the demo both measure, so they print the same figure.
+OVERHEAD_PROMPTS = ("What are three good habits for staying healthy?", "Explain how rainbows form.",
+                    "Write a detailed story about a lighthouse keeper who finds a message in a bottle.")
+
+
+def guard_overhead(guard: Any, prompts: Sequence[str] = OVERHEAD_PROMPTS, *, max_tokens: int = 64, runs: int = 3,
+                   schedules: Sequence[str] = ("auto",)) -> dict[str, Any]:
     """Tokens/s of guarded answers (policy monitor, so the tokens are the same) vs plain greedy
-    generation on the same model, context size and prompts; runs interleaved in one process."""
+    generation on the same model, context size and prompts; runs interleaved in one process.
+    The guard's cache is emptied before each answer, as the plain side's is: both decode the
+    whole prompt every time."""
     from guardrail.runtime.chat import ChatFormat
     from guardrail.runtime.engine import generate
 
     model = guard.model
-    plain_ctx = Context(model, n_ctx=guard.n_ctx, n_batch=512)
+    plain_ctx = Context(model, n_ctx=guard.n_ctx, n_batch=512, n_threads=guard.context.n_threads)
     fmt = ChatFormat(model)
     conversations = [[{"role": "user", "content": p}] for p in prompts]
 
@@ -135,17 +142,20 @@ def guard_overhead(guard: Any, prompts: Sequence[str], *, max_tokens: int = 64, 
     def guarded(schedule: str) -> tuple[int, float]:
         n, start = 0, time.perf_counter()
         for messages in conversations:
+            guard.reset()
             for event in guard.chat(messages, max_tokens=max_tokens, policy="monitor", schedule=schedule):
                 if event.type == "done":
                     n += event.completion_tokens
         return n, time.perf_counter() - start
 
     plain()
+    for schedule in schedules:
+        guarded(schedule)
     results: dict[str, list[tuple[int, float]]] = {"plain": []} | {s: [] for s in schedules}
-    for _ in range(runs):
-        results["plain"].append(plain())
-        for schedule in schedules:
-            results[schedule].append(guarded(schedule))
+    for run in range(runs):
+        sides = [("plain", plain)] + [(s, lambda s=s: guarded(s)) for s in schedules]
+        for name, side in (sides if run % 2 == 0 else sides[::-1]):
+            results[name].append(side())
     plain_ctx.close()
 
     def tps(rows: list[tuple[int, float]]) -> float:
@@ -155,3 +165,152 @@ def guard_overhead(guard: Any, prompts: Sequence[str], *, max_tokens: int = 64, 
     return {"plain_tps": base, "runs": runs, "max_tokens": max_tokens, "prompts": len(prompts),
             "schedules": [{"schedule": s, "guarded_tps": tps(results[s]), "plain_tps": base,
                            "ratio": tps(results[s]) / base} for s in schedules]}
+
+
+# ---------------------------------------------------------------------------
+# A chat: does the guard keep its cache between turns like llama_cpp.Llama does?
+
+CHAT_TURNS = (
+    "Hi! I'm planning a vegetable garden. Where should I start?",
+    "Which vegetables are easiest for a beginner?",
+    "How often should I water tomatoes?",
+    "What about in a heat wave?",
+    "Should I use mulch? What kind?",
+    "How do I keep slugs away without chemicals?",
+    "When do I harvest carrots?",
+    "Can I grow herbs in the same bed?",
+    "Which herbs go well with tomatoes in cooking?",
+    "Give me a simple recipe that uses them.",
+)
+
+
+def chat_benchmark(guard: Any, path: Path, *, turns: Sequence[str] = CHAT_TURNS, max_tokens: int = 96,
+                   runs: int = 3, threads: int | None = None) -> dict[str, Any]:
+    """Time to first token and whole-turn time at every turn of one chat, guarded vs ``llama_cpp.Llama``.
+
+    Both sides see the same conversation: at each turn the history holds the same user turns
+    and the guard's own (greedy) answers, and each side answers the new turn from its own cache,
+    kept between turns (the guard's ConversationCache; Llama's prefix cache). Runs alternate
+    which side goes first; medians per turn."""
+    threads = threads or guard.context.n_threads
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=guard.n_ctx, n_batch=512, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+
+    def guarded(messages: list[dict[str, str]]) -> tuple[float, float, str]:
+        t0, first, text = time.perf_counter(), None, ""
+        for event in guard.chat(messages, max_tokens=max_tokens, policy="monitor"):
+            if event.type == "token" and first is None:
+                first = time.perf_counter()
+            if event.type == "done":
+                text = event.text
+        end = time.perf_counter()
+        return (first or end) - t0, end - t0, text
+
+    def plain(messages: list[dict[str, str]]) -> tuple[float, float, str]:
+        t0, first, pieces = time.perf_counter(), None, []
+        for chunk in llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.0,
+                                                top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0, stream=True):
+            piece = chunk["choices"][0]["delta"].get("content")
+            if piece:
+                first = first or time.perf_counter()
+                pieces.append(piece)
+        end = time.perf_counter()
+        return (first or end) - t0, end - t0, "".join(pieces)
+
+    rows: dict[str, list[list[tuple[float, float]]]] = {"guarded": [[] for _ in turns], "plain": [[] for _ in turns]}
+    prompt_tokens, same = [], 0
+    for run in range(runs + 1):  # the first run warms both sides up and is not counted
+        guard.reset()
+        llm.reset()
+        history: list[dict[str, str]] = []
+        for i, user in enumerate(turns):
+            history.append({"role": "user", "content": user})
+            sides = [("guarded", guarded), ("plain", plain)]
+            results = {}
+            for name, side in (sides if run % 2 == 0 else sides[::-1]):
+                results[name] = side(list(history))
+            if run:
+                for name in rows:
+                    rows[name][i].append(results[name][:2])
+            if run == 1:
+                prompt_tokens.append(len(guard.format.tokens(history)))
+                same += results["guarded"][2] == results["plain"][2]
+            history.append({"role": "assistant", "content": results["guarded"][2]})
+    per_turn = []
+    for i in range(len(turns)):
+        g_ttft = statistics.median(r[0] for r in rows["guarded"][i])
+        p_ttft = statistics.median(r[0] for r in rows["plain"][i])
+        g_turn = statistics.median(r[1] for r in rows["guarded"][i])
+        p_turn = statistics.median(r[1] for r in rows["plain"][i])
+        per_turn.append({"turn": i + 1, "prompt_tokens": prompt_tokens[i], "ttft_guarded_s": g_ttft,
+                         "ttft_plain_s": p_ttft, "ttft_ratio": g_ttft / p_ttft, "turn_guarded_s": g_turn,
+                         "turn_plain_s": p_turn, "turn_ratio": g_turn / p_turn})
+    llm.close()
+    return {"model": guard.model_name, "runs": runs, "max_tokens": max_tokens, "threads": threads,
+            "same_answers": same, "turns": per_turn}
+
+
+# ---------------------------------------------------------------------------
+# Feature extraction vs plain prompt processing
+
+def extraction_benchmark(model: Model, conversations: Sequence[Sequence[dict[str, str]]], config: Any, *,
+                         runs: int = 3, threads: int | None = None) -> dict[str, Any]:
+    """Prompt tokens/s of training's feature extraction vs plain llama.cpp prompt processing of the
+    same token sequences, batched the same way (several conversations per decode), same threads."""
+    from dataclasses import replace
+
+    from guardrail.runtime.chat import ChatFormat
+    from guardrail.training.extraction import FeatureExtractor
+
+    threads = threads or os.cpu_count() or 1
+    extractor = FeatureExtractor(model, replace(config, n_threads=threads))
+    fmt = ChatFormat(model)
+    prompts = [fmt.tokens(m).ids[-config.max_tokens:] for m in conversations]
+    plain_ctx = Context(model, n_ctx=extractor.context.n_ctx, n_batch=config.n_batch,
+                        n_seq_max=config.n_parallel, n_threads=threads)
+
+    def plain() -> tuple[int, float]:
+        n, start, group, used = 0, time.perf_counter(), [], 0
+        for ids in [*prompts, None]:
+            if group and (ids is None or len(group) == config.n_parallel or used + len(ids) > config.n_batch):
+                plain_ctx.clear()
+                entries = [Entry(t, p, (s,), p == len(g) - 1) for s, g in enumerate(group) for p, t in enumerate(g)]
+                plain_ctx.decode(entries)
+                n += len(entries)
+                group, used = [], 0
+            if ids is not None:
+                group.append(ids)
+                used += len(ids)
+        return n, time.perf_counter() - start
+
+    def extract() -> tuple[int, float]:
+        start = time.perf_counter()
+        extractor.tokens_decoded = 0
+        extractor.extract(conversations)
+        return extractor.tokens_decoded, time.perf_counter() - start
+
+    plain()
+    extract()
+    samples: dict[str, list[float]] = {"plain": [], "extraction": []}
+    for run in range(runs):
+        for name, side in ((("plain", plain), ("extraction", extract)) if run % 2 == 0
+                           else (("extraction", extract), ("plain", plain))):
+            n, seconds = side()
+            samples[name].append(n / seconds)
+    extractor.close()
+    plain_ctx.close()
+    plain_tps, extract_tps = statistics.median(samples["plain"]), statistics.median(samples["extraction"])
+    return {"model": model.info.name, "conversations": len(conversations), "runs": runs, "threads": threads,
+            "layers": list(config.layers), "probes": list(config.probes),
+            "plain_tokens_per_s": plain_tps, "extraction_tokens_per_s": extract_tps, "ratio": extract_tps / plain_tps}
+
+
+def extraction_benchmark_default(model: Model, *, n: int = 64, runs: int = 3, threads: int | None = None) -> dict:
+    """The extraction benchmark on the first ``n`` test-split conversations, with the training recipe's config."""
+    from guardrail.training.data import read_jsonl
+    from guardrail.training.extraction import conversation
+    from guardrail.training.pipeline import default_config, ensure_dataset
+
+    examples = read_jsonl(ensure_dataset(None) / "test.jsonl")[:n]
+    return extraction_benchmark(model, [conversation(e) for e in examples], default_config(model), runs=runs,
+                                threads=threads)

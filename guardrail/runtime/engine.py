@@ -106,6 +106,13 @@ class ModelInfo:
     size_bytes: int
     chat_template: str | None
     add_bos: bool
+    n_head_kv: int = 0
+    head_dim: int = 0
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """What one token of context costs in the KV cache (f16 keys and values, every layer)."""
+        return 2 * self.n_layer * self.n_head_kv * self.head_dim * 2
 
 
 class Model:
@@ -173,6 +180,9 @@ class Model:
             size_bytes=self.path.stat().st_size if self.path.is_file() else 0,
             chat_template=template.decode("utf-8", errors="replace") if template else None,
             add_bos=bool(llama_low.llama_vocab_get_add_bos(self.vocab)),
+            n_head_kv=llama_low.llama_model_n_head_kv(handle),
+            head_dim=int(self.meta(f"{architecture}.attention.key_length") or 0)
+            or llama_low.llama_model_n_embd(handle) // max(1, llama_low.llama_model_n_head(handle)),
         )
 
     # -- tokens ---------------------------------------------------------------
@@ -225,6 +235,36 @@ class Model:
     def __del__(self) -> None:
         if getattr(self, "_handle", None):
             self.close()
+
+
+def default_threads() -> int:
+    """Threads for llama.cpp: $GUARDRAIL_THREADS, else every core (decoding here is compute-bound)."""
+    explicit = os.environ.get("GUARDRAIL_THREADS", "").strip()
+    return int(explicit) if explicit.isdigit() and int(explicit) > 0 else max(1, os.cpu_count() or 1)
+
+
+KV_BUDGET_BYTES = 4 << 30   # the most a default context may take in KV memory
+KV_BUDGET_SHARE = 8          # ... and at most this share of the machine's memory (1/8)
+
+
+def physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def default_n_ctx(model: Model) -> int:
+    """The model's own trained context, where memory allows: its KV cache stays under 4 GiB and
+    an eighth of this machine's memory; otherwise the largest multiple of 256 tokens that does."""
+    info = model.info
+    budget = KV_BUDGET_BYTES
+    memory = physical_memory()
+    if memory:
+        budget = min(budget, memory // KV_BUDGET_SHARE)
+    per_token = max(1, info.kv_bytes_per_token)
+    fits = max(512, (budget // per_token) // 256 * 256)
+    return int(min(info.n_ctx_train, fits)) if info.n_ctx_train > 0 else int(fits)
 
 
 # ---------------------------------------------------------------------------
@@ -347,7 +387,8 @@ class Context:
         params.embeddings = embeddings
         # One state per token, never pooled: the capture's result_norm relies on it.
         params.pooling_type = llama_low.LLAMA_POOLING_TYPE_NONE
-        threads = n_threads or max(1, os.cpu_count() or 1)
+        threads = n_threads or default_threads()
+        self.n_threads = threads
         params.n_threads = threads
         params.n_threads_batch = threads
         if self.capture is not None:

@@ -22,6 +22,7 @@ class QueryEvent(Event):
 
     prompt_tokens: int
     prefill: str
+    cached_tokens: int = 0      # prompt tokens the KV cache already held from the previous call
     type: str = field(default="query", init=False)
 
 
@@ -44,7 +45,8 @@ class CheckEvent(Event):
 
     ``index``: answer tokens written when it ran (0 = on the query);
     ``window``: the positions it read, as [start, end) runs; ``signal``: ``probe``
-    (the [CLS] probe) or ``token`` (the token signal, on one token's own state)."""
+    (the [CLS] probe read the window) or ``window`` (the head read the window's own
+    states, no decode)."""
 
     index: int
     risk: float
@@ -56,7 +58,7 @@ class CheckEvent(Event):
 
 @dataclass(frozen=True)
 class InterventionEvent(Event):
-    """The policy acted: ``action`` insert (the opener follows as forced tokens) or halt."""
+    """The policy acted: ``action`` refuse (the refusal follows) or halt; ``text`` is what it starts with."""
 
     index: int
     action: str
@@ -69,7 +71,7 @@ class InterventionEvent(Event):
 class DoneEvent(Event):
     """The last event: why the answer ended and what the guard cost."""
 
-    finish_reason: str          # stop | length | halt | interrupted
+    finish_reason: str          # stop | length | refuse | halt
     text: str
     completion_tokens: int
     prompt_tokens: int

@@ -1,87 +1,75 @@
 """Guard: the public API. Runs guarded generation and yields events.
 
-One decoding loop, in order: sample the next answer token; when the schedule
-says a check is due, decode the [CLS] probe over the window the rules choose in
-the same ``llama_decode`` batch as that token; score the probe's state with the
-head (the check), and every token's own state with the token head (the
-annotation); let the policy act on the checks' verdicts.
+One decoding loop, as named steps (``_Run``):
+1. **start** — make the conversation cache hold the prompt, decoding only what the
+   previous call did not leave there;
+2. **plan** — sample the next answer token and lay out the batch: the answer token
+   is batch entry 0; when a check with a [CLS] probe is due, the probe's tokens
+   follow it and the probe's last token is the batch's last entry;
+3. **decode** — one ``llama_decode`` of that batch, states appended to the history;
+4. **read the check** — the head's probability over the window the rules choose
+   (no decode at all for a head without a probe block);
+5. **apply the policy** — continue, or act: the token decoded with a malicious
+   check is held back, removed from the cache unseen, and the guard writes the end
+   of the answer (a refusal, or a halt);
+6. **emit** — the token, with its own token-signal risk.
 
-A Guard owns one model context and runs one generation at a time.
+A Guard owns one model context, runs one generation at a time (a second one
+raises :class:`GuardBusyError`) and keeps the KV cache and captured states
+between calls, so a chat's next turn decodes only what is new.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import llama_cpp
-import numpy as np
 
 from guardrail.artifacts.heads import find_head
 from guardrail.artifacts.models import resolve_model
-from guardrail.errors import ContextOverflowError, HeadError, OptionsError
-from guardrail.head import LEXICAL, Head, fingerprint_file, load_head
+from guardrail.errors import GuardBusyError, HeadError, OptionsError
+from guardrail.head import Head, fingerprint_file, load_head
 
-from .capture import layer_name
-from .chat import ChatFormat, PromptTokens
-from .engine import Context, Detokenizer, Entry, Model, Sampler, SamplingParams, prefill
+from .cache import SEQ, ConversationCache
+from .chat import ChatFormat, Message, PromptTokens
+from .engine import Context, Detokenizer, Entry, Model, Sampler, SamplingParams, default_n_ctx
 from .events import CheckEvent, DoneEvent, Event, InterventionEvent, QueryEvent, TokenEvent
-from .features import block_layer, pool, probe_tokens, split_conversation
-from .policy import CONTINUE, DEFAULT_OPENER, Action, Policy
-from .probe import Probe, WindowParams, WindowState, choose_window, runs, update_window_state
-from .schedule import Schedule
+from .features import HeadReader, StateHistory, Window, hooks_of, probe_tokens, split_conversation
+from .options import GuardOptions
+from .policy import FIXED_REASON, MAX_REASON_TOKENS, Action, Policy, acceptable_reason, halt_text, lead_in
+from .probe import Probe, WindowState, choose_window, runs, update_window_state
+
+PROBE_SEQ = 1
 
 
 @dataclass(frozen=True)
-class GuardOptions:
-    """How the guard decides. ``threshold``/``tau`` of None mean: the head file's."""
+class Verdict:
+    """The first check's outcome for a conversation: what ``Guard.score`` returns."""
 
-    policy: str = "refuse"
-    schedule: Schedule = field(default_factory=Schedule)
-    threshold: float | None = None
-    tau: int | None = None
-    opener: str = DEFAULT_OPENER
-    window: WindowParams = field(default_factory=WindowParams)
-
-    def updated(self, **changes: Any) -> GuardOptions:
-        """A copy with the given options changed (None leaves one as it is); checked here,
-        so a bad option fails before any decoding, with one line."""
-        changes = {k: v for k, v in changes.items() if v is not None}
-        unknown = set(changes) - {f.name for f in fields(self)} - {"r1", "r2", "r3"}
-        if unknown:
-            raise OptionsError(f"unknown guard option(s): {', '.join(sorted(unknown))}")
-        try:
-            if isinstance(changes.get("schedule"), str):
-                changes["schedule"] = Schedule.parse(changes["schedule"])
-            windows = {k: int(changes.pop(k)) for k in ("r1", "r2", "r3") if k in changes}
-            if windows:
-                changes["window"] = replace(self.window, **windows)
-            options = replace(self, **changes)
-            Policy(options.policy, 1, options.opener)  # validates the policy's name
-        except (TypeError, ValueError) as exc:
-            raise OptionsError(str(exc)) from None
-        if options.tau is not None and options.tau < 1:
-            raise OptionsError(f"tau must be at least 1, got {options.tau}")
-        if options.threshold is not None and not 0.0 <= options.threshold <= 1.0:
-            raise OptionsError(f"threshold must be between 0 and 1, got {options.threshold}")
-        if min(options.window.r1, options.window.r2, options.window.r3) < 1:
-            raise OptionsError("r1, r2 and r3 must be at least 1")
-        return options
+    risk: float
+    malicious: bool
+    threshold: float
 
 
-class _History:
-    """Every decoded token's captured states, by position (the windows' mean reads them)."""
+@dataclass(frozen=True)
+class _Request:
+    """One call: the prompt and where its parts are, how to sample, how to decide."""
 
-    def __init__(self, hooks: Sequence[str], n_ctx: int, n_embd: int):
-        self.states = {h: np.zeros((n_ctx, n_embd), np.float32) for h in hooks}
-
-    def store(self, positions: Sequence[int], rows: Mapping[str, np.ndarray], first_row: int) -> None:
-        for hook, buf in self.states.items():
-            buf[positions[0]:positions[-1] + 1] = rows[hook][first_row:first_row + len(positions)]
+    prompt: PromptTokens
+    query: list[int]          # content positions of the conversation before the answer
+    prefill: list[int]        # positions of a caller's prefill (a final assistant message)
+    prefill_text: str
+    sampling: SamplingParams
+    max_tokens: int
+    stops: tuple[str, ...]
+    options: GuardOptions
 
 
 class Guard:
@@ -89,15 +77,19 @@ class Guard:
 
     ``model``: a GGUF path, a known model name, an existing ``llama_cpp.Llama``
     (its weights are shared, not loaded twice), or None for the default model.
-    ``head``: a head file; None means the head shipped for the model.
-    Options: ``policy`` (refuse | halt | monitor), ``schedule`` (annealing |
-    every | first | periodic:K), ``threshold``, ``tau``, ``opener``, ``r1/r2/r3``.
+    ``head``: a head file; None finds the head for the model (shipped, or trained
+    with ``guardrail train --model``). ``n_ctx``: the context in tokens; None
+    takes the model's trained context where memory allows (see
+    ``engine.default_n_ctx``). Options: ``policy`` (refuse | halt | monitor),
+    ``schedule`` (auto | every | annealing | first | periodic:K), ``threshold``,
+    ``tau``, ``opener``, ``reason`` (fixed | model), ``r1/r2/r3``.
     """
 
     def __init__(self, model: str | os.PathLike[str] | llama_cpp.Llama | None = None,
-                 head: str | os.PathLike[str] | None = None, *, n_ctx: int = 2048,
+                 head: str | os.PathLike[str] | None = None, *, n_ctx: int | None = None,
                  allow_head_mismatch: bool = False, template: str | None = None,
                  n_threads: int | None = None, **options: Any):
+        self.options = GuardOptions().updated(**options)
         if isinstance(model, llama_cpp.Llama):
             self.model = Model.from_llama(model)
         else:
@@ -108,14 +100,23 @@ class Guard:
                                     expect=expect, allow_mismatch=allow_head_mismatch)
         self.token_head: Head | None = self.head.token_head
         heads = [self.head] + ([self.token_head] if self.token_head else [])
-        layers = sorted({block_layer(b.name) for h in heads for b in h.blocks} - {None})
-        self.hooks = tuple(layer_name(layer) for layer in layers)
-        self.context = Context(self.model, n_ctx=n_ctx, n_batch=512, n_seq_max=2, hooks=self.hooks,
-                               n_threads=n_threads)
+        self.hooks = hooks_of([b.name for h in heads for b in h.blocks])
+        if any(int(h.split("-")[1]) >= info.n_layer - 1 for h in self.hooks):
+            raise HeadError(f"the head reads the last layer of {info.n_layer}, which llama.cpp computes "
+                            "for output tokens only; it cannot be used while decoding")
         self.format = ChatFormat(self.model, template)
-        self.probe = Probe(self.context, probe_tokens(self.model, self.head.probe_text) or [self.model.bos], seq=1)
-        self.options = GuardOptions().updated(**options)
-        self._history = _History(self.hooks, self.context.n_ctx, info.n_embd)
+        self.context = Context(self.model, n_ctx=n_ctx or default_n_ctx(self.model), n_batch=512,
+                               n_seq_max=2, hooks=self.hooks, n_threads=n_threads)
+        history = StateHistory(self.hooks, info.n_embd, vectors=not all(HeadReader.is_linear(h) for h in heads))
+        self._cache = ConversationCache(self.context, history)
+        text_of = self._window_text
+        self._check = HeadReader(self.head, history, text_of)
+        self._token_signal = HeadReader(self.token_head, history, text_of) if self.token_head else None
+        if self._token_signal is not None and self._token_signal.needs_probe:
+            raise HeadError("the token head cannot read a probe: it scores every token's own state")
+        self._probe = Probe(self.context, probe_tokens(self.model, self.head.probe_text) or [self.model.bos],
+                            seq=PROBE_SEQ, src=SEQ)
+        self._lock = threading.Lock()
 
     @property
     def model_name(self) -> str:
@@ -124,6 +125,20 @@ class Guard:
     @property
     def n_ctx(self) -> int:
         return self.context.n_ctx
+
+    @property
+    def checks_are_free(self) -> bool:
+        """True when a check decodes nothing (the head has no [CLS] probe block)."""
+        return not self._check.needs_probe
+
+    @property
+    def busy(self) -> bool:
+        return self._lock.locked()
+
+    def reset(self) -> None:
+        """Forget the cached conversation: the next call decodes its whole prompt."""
+        with self._turn():
+            self._cache.clear()
 
     def close(self) -> None:
         self.context.close()
@@ -135,17 +150,16 @@ class Guard:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- the public streams ----------------------------------------------------------
+    # -- the public calls ---------------------------------------------------------------
 
-    def chat(self, messages: Sequence[Mapping[str, str]], *, max_tokens: int = 256, temperature: float = 0.0,
-             top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05, seed: int | None = None,
-             repeat_penalty: float = 1.0, stop: Sequence[str] | str | None = None, **guard: Any) -> Iterator[Event]:
+    def chat(self, messages: Sequence[Mapping[str, str] | Message], *, max_tokens: int = 256,
+             temperature: float = 0.0, top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05,
+             seed: int | None = None, repeat_penalty: float = 1.0, stop: Sequence[str] | str | None = None,
+             **guard: Any) -> Iterator[Event]:
         """Events of one guarded answer to a conversation. A final assistant message is a prefill."""
-        prompt = self.format.tokens(messages)
-        query, answer = split_conversation(prompt, messages)
-        prefill = messages[-1]["content"] if messages[-1]["role"] == "assistant" else ""
+        request = self._chat_request(messages, guard)
         sampling = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, 64, seed)
-        return self._run(prompt, query, answer, prefill, sampling, max_tokens, stop, self.options.updated(**guard))
+        return _Run(self, _with(request, sampling, max_tokens, stop)).events()
 
     def complete(self, prompt: str, *, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 0.95,
                  top_k: int = 40, min_p: float = 0.05, seed: int | None = None, repeat_penalty: float = 1.0,
@@ -156,8 +170,18 @@ class Guard:
             tokens.extend([self.model.bos], -1)
         tokens.extend(self.model.tokenize(prompt, special=False), 0)
         query = [i for i, m in enumerate(tokens.message) if m >= 0]
+        request = _Request(tokens, query, [], "", SamplingParams(), 0, (), self.options.updated(**guard))
         sampling = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, 64, seed)
-        return self._run(tokens, query, [], "", sampling, max_tokens, stop, self.options.updated(**guard))
+        return _Run(self, _with(request, sampling, max_tokens, stop)).events()
+
+    def score(self, messages: Sequence[Mapping[str, str] | Message], **guard: Any) -> Verdict:
+        """The first check's probability and verdict for a conversation, without generating."""
+        request = self._chat_request(messages, guard)
+        with self._turn():
+            run = _Run(self, request)
+            run.start()
+            risk, malicious, _ = run.first_check_alone()
+        return Verdict(risk, malicious, run.threshold)
 
     def create_chat_completion(self, messages: Sequence[Mapping[str, str]], *, max_tokens: int = 256,
                                temperature: float = 0.0, top_p: float = 0.95, seed: int | None = None,
@@ -180,223 +204,278 @@ class Guard:
                                stop=stop, **sampling, **dict(guard or {}))
         return completion_chunks(events, self.model_name) if stream else completion_response(events, self.model_name)
 
-    # -- the loop ----------------------------------------------------------------------
+    # -- helpers of the calls -------------------------------------------------------------
 
-    def _run(self, prompt: PromptTokens, query: list[int], answer: list[int], prefill: str,
-             sampling: SamplingParams, max_tokens: int, stop: Sequence[str] | str | None,
-             options: GuardOptions) -> Iterator[Event]:
-        ctx = self.context
-        if len(prompt) + 1 > ctx.n_ctx:
-            raise ContextOverflowError(f"the prompt is {len(prompt)} tokens; the context holds {ctx.n_ctx}")
-        return _Run(self, prompt, query, answer, prefill, sampling, max_tokens, stop, options).events()
+    def _chat_request(self, messages: Sequence[Mapping[str, str] | Message], guard: Mapping[str, Any]) -> _Request:
+        msgs = [Message.coerce(m) for m in messages]
+        options = self.options.updated(**guard)
+        prompt = self.format.tokens(msgs)
+        as_dicts = [{"role": m.role, "content": m.content} for m in msgs]
+        query, prefill = split_conversation(prompt, as_dicts)
+        prefill_text = msgs[-1].content if msgs and msgs[-1].role == "assistant" else ""
+        return _Request(prompt, query, prefill, prefill_text, SamplingParams(), 0, (), options)
+
+    @contextmanager
+    def _turn(self) -> Iterator[None]:
+        """The busy flag: one generation (or score) at a time on this Guard's context."""
+        if not self._lock.acquire(blocking=False):
+            raise GuardBusyError("this Guard is already generating an answer; finish or close that event "
+                                 "stream first (a Guard runs one generation at a time)")
+        try:
+            yield
+        finally:
+            self._probe.release()
+            self._lock.release()
+
+    def _window_text(self, window: Window) -> str:
+        ids = self._cache.tokens
+        return self.model.detokenize([ids[p] for a, b in window.runs for p in range(a, b)])
+
+
+def _with(request: _Request, sampling: SamplingParams, max_tokens: int, stop: Sequence[str] | str | None) -> _Request:
+    from dataclasses import replace
+
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+        raise OptionsError(f"max_tokens must be a whole number >= 0, got {max_tokens!r}")
+    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    return replace(request, sampling=sampling, max_tokens=max_tokens, stops=tuple(s for s in stops if s))
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One planned ``llama_decode``. Layout: the answer token (if any) is entry 0; a riding
+    probe's tokens follow it, its last token being the batch's last entry."""
+
+    token: int | None          # the sampled answer token, None for a probe-only batch
+    pos: int                   # the answer token's position
+    check: int | None          # index of the check this batch carries or enables, None if none is due
+    window: list[int]          # the positions that check reads
+    entries: list[Entry]
+    probe_last: int | None     # batch index of the probe's last token
 
 
 class _Run:
-    """One guarded answer: the state of the loop, kept out of Guard so a Guard stays reusable."""
+    """The state of one guarded answer, kept out of Guard so a Guard stays reusable."""
 
-    def __init__(self, guard: Guard, prompt: PromptTokens, query: list[int], answer: list[int], prefill: str,
-                 sampling: SamplingParams, max_tokens: int, stop: Sequence[str] | str | None, options: GuardOptions):
+    def __init__(self, guard: Guard, request: _Request):
         self.g = guard
+        self.r = request
+        self.cache = guard._cache
         self.ctx = guard.context
-        self.prompt = prompt
-        self.tokens = list(prompt.ids)          # every decoded token, by position
-        self.query = query
-        self.answer = list(answer)              # positions of answer tokens (prefill included)
-        self.prefill = prefill
-        self.sampler = Sampler(guard.model, sampling)
-        self.max_tokens = max_tokens
-        self.stops = [stop] if isinstance(stop, str) else list(stop or [])
-        self.options = options
+        options = request.options
         head = guard.head
         self.threshold = options.threshold if options.threshold is not None else head.threshold
-        self.policy = Policy(options.policy, options.tau or head.tau, options.opener)
+        self.schedule = options.schedule.resolve(guard.checks_are_free)
+        self.policy = Policy(options.policy, options.tau or head.tau)
         self.window_state = WindowState()
+        self.sampler = Sampler(guard.model, request.sampling)
         self.detok = Detokenizer(guard.model)
+        self.answer = list(request.prefill)  # positions of answer tokens: prefill, then written ones
         self.text = ""
+        self.written = 0                     # sampled answer tokens emitted
         self.checks = 0
         self.query_risk: float | None = None
         self.max_risk: float | None = None
         self.guard_s = 0.0
-        self._plain_step_s: float | None = None
+        self.intervened = False
+        self.out = -1                        # batch index of the logits to sample from
+        self.reused = 0
 
-    # features for the heads ---------------------------------------------------------
+    # -- 1. start ---------------------------------------------------------------------------
 
-    def _blocks(self, head: Head, pos: int, window: Sequence[int] | None, probe_row: int | None,
-                rows: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
-        """The head's inputs: ``pos`` is the last token in the cache (what ``last`` reads)."""
-        history = self.g._history.states
-        out: dict[str, np.ndarray] = {}
-        for block in head.blocks:
-            if block.name == LEXICAL:
-                continue  # read from the text by the head itself
-            layer = block_layer(block.name)
-            if layer is None:
-                raise HeadError(f"this guardrail cannot compute feature block {block.name!r}")
-            hook, kind = layer_name(layer), block.name.split("/", 1)[1]
-            if kind == "last":
-                out[block.name] = history[hook][pos]
-            elif kind in ("mean", "max", "tail"):
-                out[block.name] = pool(history[hook], window or [pos], kind)
-            elif kind == "probe":
-                if rows is None or probe_row is None:
-                    raise HeadError(f"{block.name} needs a probe decode")
-                out[block.name] = rows[hook][probe_row]
-            else:
-                raise HeadError(f"this guardrail cannot compute feature block {block.name!r}")
-        return out
+    def start(self) -> None:
+        self.reused, self.out = self.cache.sync(self.r.prompt.ids)
 
-    def _token_risk(self, pos: int) -> float | None:
-        head = self.g.token_head
-        if head is None:
+    # -- 2. plan ----------------------------------------------------------------------------
+
+    def _plan(self, token: int | None) -> _Step:
+        """A probe rides with the token it precedes: its check reads the answer up to, not
+        including, that token (index = tokens written). A free check runs after the token is
+        decoded and reads it too (index = tokens written + 1)."""
+        pos = len(self.cache)
+        entries = [Entry(token, pos, (SEQ,), True)] if token is not None else []
+        if self.g._check.needs_probe:
+            index = self.written
+            if not self.schedule.due(index):
+                return _Step(token, pos, None, [], entries, None)
+            window = self._window(None)
+            entries += self.g._probe.attach(window)
+            return _Step(token, pos, index, window, entries, len(entries) - 1)
+        index = self.written + 1
+        if token is None or not self.schedule.due(index):
+            return _Step(token, pos, None, [], entries, None)
+        return _Step(token, pos, index, self._window(pos), entries, None)
+
+    def _window(self, held: int | None) -> list[int]:
+        answer = self.answer + ([held] if held is not None else [])
+        return choose_window(self.r.query, answer, self.window_state, self.r.options.window) or [len(self.cache) - 1]
+
+    # -- 3. decode --------------------------------------------------------------------------
+
+    def _decode(self, step: _Step) -> Any:
+        n_own = 1 if step.token is not None else 0
+        start = time.perf_counter()
+        result = self.cache.decode(step.entries, n_own)
+        if step.probe_last is not None:
+            self.guard_s += (time.perf_counter() - start) * (len(step.entries) - n_own) / len(step.entries)
+        if n_own:
+            self.out = 0
+        return result
+
+    # -- 4. read the check ------------------------------------------------------------------
+
+    def _read(self, step: _Step, result: Any) -> CheckEvent | None:
+        if step.check is None:
             return None
-        start = time.perf_counter()
-        text = self.g.model.detokenize(self.tokens[max(0, pos - 16):pos + 1]) if head.lexical else None
-        risk = head.score_one(self._blocks(head, pos, None, None, None), text)
-        self.guard_s += time.perf_counter() - start
-        return risk
+        probe = None
+        if step.probe_last is not None:
+            probe = {h: result.states.rows[h][step.probe_last] for h in self.g.hooks}
+            self.g._probe.release()
+        last = step.pos if step.probe_last is None else step.pos - 1  # a free check reads the new token
+        return self._verdict(step.check, step.window, last, probe)
 
-    def _check(self, window: list[int], last: int, probe_row: int,
-               rows: Mapping[str, np.ndarray]) -> tuple[float, bool]:
+    def _verdict(self, index: int, window: list[int], last: int, probe: Any) -> CheckEvent:
+        """Score the window; ``signal`` says what was read: the [CLS] probe or the window's own states."""
         start = time.perf_counter()
-        head = self.g.head
-        text = self.g.model.detokenize([self.tokens[p] for p in window]) if head.lexical else None
-        risk = head.score_one(self._blocks(head, last, window, probe_row, rows), text)
+        risk = self.g._check.risk(Window.of(window, last), probe)
         self.guard_s += time.perf_counter() - start
+        malicious = risk >= self.threshold
         self.checks += 1
         self.max_risk = risk if self.max_risk is None else max(self.max_risk, risk)
-        return risk, risk >= self.threshold
+        if index == 0:
+            self.query_risk = risk
+        update_window_state(self.window_state, malicious, len(self.answer))
+        return CheckEvent(index, risk, malicious, runs(window), signal="probe" if probe is not None else "window")
 
-    # decoding -------------------------------------------------------------------------
+    def first_check_alone(self) -> tuple[float, bool, CheckEvent]:
+        """The query check on its own: free for a probe-less head, one probe-only decode otherwise."""
+        if self.g._check.needs_probe:
+            step = self._plan(None)
+            event = self._read(step, self._decode(step))
+        else:
+            window = self._window(None)
+            event = self._verdict(0, window, len(self.cache) - 1, None)
+        return event.risk, event.malicious, event
 
-    def _decode(self, entries: list[Entry], positions: list[int], probe: bool) -> tuple[int, Any]:
-        """Decode, store the states of ``positions`` (the first entries); returns the last one's batch index."""
-        start = time.perf_counter()
-        result = self.ctx.decode(entries)
-        elapsed = time.perf_counter() - start
-        if probe and self._plain_step_s is not None:
-            self.guard_s += max(0.0, elapsed - self._plain_step_s)
-        elif len(entries) == 1:
-            self._plain_step_s = elapsed if self._plain_step_s is None else 0.9 * self._plain_step_s + 0.1 * elapsed
-        rows = result.states.rows if result.states is not None else {}
-        if positions and rows:
-            self.g._history.store(positions, rows, 0)
-        return len(positions) - 1, rows
+    # -- 5. apply the policy ----------------------------------------------------------------
 
-    def _prefill(self) -> int:
-        """Decode the whole prompt, keeping every chunk's states; returns the batch index of
-        its last token's logits."""
-        ids = self.prompt.ids
+    def _act(self, check: CheckEvent) -> Action:
+        return self.policy.on_verdict(check.index, check.malicious)
 
-        def keep(offset: int, result: Any) -> None:
-            if result.states is not None:
-                n = min(self.ctx.n_batch, len(ids) - offset)
-                self.g._history.store(range(offset, offset + n), result.states.rows, 0)
+    def _intervene(self, action: Action, index: int) -> Iterator[Event]:
+        """Write the end of the answer the guard now owns; the answer ends with it."""
+        self.intervened = True
+        if action.kind == "halt":
+            text = halt_text(self.r.prefill_text + self.text)
+            yield InterventionEvent(index, "halt", text, action.reason)
+            yield from self._emit_text(text)
+            return
+        opener = lead_in(self.r.prefill_text + self.text) + self.r.options.opener
+        yield InterventionEvent(index, "refuse", opener, action.reason)
+        reason = self._model_reason(opener) if self.r.options.reason == "model" else None
+        yield from self._emit_text(opener + (reason if reason is not None else FIXED_REASON))
 
-        return int(prefill(self.ctx, ids, on_chunk=keep).outputs[-1])
+    def _model_reason(self, opener: str) -> str | None:
+        """The model's own continuation of the opener, kept only when it is one plain reason.
 
-    def _write_forced(self, text: str, pos: int, index: int) -> Iterator[TokenEvent]:
-        """Decode the policy's text (the opener) as answer tokens, in one batch."""
-        forced = self.g.model.tokenize(text)
-        if pos + len(forced) >= self.ctx.n_ctx:
-            raise ContextOverflowError("no room left in the context for the refusal opener")
-        positions = list(range(pos, pos + len(forced)))
-        entries = [Entry(t, p, (0,), i == len(forced) - 1) for i, (t, p) in enumerate(zip(forced, positions))]
-        self.out_idx, _ = self._decode(entries, positions, probe=False)
-        for t, p in zip(forced, positions):
-            self.sampler.accept(t)
-            self.tokens.append(t)
-            self.answer.append(p)
-            piece = self.detok.push(t)
-            self.text += piece
-            yield TokenEvent(index, t, piece, self._token_risk(p), forced=True)
+        The opener is decoded into the cache, the reason sampled greedily and held back
+        until it is judged; the user never sees a reason that drifts."""
+        forced = self.g.model.tokenize(opener)
+        pos = len(self.cache)
+        if pos + len(forced) + MAX_REASON_TOKENS >= self.ctx.n_ctx:
+            return None
+        entries = [Entry(t, pos + i, (SEQ,), i == len(forced) - 1) for i, t in enumerate(forced)]
+        self.cache.decode(entries, len(entries))
+        greedy = Sampler(self.g.model, SamplingParams())
+        detok, text, out = Detokenizer(self.g.model), "", len(entries) - 1
+        for _ in range(MAX_REASON_TOKENS):
+            token = greedy.sample(self.ctx, out)
+            if self.g.model.is_eog(token):
+                break
+            piece = detok.push(token)
+            if "\n" in piece:
+                break
+            text += piece
+            self.cache.decode([Entry(token, len(self.cache), (SEQ,), True)], 1)
+            out = 0
+            if text.rstrip().endswith((".", "!", "?")):
+                break
+        text += detok.flush()
+        return (" " + text.strip()) if acceptable_reason(text) else None
 
-    # the loop -----------------------------------------------------------------------
+    # -- 6. emit ----------------------------------------------------------------------------
+
+    def _emit(self, token: int, pos: int) -> TokenEvent:
+        self.answer.append(pos)
+        self.written += 1
+        piece = self.detok.push(token)
+        self.text += piece
+        risk = None
+        if self.g._token_signal is not None:
+            start = time.perf_counter()
+            risk = self.g._token_signal.risk(Window(((pos, pos + 1),), pos))
+            self.guard_s += time.perf_counter() - start
+        return TokenEvent(self.written - 1, token, piece, risk)
+
+    def _emit_text(self, text: str) -> Iterator[TokenEvent]:
+        """Text the guard writes (not sampled): one forced event, never decoded."""
+        self.text += self.detok.flush() + text
+        yield TokenEvent(self.written, -1, text, None, forced=True)
+
+    def _stopped(self) -> bool:
+        stops = [s for s in self.r.stops if s in self.text]
+        if stops:
+            self.text = self.text[:min(self.text.find(s) for s in stops)]
+        return bool(stops)
+
+    # -- the loop ---------------------------------------------------------------------------
 
     def events(self) -> Iterator[Event]:
-        """Each iteration samples one token and decodes it, with the probe in the same batch when a
-        check is due. A token decoded with a check is held back until the verdict: if the policy
-        acts on it, the token is dropped from the cache unseen and the intervention takes its place."""
-        g, ctx = self.g, self.ctx
-        g.probe.release()
-        ctx.clear()
-        started = time.perf_counter()
-        yield QueryEvent(len(self.prompt), self.prefill)
-        self.out_idx = self._prefill()
-        pos, generated, finish = len(self.prompt), 0, "length"
-        action = CONTINUE
-        while True:
-            if action.kind == "halt":
-                self.text += action.text
-                yield TokenEvent(generated, -1, action.text, None, forced=True)
-                finish = "halt"
-                break
-            if action.kind == "insert":
-                yield from self._write_forced(action.text, pos, generated)
-                pos = len(self.tokens)
-                action = CONTINUE
-            first = self.checks == 0
-            budget_left = generated < self.max_tokens
-            if not (first or budget_left):
-                break
-            token = self.sampler.sample(ctx, self.out_idx)
-            eog = g.model.is_eog(token)
-            if eog and not first:
-                finish = "stop"
-                break
-            write = budget_left and not eog
-            if write and pos >= ctx.n_ctx:
-                raise ContextOverflowError(f"the answer reached the end of the context ({ctx.n_ctx} tokens)")
-            due = first or (self.options.schedule.due(generated) and not self.policy.intervened)
-            entries = [Entry(token, pos, (0,), True)] if write else []
-            window = choose_window(self.query, self.answer, self.window_state, self.options.window) if due else []
-            if due:
-                entries += g.probe.attach(window)
-            _, rows = self._decode(entries, [pos] if write else [], probe=due)
-            if due:
-                g.probe.release()
-                risk, malicious = self._check(window, pos - 1, len(entries) - 1, rows)
-                if first:
-                    self.query_risk = risk
-                yield CheckEvent(generated, risk, malicious, runs(window))
-                action = self._verdict(malicious)
-                if action.kind != "continue":
-                    yield InterventionEvent(generated, action.kind, action.text, action.reason)
-                    if write:
-                        ctx.seq_rm(0, pos, -1)  # the held-back token is never written
-                    continue
-            if eog:
-                finish = "stop"
-                break
-            if not write:
-                break
-            self.out_idx = 0
-            self.tokens.append(token)
-            self.answer.append(pos)
-            generated += 1
-            piece = self.detok.push(token)
-            self.text += piece
-            token_risk = self._token_risk(pos)
-            yield TokenEvent(generated - 1, token, piece, token_risk)
-            if token_risk is not None and not self.policy.intervened and self.options.schedule.token_due(generated):
-                malicious = token_risk >= g.token_head.threshold
-                self.checks += 1
-                self.max_risk = token_risk if self.max_risk is None else max(self.max_risk, token_risk)
-                yield CheckEvent(generated, token_risk, malicious, [(pos, pos + 1)], signal="token")
-                action = self._verdict(malicious)
-                if action.kind != "continue":
-                    yield InterventionEvent(generated, action.kind, action.text, action.reason)
-            pos += 1
-            if self.stops and any(s in self.text for s in self.stops):
-                self.text = self.text[:min(self.text.find(s) for s in self.stops if s in self.text)]
-                finish = "stop"
-                break
-        self.text += self.detok.flush()
-        elapsed = time.perf_counter() - started
-        yield DoneEvent(finish, self.text, generated, len(self.prompt), self.checks, self.policy.intervened,
-                        self.query_risk, self.max_risk, elapsed, generated / elapsed if elapsed > 0 else 0.0,
-                        self.guard_s)
+        with self.g._turn():
+            started = time.perf_counter()
+            self.start()
+            yield QueryEvent(len(self.r.prompt), self.r.prefill_text, self.reused)
+            finish = yield from self._answer()
+            if not self.intervened:
+                self.text += self.detok.flush()
+            elapsed = time.perf_counter() - started
+            yield DoneEvent(finish, self.text, self.written, len(self.r.prompt), self.checks, self.intervened,
+                            self.query_risk, self.max_risk, elapsed, self.written / elapsed if elapsed > 0 else 0.0,
+                            self.guard_s)
 
-    def _verdict(self, malicious: bool) -> Action:
-        answer_len = len(self.answer)
-        update_window_state(self.window_state, malicious, answer_len)
-        return self.policy.on_verdict(malicious, answer_len=answer_len)
+    def _answer(self) -> Iterator[Event]:
+        """The steps, until the answer ends; returns the finish reason."""
+        first_done = False
+        if not self.g._check.needs_probe:  # a free query check: before any token
+            _, _, check = self.first_check_alone()
+            first_done = True
+            yield check
+            action = self._act(check)
+            if action.acts:
+                yield from self._intervene(action, 0)
+                return action.kind
+        while True:
+            if self.written >= self.r.max_tokens and first_done:
+                return "length"
+            token = self.sampler.sample(self.ctx, self.out)
+            ends = self.g.model.is_eog(token) or self.written >= self.r.max_tokens
+            if ends and first_done:
+                return "stop" if self.g.model.is_eog(token) else "length"
+            if len(self.cache) + 1 + len(self.g._probe.tokens) >= self.ctx.n_ctx:
+                return "length"  # the context is full: keep what was written
+            step = self._plan(None if ends else token)
+            check = self._read(step, self._decode(step))
+            first_done = True
+            if check is not None:
+                yield check
+                action = self._act(check)
+                if action.acts:
+                    if step.token is not None:
+                        self.cache.cut(step.pos)  # the held-back token is never written
+                    yield from self._intervene(action, check.index)
+                    return action.kind
+            if step.token is None:
+                return "stop" if self.g.model.is_eog(token) else "length"
+            yield self._emit(token, step.pos)
+            if self._stopped():
+                return "stop"

@@ -1,63 +1,70 @@
-"""When to check during an answer, and with which signal.
+"""When a check runs during an answer.
 
-``due(step)`` says when the [CLS] probe runs (step 0 is the first check, on the
-query and any prefill, before the first answer token); ``token_due(step)`` says
-when the free token signal decides instead. On a compute-bound CPU every probe
-token costs about one decode step, so the default anneals: dense at the start,
-where an answer commits to complying or refusing, then sparse, then silent.
-``every`` decides at every step for free: the token signal at every step, the
-probe where annealing puts it; ``every-probe`` runs the probe itself every step.
+A check at index ``k`` reads the conversation with the first ``k`` answer
+tokens written (index 0: the query and any prefill, before the first token).
+``due(k)`` says whether it runs. Checks never stop before the answer does:
+annealing is dense at the start, where an answer commits to complying or
+refusing, then keeps a sparse period to the end.
+
+What a check costs depends on the head, not the schedule: a head without a
+[CLS] probe block reads only states the capture already holds (a few scalar
+operations, see ``features.LinearCheck``), so ``auto`` checks every step; a
+head with a probe pays about one decode step per probe token, so ``auto``
+anneals.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+KINDS = ("auto", "every", "annealing", "periodic", "first")
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """``kind``: every | every-probe | first | periodic | annealing."""
+    """``kind``: auto | every | annealing | periodic | first."""
 
-    kind: str = "annealing"
+    kind: str = "auto"
     period: int = 8          # periodic: every `period` tokens
     dense_until: int = 16    # annealing: every `dense_every` tokens up to here,
     dense_every: int = 4
-    sparse_until: int = 64   # then every `sparse_every` up to here, then stop
-    sparse_every: int = 16
+    sparse_every: int = 16   # then every `sparse_every` tokens to the end of the answer
 
-    def due(self, step: int) -> bool:
-        if step == 0:
+    def resolve(self, checks_are_free: bool) -> Schedule:
+        """``auto`` becomes ``every`` where checks cost nothing, ``annealing`` where they decode a probe."""
+        if self.kind != "auto":
+            return self
+        return replace(self, kind="every" if checks_are_free else "annealing")
+
+    def due(self, index: int) -> bool:
+        if index == 0:
             return True
-        if self.kind == "every-probe":
+        if self.kind == "every":
             return True
         if self.kind == "first":
             return False
         if self.kind == "periodic":
-            return step % self.period == 0
-        if self.kind in ("annealing", "every"):
-            if step <= self.dense_until:
-                return step % self.dense_every == 0
-            if step <= self.sparse_until:
-                return step % self.sparse_every == 0
-            return False
-        raise ValueError(f"unknown schedule {self.kind!r}")
-
-    def token_due(self, step: int) -> bool:
-        """Whether the token signal decides at this step (only where the probe does not run)."""
-        return self.kind == "every" and step > 0 and not self.due(step)
+            return index % self.period == 0
+        if self.kind == "annealing":
+            every = self.dense_every if index <= self.dense_until else self.sparse_every
+            return index % every == 0
+        raise ValueError(f"schedule {self.kind!r} must be resolved before use")
 
     @classmethod
     def parse(cls, spec: str) -> Schedule:
-        """'every', 'every-probe', 'first', 'annealing', or 'periodic:K'."""
-        name, _, arg = spec.partition(":")
+        """'auto', 'every', 'annealing', 'first', or 'periodic:K'."""
+        name, _, arg = str(spec).partition(":")
         if name == "periodic":
-            period = int(arg or 8)
+            try:
+                period = int(arg or 8)
+            except ValueError:
+                period = 0
             if period < 1:
-                raise ValueError("periodic:K needs K >= 1")
+                raise ValueError("periodic:K needs a whole number K >= 1")
             return cls("periodic", period=period)
-        if name in ("every", "every-probe", "first", "annealing") and not arg:
+        if name in KINDS and not arg:
             return cls(name)
-        raise ValueError(f"unknown schedule {spec!r}: use annealing, every, every-probe, first or periodic:K")
+        raise ValueError(f"unknown schedule {spec!r}: use auto, every, annealing, first or periodic:K")
 
     def __str__(self) -> str:
         return f"periodic:{self.period}" if self.kind == "periodic" else self.kind

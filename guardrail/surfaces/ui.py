@@ -61,7 +61,32 @@ class TokenStrip:
 
 
 def render_benchmark(report: Mapping[str, Any], out: Console | None = None) -> None:
+    """Any of `guardrail bench`'s reports: each is both sides of one run and their ratio."""
     out = out or console
+    if "variants" in report:
+        _render_capture(report, out)
+    elif report.get("kind") == "guard":
+        for row in report["lengths"]:
+            for s in row["schedules"]:
+                out.print(f"guard ({s['schedule']}), {row['max_tokens']}-token answers: {s['ratio']:.3f}x plain "
+                          f"tokens/s ({s['guarded_tps']:.1f} vs {s['plain_tps']:.1f}; {row['runs']} runs, "
+                          f"{row['prompts']} prompts)")
+    elif "turns" in report:
+        table = Table(title=f"A {len(report['turns'])}-turn chat on {report['model']}: guarded vs llama_cpp.Llama "
+                            f"({report['runs']} runs, medians)")
+        for column in ("turn", "prompt tokens", "TTFT guarded", "TTFT Llama", "TTFT ratio", "turn ratio"):
+            table.add_column(column, justify="right")
+        for t in report["turns"]:
+            table.add_row(str(t["turn"]), str(t["prompt_tokens"]), f"{t['ttft_guarded_s']:.3f} s",
+                          f"{t['ttft_plain_s']:.3f} s", f"{t['ttft_ratio']:.2f}", f"{t['turn_ratio']:.2f}")
+        out.print(table)
+    else:
+        out.print(f"extraction {report['extraction_tokens_per_s']:.0f} prompt tok/s vs plain "
+                  f"{report['plain_tokens_per_s']:.0f}: {report['ratio']:.3f}x ({report['conversations']} "
+                  f"conversations, layers {report['layers']}, probes {report['probes']}, {report['threads']} threads)")
+
+
+def _render_capture(report: Mapping[str, Any], out: Console) -> None:
     table = Table(title=f"Capture overhead on {report['model']} ({report['runs']} interleaved runs, medians)")
     for column in ("variant", "prompt tok/s", "decode tok/s", "prompt ratio", "decode ratio"):
         table.add_column(column, justify="right" if column != "variant" else "left")
@@ -110,7 +135,7 @@ class StreamState:
             self.checks += 1
             if event.index == 0:
                 self.query_risk, self.query_malicious = event.risk, event.malicious
-            if event.signal == "probe" and event.index:  # the token signal is already the colour
+            if event.index and (event.signal == "probe" or event.malicious):  # every-step checks: only alarms
                 self.pieces.append(("▏", "bold red" if event.malicious else "green"))
         elif kind == "intervention":
             self.intervention = f"{event.action} at token {event.index}: {event.reason}"
@@ -257,14 +282,63 @@ def render_training(head: Any, out: Console | None = None) -> None:
               f"training {secs.get('training', 0):.0f} s")
 
 
-def render_attack(report: Mapping[str, Any], out: Console | None = None) -> None:
+def render_attack(report: Mapping[str, Any], out: Console | None = None, *, sources: bool = False) -> None:
+    """The attack suites judged by content: ASR unguarded, by the old rule and by content; benign over-refusal."""
     out = out or console
-    table = Table(title=f"attack suites (schedule {report.get('schedule')}, {report.get('max_tokens')} tokens)")
-    for column in ("suite", "n", "ASR unguarded", "ASR guarded", "caught by query check", "caught by re-checks",
-                   "benign interventions"):
+    settings = [f"{label} {report[key]}" for key, label in (("policy", "policy"), ("schedule", "schedule"),
+                                                             ("max_tokens", "tokens"), ("long_tokens", "long suites"))
+                if report.get(key) is not None]
+    title = "attack suites" + (f" ({', '.join(settings)})" if settings else "")
+    table = Table(title=title)
+    for column in ("suite", "n", "ASR unguarded", "ASR guarded (old rule)", "ASR guarded (content)",
+                   "intervened, still complied", "benign interventions", "benign over-refusal (content)",
+                   "benign served, unguarded / guarded"):
         table.add_column(column, justify="left" if column == "suite" else "right")
-    for name, row in report["suites"].items():
-        table.add_row(name, str(row["n"]), _f(row.get("asr_unguarded"), 2), _f(row.get("asr_guarded"), 2),
-                      _f(row.get("caught_by_query_check"), 2), _f(row.get("caught_by_rechecks"), 2),
-                      _f(row.get("intervention_rate"), 2))
+
+    def row(name: str, block: Mapping[str, Any]) -> None:
+        table.add_row(name, str(block["n"]), _f(block.get("asr_unguarded"), 2), _f(block.get("asr_guarded_old"), 2),
+                      _f(block.get("asr_guarded"), 2), _f(block.get("intervened_but_complied"), 2),
+                      _f(block.get("intervention_rate"), 2), _f(block.get("over_refusal"), 2),
+                      "-" if "served_guarded" not in block else
+                      f"{block['served_unguarded']:.2f} / {block['served_guarded']:.2f}")
+
+    for name, block in report["suites"].items():
+        row(name, block)
+        if sources:
+            for source, sub in block.get("sources", {}).items():
+                row(f"  {source}", sub)
+    for kind, block in report.get("overall", {}).items():
+        if kind in ("harmful", "benign"):
+            row(f"all {kind}", block)
+    out.print(table)
+    pooled = report.get("forms_seen_vs_held_out") or {}
+    if pooled:
+        forms = Table(title="forms training used vs held-out forms (obfuscation, persona, multi-turn, spread, "
+                            "long, language)")
+        for column in ("requests", "forms", "n", "ASR unguarded", "intervened", "ASR guarded (content)",
+                       "benign interventions"):
+            forms.add_column(column, justify="left" if column in ("requests", "forms") else "right")
+        for kind, blocks in pooled.items():
+            for which, block in blocks.items():
+                forms.add_row(kind, which, str(block["n"]), _f(block.get("asr_unguarded"), 2),
+                              _f(block.get("intervened"), 2), _f(block.get("asr_guarded"), 2),
+                              _f(block.get("intervention_rate"), 2))
+        out.print(forms)
+
+
+def render_heads(rows: Sequence[Mapping[str, Any]], out: Console | None = None) -> None:
+    out = out or console
+    if not rows:
+        out.print("no safety heads found")
+        return
+    table = Table(title="safety heads guardrail finds (shipped, then trained with `guardrail train --model`)")
+    for column in ("model (sha256)", "arch", "created", "examples", "LOSO mean / min", "test AUROC", "path"):
+        table.add_column(column)
+    for row in rows:
+        if "error" in row:
+            table.add_row("-", "-", "-", "-", "-", "-", f"{row['path']}: {row['error']}")
+            continue
+        table.add_row(row["model_sha256"][:12], row["architecture"], str(row["created"]), str(row["examples"] or "-"),
+                      f"{_f(row['loso_mean_auroc'])} / {_f(row['loso_min_auroc'])}", _f(row["test_auroc"]),
+                      row["path"])
     out.print(table)

@@ -10,16 +10,31 @@ the window's text (for the lexical baseline).
 
 from __future__ import annotations
 
+import hashlib
+import json
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
+from guardrail.artifacts.wheels import cache_dir
 from guardrail.runtime.capture import layer_name
 from guardrail.runtime.chat import ChatFormat, PromptTokens
 from guardrail.runtime.engine import Context, Entry, Model
-from guardrail.runtime.features import POOLINGS, check_window, pool, probe_tokens, split_conversation
+from guardrail.runtime.features import (
+    POOLINGS,
+    StateHistory,
+    Window,
+    check_features,
+    first_window,
+    probe_tokens,
+    split_conversation,
+)
 from guardrail.runtime.probe import DEFAULT_PROBE_TEXT, Probe, WindowParams
+
+from .data.format import Example
 
 REFUSAL_OPENERS = ("Sorry", "I", "As", "Unfortunately", "No")
 COMPLIANCE_OPENERS = ("Sure", "Here", "Certainly", "Absolutely", "Step", "To", "1")
@@ -37,6 +52,7 @@ class FeatureConfig:
     max_tokens: int = 640
     n_parallel: int = 8
     n_batch: int = 1024
+    n_threads: int | None = None  # None: every core ($GUARDRAIL_THREADS)
 
 
 @dataclass
@@ -90,8 +106,10 @@ class FeatureExtractor:
         self.probe_names = ["probe"] + [f"probe{j}" for j in range(1, len(self.probes))]
         n_seq = 2 * config.n_parallel
         self.context = Context(model, n_ctx=config.n_parallel * (config.max_tokens + 64) + 256,
-                               n_batch=config.n_batch, n_seq_max=n_seq, hooks=self.hooks)
+                               n_batch=config.n_batch, n_seq_max=n_seq, hooks=self.hooks,
+                               n_threads=config.n_threads)
         self.refusal, self.compliance = opener_tokens(model)
+        self.tokens_decoded = 0  # prompt tokens of the conversations (probes not counted)
 
     def close(self) -> None:
         self.context.close()
@@ -107,7 +125,7 @@ class FeatureExtractor:
         texts = [""] * n
         group: list[int] = []
         used = 0
-        for i, (prompt, window) in enumerate(prepared):
+        for i, (prompt, _window) in enumerate(prepared):
             if group and (len(group) == self.config.n_parallel or used + len(prompt) > self.config.n_batch):
                 self._run_group(group, prepared, blocks, texts)
                 if progress:
@@ -124,7 +142,7 @@ class FeatureExtractor:
     def _prepare(self, messages: Sequence[dict]) -> tuple[PromptTokens, list[int]]:
         prompt = _truncate(self.format.tokens(messages), self.config.max_tokens)
         query, answer = split_conversation(prompt, messages)
-        window = check_window(query, answer, self.config.window) or [len(prompt) - 1]
+        window = first_window(query, answer, self.config.window)
         return prompt, window
 
     def _run_group(self, group: list[int], prepared, blocks, texts) -> None:
@@ -146,15 +164,19 @@ class FeatureExtractor:
             last = len(ids) - 1
             entries.extend(Entry(ids[p], p, (seq,), p == last) for p in range(shared, len(ids)))
         result = ctx.decode(entries)
+        self.tokens_decoded += shared + len(entries)
+        names = [f"{h}/{kind}" for h in self.hooks for kind in POOLINGS]
         for seq, i in enumerate(group):
             prompt, window = prepared[i]
             start, n_own = spans[seq], len(prompt) - shared
-            for h in self.hooks:
-                own = result.states.rows[h][start:start + n_own]
-                rows = np.concatenate([prefix_rows[h], own]) if shared else own
-                blocks[f"{h}/last"][i] = rows[-1]
-                for kind in ("mean", "max", "tail"):
-                    blocks[f"{h}/{kind}"][i] = pool(rows, window, kind)
+            history = StateHistory(self.hooks, self.model.info.n_embd, capacity=len(prompt))
+            own = {h: result.states.rows[h][start:start + n_own] for h in self.hooks}
+            if shared:
+                history.append(prefix_rows)
+            history.append(own)
+            # the same function the decoding loop's checks read
+            for name, vector in check_features(names, history, Window.of(window, len(prompt) - 1)).items():
+                blocks[name][i] = vector
             blocks["opener"][i] = opener_logodds(ctx.logits(start + n_own - 1), self.refusal, self.compliance)
             texts[i] = self.model.detokenize([prompt.ids[p] for p in window])
         for tokens, kind in zip(self.probes, self.probe_names):
@@ -178,3 +200,91 @@ def _common_prefix(prompts: Sequence[Sequence[int]]) -> int:
     while n < limit and all(p[n] == prompts[0][n] for p in prompts):
         n += 1
     return n
+
+
+# ---------------------------------------------------------------------------
+# Extraction as a job: cached, resumable, with an ETA
+
+CHUNK = 256  # conversations per saved part: a killed run loses at most one part's work
+_LAYOUT = b"features-v4"  # bump when what a cached file holds changes
+
+
+def conversation(example: Example) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in example.messages]
+
+
+def _cache_key(model_sha: str, config: FeatureConfig, examples: Sequence[Example]) -> str:
+    digest = hashlib.sha256()
+    digest.update(_LAYOUT)
+    digest.update(model_sha.encode())
+    what = {k: v for k, v in asdict(config).items() if k != "n_threads"}  # threads change speed, not features
+    digest.update(json.dumps(what, sort_keys=True, default=str).encode())
+    for example in examples:
+        digest.update(json.dumps([example.id, conversation(example)], ensure_ascii=False).encode())
+    return digest.hexdigest()[:24]
+
+
+def _save(path: Path, features: Features) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".part.npz")
+    # float32: some models' residual streams (Gemma 3's) exceed float16's range
+    np.savez(partial, __texts__=np.array(json.dumps(features.texts)), **features.blocks)
+    partial.replace(path)
+
+
+def _load(path: Path) -> Features:
+    with np.load(path, allow_pickle=False) as stored:
+        blocks = {k: stored[k].astype(np.float32) for k in stored.files if k != "__texts__"}
+        texts = json.loads(str(stored["__texts__"]))
+    return Features(blocks, texts)
+
+
+def _concat(parts: Sequence[Features]) -> Features:
+    names = [k for k in parts[0].blocks if not k.startswith("__")]
+    blocks = {k: np.concatenate([p.blocks[k] for p in parts]) for k in names}
+    for k in ("__seconds__", "__tokens__"):
+        blocks[k] = np.array([sum(float(p.blocks[k][0]) for p in parts if k in p.blocks)], np.float64)
+    return Features(blocks, [t for p in parts for t in p.texts])
+
+
+def extract_features(model: Model, model_sha: str, examples: Sequence[Example], config: FeatureConfig, *,
+                     progress: bool = True, label: str = "extracting features") -> Features:
+    """Features of every example, cached on disk by (model, config, examples).
+
+    The work is saved in parts of ``CHUNK`` conversations, so a killed run continues where it
+    stopped. ``__seconds__`` and ``__tokens__`` record the extraction's own time and the prompt
+    tokens it decoded (what ``guardrail bench --extraction`` compares with plain prompt processing)."""
+    from .progress import progress_bar
+
+    key = _cache_key(model_sha, config, examples)
+    final = cache_dir() / "features" / f"{key}.npz"
+    if final.is_file():
+        return _load(final)
+    parts_dir = final.with_name(f"{key}.parts")
+    chunks = [examples[i:i + CHUNK] for i in range(0, len(examples), CHUNK)] or [[]]
+    paths = [parts_dir / f"{i:05d}.npz" for i in range(len(chunks))]
+    todo = [i for i, path in enumerate(paths) if not path.is_file()]
+    extractor = None
+    try:
+        with progress_bar(progress) as bar:
+            done_before = sum(len(chunks[i]) for i in range(len(chunks)) if i not in todo)
+            resumed = f" ({done_before} cached)" if done_before else ""
+            task = bar.add_task(label + resumed, total=sum(len(chunks[i]) for i in todo))
+            for i in todo:
+                extractor = extractor or FeatureExtractor(model, config)
+                started = time.perf_counter()
+                part = extractor.extract([conversation(e) for e in chunks[i]], progress=lambda n: bar.advance(task, n))
+                part.blocks["__seconds__"] = np.array([time.perf_counter() - started], np.float64)
+                part.blocks["__tokens__"] = np.array([extractor.tokens_decoded], np.float64)
+                extractor.tokens_decoded = 0
+                _save(paths[i], part)
+    finally:
+        if extractor is not None:
+            extractor.close()
+    features = _concat([_load(path) for path in paths])
+    _save(final, features)
+    for path in paths:
+        path.unlink(missing_ok=True)
+    if parts_dir.is_dir() and not any(parts_dir.iterdir()):
+        parts_dir.rmdir()
+    return features

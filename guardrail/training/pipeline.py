@@ -7,10 +7,8 @@ keyed by the model's sha256, the feature config and the examples themselves.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -23,50 +21,8 @@ from guardrail.runtime.engine import Model
 
 from .data.format import Example
 from .evaluate import HeadRecipe, Labelled
-from .extraction import FeatureConfig, FeatureExtractor, Features
+from .extraction import FeatureConfig, Features, extract_features
 from .progress import progress_bar
-
-
-def conversation(example: Example) -> list[dict[str, str]]:
-    return [{"role": m.role, "content": m.content} for m in example.messages]
-
-
-def _cache_key(model_sha: str, config: FeatureConfig, examples: Sequence[Example]) -> str:
-    digest = hashlib.sha256()
-    digest.update(b"features-v3")  # bump when the stored layout changes
-    digest.update(model_sha.encode())
-    digest.update(json.dumps(asdict(config), sort_keys=True, default=str).encode())
-    for example in examples:
-        digest.update(json.dumps([example.id, conversation(example)], ensure_ascii=False).encode())
-    return digest.hexdigest()[:24]
-
-
-def extract_features(model: Model, model_sha: str, examples: Sequence[Example], config: FeatureConfig, *,
-                     progress: bool = True, label: str = "extracting features") -> Features:
-    """Features of every example, from the on-disk cache when this exact request was run before."""
-    path = cache_dir() / "features" / f"{_cache_key(model_sha, config, examples)}.npz"
-    if path.is_file():
-        with np.load(path, allow_pickle=False) as stored:
-            blocks = {k: stored[k].astype(np.float32) for k in stored.files if k != "__texts__"}
-            texts = json.loads(str(stored["__texts__"]))
-        return Features(blocks, texts)
-    extractor = FeatureExtractor(model, config)
-    started = time.perf_counter()
-    try:
-        with progress_bar(progress) as bar:
-            task = bar.add_task(label, total=len(examples))
-            features = extractor.extract([conversation(e) for e in examples],
-                                         progress=lambda n: bar.advance(task, n))
-    finally:
-        extractor.close()
-    features.blocks["__seconds__"] = np.array([time.perf_counter() - started], np.float32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".part.npz")
-    # float32: some models' residual streams (Gemma 3's) exceed float16's range
-    np.savez(partial, __texts__=np.array(json.dumps(features.texts)), **features.blocks)
-    partial.replace(path)
-    return features
-
 
 # ---------------------------------------------------------------------------
 # The whole recipe: data -> features -> LOSO -> head file
@@ -141,7 +97,7 @@ def train_head(model: Model, model_sha: str, data_dir: Path, config: FeatureConf
         with progress_bar(progress) as bar:
             for key, rec in (("loso", recipe), ("loso_baseline", HeadRecipe(blocks=(), lexical=True))):
                 task = bar.add_task(f"leave-one-source-out: {rec.describe()}", total=n_sources)
-                metrics[key] = loso(data, rec, fingerprint, progress=lambda _: bar.advance(task))
+                metrics[key] = loso(data, rec, fingerprint, progress=lambda _, task=task: bar.advance(task))
     train = np.flatnonzero(data.splits == "train")
     val = np.flatnonzero(data.splits == "val")
     test = np.flatnonzero(data.splits == "test")
@@ -156,6 +112,7 @@ def train_head(model: Model, model_sha: str, data_dir: Path, config: FeatureConf
         token_head = fit_head(data, train, val, token_recipe, fingerprint, layers=config.layers)
         metrics["token_test"] = evaluate_head(quantized(token_head), data, test)
         head = replace(head, token_head=token_head)
+    head = replace(head, baseline=baseline)  # shipped, so evaluation needs no training data
     metrics["seconds"] = {"extraction": extracted - started, "training": time.perf_counter() - extracted}
     manifest_path = data_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
@@ -244,29 +201,35 @@ def _head_and_config(model: Model, sha: str, head_path: str | None) -> tuple[Hea
 
 
 def evaluate_file(model_spec: str | None, head_path: str | None, data_file: Path | None) -> dict:
-    """The head and the text baseline (fitted on the head's own training rows) on labelled JSONL."""
-    from guardrail.head import ModelFingerprint
+    """The head and the text baseline it ships with, on labelled JSONL: reads only that file.
 
+    Features are extracted for what this head reads alone (its layers, its probe), so a
+    thousand conversations take minutes, not the training set's half hour."""
     from .data import read_jsonl
-    from .evaluate import baseline_head, evaluate_head
+    from .evaluate import evaluate_head
 
     model, sha = _model_and_sha(model_spec)
     head, config, _ = _head_and_config(model, sha, head_path)
-    data_dir = ensure_dataset(None)
-    _, train_data = load_labelled(model, sha, data_dir, config)
-    file = data_file or data_dir / "test.jsonl"
+    file = data_file or ensure_dataset(None) / "test.jsonl"
     examples = read_jsonl(file)
-    feats = extract_features(model, sha, examples, config, label=f"features: {file.name}")
+    feats = extract_features(model, sha, examples, config_for(head, config), label=f"features: {file.name}")
     data = Labelled(Features({k: v for k, v in feats.blocks.items() if not k.startswith("__")}, feats.texts),
                     np.array([e.label for e in examples]), np.array([e.source for e in examples], dtype=object),
                     np.array(["test"] * len(examples), dtype=object))
-    info = model.info
-    fingerprint = ModelFingerprint(sha, info.architecture, info.n_embd, info.n_layer)
-    baseline = baseline_head(train_data, np.flatnonzero(train_data.splits == "train"),
-                             np.flatnonzero(train_data.splits == "val"), fingerprint)
     rows = np.arange(len(examples))
-    return {"data": str(file), "threshold": head.threshold, **evaluate_head(head, data, rows),
-            "baseline": evaluate_head(baseline, data, rows)}
+    report = {"data": str(file), "threshold": head.threshold, **evaluate_head(head, data, rows)}
+    if head.baseline is not None:
+        report["baseline"] = evaluate_head(head.baseline, data, rows)
+    return report
+
+
+def config_for(head: Head, stored: FeatureConfig) -> FeatureConfig:
+    """The extraction a head needs and nothing more: its layers and, if it reads one, its probe."""
+    from guardrail.runtime.features import block_layer
+
+    layers = tuple(sorted({block_layer(b.name) for h in (head, head.token_head) if h for b in h.blocks} - {None}))
+    needs_probe = any(b.name.endswith("/probe") for b in head.blocks)
+    return replace(stored, layers=layers, probes=(head.probe_text,) if needs_probe else ())
 
 
 def loso_report(model_spec: str | None, head_path: str | None) -> dict:

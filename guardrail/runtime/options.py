@@ -1,0 +1,82 @@
+"""How the guard decides: the options a caller may set, checked in one place.
+
+Every surface (library, CLI, server, llm plugin) validates through
+:meth:`GuardOptions.updated`, so a bad value fails before any decoding, with
+one :class:`~guardrail.errors.OptionsError` line, and the rules are written once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from guardrail.errors import OptionsError
+
+from .policy import DEFAULT_OPENER, POLICIES, REASONS
+from .probe import WindowParams
+from .schedule import Schedule
+
+WINDOW_KEYS = ("r1", "r2", "r3")
+
+
+@dataclass(frozen=True)
+class GuardOptions:
+    """``threshold``/``tau`` of None mean: the head file's.
+
+    ``reason``: ``model`` lets the model write the refusal's reason (kept only when
+    it is one plain sentence), ``fixed`` always writes the fixed one."""
+
+    policy: str = "refuse"
+    schedule: Schedule = field(default_factory=Schedule)
+    threshold: float | None = None
+    tau: int | None = None
+    opener: str = DEFAULT_OPENER
+    reason: str = "fixed"
+    window: WindowParams = field(default_factory=WindowParams)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """Every option a caller may pass (the window's r1/r2/r3 by name)."""
+        return tuple(f.name for f in fields(cls) if f.name != "window") + WINDOW_KEYS
+
+    def updated(self, **changes: Any) -> GuardOptions:
+        """A copy with the given options changed (None leaves one as it is), or one OptionsError line."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        unknown = set(changes) - set(self.names())
+        if unknown:
+            raise OptionsError(f"unknown guard option(s): {', '.join(sorted(unknown))}; "
+                               f"known: {', '.join(self.names())}")
+        try:
+            if "schedule" in changes and not isinstance(changes["schedule"], Schedule):
+                changes["schedule"] = Schedule.parse(changes["schedule"])
+            windows = {k: _whole(k, changes.pop(k)) for k in WINDOW_KEYS if k in changes}
+            if windows:
+                changes["window"] = replace(self.window, **windows)
+        except ValueError as exc:
+            raise OptionsError(str(exc)) from None
+        options = replace(self, **changes)
+        options._check()
+        return options
+
+    def _check(self) -> None:
+        if self.policy not in POLICIES:
+            raise OptionsError(f"unknown policy {self.policy!r}: use one of {', '.join(POLICIES)}")
+        if self.reason not in REASONS:
+            raise OptionsError(f"unknown reason {self.reason!r}: use one of {', '.join(REASONS)}")
+        if self.tau is not None and (isinstance(self.tau, bool) or not isinstance(self.tau, int) or self.tau < 1):
+            raise OptionsError(f"tau must be a whole number of at least 1, got {self.tau!r}")
+        if self.threshold is not None:
+            if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
+                    or not math.isfinite(self.threshold) or not 0.0 <= self.threshold <= 1.0:
+                raise OptionsError(f"threshold must be a number between 0 and 1, got {self.threshold!r}")
+        if not isinstance(self.opener, str) or not self.opener.strip():
+            raise OptionsError("the refusal opener must be non-empty text")
+        if min(self.window.r1, self.window.r2, self.window.r3) < 1:
+            raise OptionsError("r1, r2 and r3 must be at least 1")
+
+
+def _whole(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    return value
