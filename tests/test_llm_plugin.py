@@ -112,7 +112,8 @@ def test_the_cli_prints_the_answer_and_logs_the_guards_summary_in_response_json(
     assert 0.0 <= summary["query_risk"] < summary["threshold"]
     assert summary["checks"] == len(summary["verdicts"]) > 1  # the query check, then the schedule's re-checks
     assert summary["verdicts"][0]["index"] == 0 and summary["verdicts"][0]["risk"] == round(summary["query_risk"], 4)
-    assert (summary["policy"], summary["schedule"]) == ("refuse", "annealing")
+    defaults = llm_plugin.guard_for(llm_plugin.KNOWN[MODEL]).options
+    assert (summary["policy"], summary["schedule"]) == (defaults.policy, str(defaults.schedule))
     assert (logged["input_tokens"], logged["output_tokens"]) == (summary["prompt_tokens"], 12)
 
 
@@ -121,7 +122,7 @@ def test_a_harmful_prompt_gets_the_guards_refusal_and_the_intervention_is_logged
     summary = last_logged()["response_json"]["guardrail"]
     assert summary["intervened"] is True and summary["query_risk"] >= summary["threshold"]
     (intervention,) = summary["interventions"]
-    assert (intervention["index"], intervention["action"]) == (0, "insert")
+    assert intervention["index"] == 0 and summary["policy"] == "refuse" and summary["finish_reason"] != "halt"
     assert output.startswith(intervention["text"])  # the refusal opener, then the model's own justification
 
 

@@ -150,7 +150,7 @@ class GuardedModel(llm.Model):
     class Options(llm.Options):
         policy: Policy | None = Field(None, description="what a malicious verdict does (default refuse)")
         schedule: str | None = Field(
-            None, description="when to check: annealing (default), every, every-probe, first or periodic:K")
+            None, description="when to check, a guard schedule such as every or periodic:K (default: the guard's)")
         threshold: float | None = Field(None, ge=0.0, le=1.0,
                                            description="malicious above this risk (default: the head's)")
         tau: int | None = Field(None, ge=1, description="consecutive malicious checks before acting mid-answer")
