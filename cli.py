@@ -232,7 +232,7 @@ def data() -> None:
 
 
 @data.command("build")
-@click.option("--preset", type=click.Choice(["default-v1", "capped-v2", "full-v2"]), default="default-v1",
+@click.option("--preset", type=click.Choice(["default-v1", "quick-v2", "capped-v2", "full-v2"]), default="default-v1",
               show_default=True, help="the recipe: default-v1 (200 requests/source, what the shipped heads saw), "
               "capped-v2 (the same plus the attack families), full-v2 (everything the sources hold)")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
@@ -257,19 +257,26 @@ def data_build(preset: str, out: str | None, max_per_source: int | None) -> None
 
 @cli.command()
 @click.option("--model", default=None, help=MODEL_HELP)
+@click.option("--preset", type=click.Choice(["quick", "full"]), default="quick", show_default=True,
+              help="quick: about 2,000 conversations (minutes); full: the shipped head's data (hours on a CPU)")
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None,
-              help="a built dataset (default: built on first use)")
-@click.option("--out", type=click.Path(dir_okay=False), required=True, help="where to write the head (.gguf)")
+              help="a built dataset instead of the preset's")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="where to write the head (default: your cache, where guardrail finds it for this model)")
 @click.option("--no-loso", is_flag=True, help="skip the leave-one-source-out report (faster)")
-def train(model, data_dir, out, no_loso) -> None:
-    """Train a head for a model with the default recipe and write it as GGUF (metrics inside)."""
+def train(model, preset, data_dir, out, no_loso) -> None:
+    """Train a safety head for a model (any GGUF chat model) and save it where guardrail finds it.
+
+    Feature extraction is saved as it goes: an interrupted run continues where it stopped."""
     from pathlib import Path
 
     from guardrail.surfaces.ui import render_training
-    from guardrail.training.pipeline import train_default
+    from guardrail.training.pipeline import train_for_model
 
-    head = train_default(model, Path(data_dir) if data_dir else None, Path(out), loso_sources=not no_loso)
+    head, path = train_for_model(model, preset=preset, data_dir=Path(data_dir) if data_dir else None,
+                                 out=Path(out) if out else None, loso_sources=not no_loso)
     render_training(head)
+    click.echo(f"saved {path}; guardrail uses it for this model from now on (see `guardrail heads`)")
 
 
 @cli.command()
