@@ -13,6 +13,7 @@ import click
 
 import guardrail  # noqa: F401  (loads llama.cpp before numpy)
 from guardrail.errors import GuardrailError
+from guardrail.runtime.policy import POLICIES
 
 MODEL_HELP = "a GGUF path or a known model name (default: the default model, fetched once)"
 
@@ -54,7 +55,7 @@ def guard_options(func):
     options = [
         click.option("--model", default=None, help=MODEL_HELP),
         click.option("--head", default=None, help="a head file (default: the one shipped for the model)"),
-        click.option("--policy", type=click.Choice(["refuse", "halt", "monitor"]), default=None,
+        click.option("--policy", type=click.Choice(POLICIES), default=None,
                      help="what a malicious verdict does (default refuse)"),
         click.option("--schedule", default=None, help="auto | every | annealing | first | periodic:K (default auto: every step when checks are free)"),
         click.option("--threshold", type=float, default=None, help="override the head's threshold"),
@@ -332,7 +333,7 @@ def evaluate(model, head, data_file, loso, as_json) -> None:
               help="answer length of every suite but the long-answer ones")
 @click.option("--long-tokens", type=click.IntRange(min=256), default=320, show_default=True,
               help="answer length of the long-answer suites")
-@click.option("--policy", type=click.Choice(["refuse", "halt", "monitor"]), default=None,
+@click.option("--policy", type=click.Choice(POLICIES), default=None,
               help="the guarded side's policy (default: the guard's, refuse)")
 @click.option("--schedule", default=None, help="the guarded side's schedule (default: the guard's)")
 @click.option("--answers", type=click.Path(dir_okay=False), default=None,
@@ -373,7 +374,7 @@ def attack(model, head, data_dir, suites, per_suite, max_tokens, long_tokens, po
 @click.option("--api-key", envvar="GUARDRAIL_API_KEY", default=None,
               help="require 'Authorization: Bearer KEY' on /v1 (or set GUARDRAIL_API_KEY)")
 @click.option("--n-ctx", type=click.IntRange(min=64), default=2048, show_default=True, help="context size in tokens")
-@click.option("--policy", type=click.Choice(["refuse", "halt", "monitor"]), default=None,
+@click.option("--policy", type=click.Choice(POLICIES), default=None,
               help="default policy (default refuse); a request may set its own in 'guardrail'")
 @click.option("--schedule", default=None, help="auto | every | annealing | first | periodic:K (default auto: every step when checks are free)")
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None, help="override the head's threshold")
