@@ -16,6 +16,7 @@ try:
 except ImportError as exc:  # llama-cpp-python missing or not the API guardrail binds: one line, no traceback
     sys.exit(f"error: {exc}")
 from guardrail.errors import GuardrailError  # noqa: E402
+from guardrail.runtime.policy import POLICIES  # noqa: E402
 
 MODEL_HELP = "a GGUF path or a known model name (default: the default model, fetched once)"
 
@@ -57,7 +58,7 @@ def guard_options(func):
     options = [
         click.option("--model", default=None, help=MODEL_HELP),
         click.option("--head", default=None, help="a head file (default: the one shipped for the model)"),
-        click.option("--policy", type=click.Choice(["refuse", "halt", "monitor"]), default=None,
+        click.option("--policy", type=click.Choice(POLICIES), default=None,
                      help="what a malicious verdict does (default refuse)"),
         click.option("--schedule", default=None, help="auto | every | annealing | first | periodic:K (default auto: every step when checks are free)"),
         click.option("--threshold", type=float, default=None, help="override the head's threshold"),
@@ -161,6 +162,19 @@ def demo(model, head, max_tokens) -> None:
     guard_tour(model, head, max_tokens=max_tokens)
 
 
+@cli.command(hidden=True)
+@click.option("--out", type=click.Path(dir_okay=False), default="docs/guardrail-chat.svg", show_default=True)
+@click.option("--model", default=None, help=MODEL_HELP)
+@click.option("--head", default=None, help="a head file (default: the one shipped for the model)")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=48, show_default=True)
+@click.option("--width", type=click.IntRange(min=40), default=110, show_default=True, help="terminal columns")
+def record(out, model, head, max_tokens, width) -> None:
+    """Record a guarded chat (a benign and a harmful turn) as the README's SVG picture."""
+    from guardrail.surfaces.record import record_chat
+
+    click.echo(str(record_chat(out, model=model, head=head, max_tokens=max_tokens, width=width)))
+
+
 @cli.command("capture-demo")
 @click.option("--model", default=None, help=MODEL_HELP)
 @click.option("--layer", type=int, default=None, help="layer to show (default: two thirds deep)")
@@ -222,35 +236,51 @@ def data() -> None:
 
 
 @data.command("build")
+@click.option("--preset", type=click.Choice(["default-v1", "quick-v2", "capped-v2", "full-v2"]), default="default-v1",
+              show_default=True, help="the recipe: default-v1 (200 requests/source, what the shipped heads saw), "
+              "capped-v2 (the same plus the attack families), full-v2 (everything the sources hold)")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="output directory (default: the cache's default dataset)")
-@click.option("--max-per-source", type=click.IntRange(min=10), default=200, show_default=True,
-              help="requests kept per source (derived examples scale with it)")
-def data_build(out: str | None, max_per_source: int) -> None:
+              help="output directory (default: the cache's directory named for the preset)")
+@click.option("--max-per-source", type=click.IntRange(min=10), default=None,
+              help="requests kept per source, the default-v1 recipe scaled to it (derived examples scale with it)")
+def data_build(preset: str, out: str | None, max_per_source: int | None) -> None:
     """Fetch every source, de-duplicate, augment, split by hash: train/val/test JSONL + manifest."""
     from pathlib import Path
 
+    from guardrail.artifacts.wheels import cache_dir
+    from guardrail.training.data.build import build_preset
     from guardrail.training.pipeline import default_data_dir, ensure_dataset
 
-    path = ensure_dataset(Path(out) if out else default_data_dir(), max_per_source=max_per_source)
+    if max_per_source is not None:
+        path = ensure_dataset(Path(out) if out else default_data_dir(), max_per_source=max_per_source)
+    else:
+        path = Path(out) if out else cache_dir() / "data" / preset
+        build_preset(path, preset)
     click.echo(str(path))
 
 
 @cli.command()
 @click.option("--model", default=None, help=MODEL_HELP)
+@click.option("--preset", type=click.Choice(["quick", "full"]), default="quick", show_default=True,
+              help="quick: about 2,000 conversations (minutes); full: the shipped head's data (hours on a CPU)")
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None,
-              help="a built dataset (default: built on first use)")
-@click.option("--out", type=click.Path(dir_okay=False), required=True, help="where to write the head (.gguf)")
+              help="a built dataset instead of the preset's")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="where to write the head (default: your cache, where guardrail finds it for this model)")
 @click.option("--no-loso", is_flag=True, help="skip the leave-one-source-out report (faster)")
-def train(model, data_dir, out, no_loso) -> None:
-    """Train a head for a model with the default recipe and write it as GGUF (metrics inside)."""
+def train(model, preset, data_dir, out, no_loso) -> None:
+    """Train a safety head for a model (any GGUF chat model) and save it where guardrail finds it.
+
+    Feature extraction is saved as it goes: an interrupted run continues where it stopped."""
     from pathlib import Path
 
     from guardrail.surfaces.ui import render_training
-    from guardrail.training.pipeline import train_default
+    from guardrail.training.pipeline import train_for_model
 
-    head = train_default(model, Path(data_dir) if data_dir else None, Path(out), loso_sources=not no_loso)
+    head, path = train_for_model(model, preset=preset, data_dir=Path(data_dir) if data_dir else None,
+                                 out=Path(out) if out else None, loso_sources=not no_loso)
     render_training(head)
+    click.echo(f"saved {path}; guardrail uses it for this model from now on (see `guardrail heads`)")
 
 
 @cli.command()
@@ -296,21 +326,46 @@ def evaluate(model, head, data_file, loso, as_json) -> None:
 @cli.command()
 @click.option("--model", default=None, help=MODEL_HELP)
 @click.option("--head", default=None, help="a head file (default: the one shipped for the model)")
-@click.option("--per-suite", type=int, default=30, show_default=True, help="requests per suite")
-@click.option("--max-tokens", type=int, default=40, show_default=True)
+@click.option("--data", "data_dir", type=click.Path(file_okay=False, exists=True), default=None,
+              help="a built dataset whose test split the suites draw on, e.g. ~/.cache/guardrail/data/full-v2 "
+              "(default: default-v1, built on first use)")
+@click.option("--suites", default=None,
+              help="comma-separated suites (e.g. direct,prefill-benign) or 'harmful' / 'benign' (default: all)")
+@click.option("--per-suite", type=click.IntRange(min=1), default=30, show_default=True, help="requests per suite")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+              help="answer length of every suite but the long-answer ones")
+@click.option("--long-tokens", type=click.IntRange(min=256), default=320, show_default=True,
+              help="answer length of the long-answer suites")
+@click.option("--policy", type=click.Choice(POLICIES), default=None,
+              help="the guarded side's policy (default: the guard's, refuse)")
+@click.option("--schedule", default=None, help="the guarded side's schedule (default: the guard's)")
+@click.option("--answers", type=click.Path(dir_okay=False), default=None,
+              help="also write every case's two answers and the judge's reading here (JSONL)")
+@click.option("--rejudge", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="generate nothing: judge the answers of an earlier --answers file afresh and report them")
+@click.option("--sources", "by_source", is_flag=True, help="show every suite's sources in the table")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def attack(model, head, per_suite, max_tokens, as_json) -> None:
-    """Attack suites (direct, prefill, jailbreak, sampling; benign over-refusal), unguarded vs guarded."""
-    from guardrail.measure.attack import attack_report
+def attack(model, head, data_dir, suites, per_suite, max_tokens, long_tokens, policy, schedule, answers, rejudge,
+           by_source, as_json):
+    """Attack suites with benign twins, unguarded vs guarded, judged by what the answer carries out."""
+    from pathlib import Path
+
+    from guardrail.measure.attack import attack_report, read_outcomes, summarize_outcomes
     from guardrail.surfaces.ui import render_attack
 
-    report = attack_report(model, head, per_suite=per_suite, max_tokens=max_tokens)
+    names = [s.strip() for s in suites.split(",") if s.strip()] if suites else None
+    if rejudge:
+        report = summarize_outcomes(read_outcomes(rejudge)) | {"rejudged": rejudge}
+    else:
+        report = attack_report(model, head, per_suite=per_suite, max_tokens=max_tokens, long_tokens=long_tokens,
+                               suites=names, data_dir=Path(data_dir) if data_dir else None,
+                               answers_out=Path(answers) if answers else None, policy=policy, schedule=schedule)
     if as_json:
         import json
 
         click.echo(json.dumps(report, indent=2))
     else:
-        render_attack(report)
+        render_attack(report, sources=by_source)
 
 
 @cli.command()
@@ -322,7 +377,7 @@ def attack(model, head, per_suite, max_tokens, as_json) -> None:
 @click.option("--api-key", envvar="GUARDRAIL_API_KEY", default=None,
               help="require 'Authorization: Bearer KEY' on /v1 (or set GUARDRAIL_API_KEY)")
 @click.option("--n-ctx", type=click.IntRange(min=64), default=2048, show_default=True, help="context size in tokens")
-@click.option("--policy", type=click.Choice(["refuse", "halt", "monitor"]), default=None,
+@click.option("--policy", type=click.Choice(POLICIES), default=None,
               help="default policy (default refuse); a request may set its own in 'guardrail'")
 @click.option("--schedule", default=None, help="auto | every | annealing | first | periodic:K (default auto: every step when checks are free)")
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None, help="override the head's threshold")

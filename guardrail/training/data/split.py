@@ -94,7 +94,7 @@ def _merge_answers(kept: Example, dropped: Example) -> Example:
 def split_for(origin_text: str, seed_text: str = "guardrail-v1",
               ratios: Sequence[float] = DEFAULT_RATIOS) -> str:
     """The split of a request, from sha256 of its normalised text (stable across runs and machines)."""
-    digest = hashlib.sha256(f"{seed_text}\x1f{normalise(origin_text)}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{seed_text}\x1f{normalise(origin_text)}".encode()).digest()
     point = int.from_bytes(digest[:8], "big") / 2 ** 64
     total = sum(ratios)
     edge = 0.0
