@@ -121,7 +121,7 @@ def test_messages_must_have_a_role_and_text(model):
 
 
 def test_an_existing_llama_shares_its_weights(model_path):
-    llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=256, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=256, logits_all=True, verbose=False)
     shared = Model.from_llama(llm)
     assert shared.handle == llm.model
     tokens = ChatFormat(shared).tokens([{"role": "user", "content": "Hi"}]).ids
