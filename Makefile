@@ -37,6 +37,8 @@ $(VENV)/.llama-installed:
 	touch $@
 
 $(VENV)/.guardrail-installed: $(VENV)/.llama-installed pyproject.toml native/capture.c
+	# The distribution was called "guardrail" before it became guardrail-llm: drop the old record.
+	$(PY) -m pip uninstall -y -q guardrail 2>/dev/null || true
 	$(PIP) install --no-build-isolation -e ".[test]"
 	touch $@
 

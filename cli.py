@@ -11,8 +11,12 @@ import sys
 
 import click
 
-import guardrail  # noqa: F401  (loads llama.cpp before numpy)
-from guardrail.errors import GuardrailError
+try:
+    import guardrail  # noqa: F401  (loads llama.cpp before numpy)
+except ImportError as exc:  # llama-cpp-python missing or not the API guardrail binds: one line, no traceback
+    sys.exit(f"error: {exc}")
+from guardrail.errors import GuardrailError  # noqa: E402
+from guardrail.runtime.policy import POLICIES  # noqa: E402
 
 MODEL_HELP = "a GGUF path or a known model name (default: the default model, fetched once)"
 
@@ -54,7 +58,7 @@ def guard_options(func):
     options = [
         click.option("--model", default=None, help=MODEL_HELP),
         click.option("--head", default=None, help="a head file (default: the one shipped for the model)"),
-        click.option("--policy", type=click.Choice(["refuse", "halt", "monitor"]), default=None,
+        click.option("--policy", type=click.Choice(POLICIES), default=None,
                      help="what a malicious verdict does (default refuse)"),
         click.option("--schedule", default=None, help="auto | every | annealing | first | periodic:K (default auto: every step when checks are free)"),
         click.option("--threshold", type=float, default=None, help="override the head's threshold"),
@@ -157,6 +161,19 @@ def demo(model, head, max_tokens) -> None:
     guard_tour(model, head, max_tokens=max_tokens)
 
 
+@cli.command(hidden=True)
+@click.option("--out", type=click.Path(dir_okay=False), default="docs/guardrail-chat.svg", show_default=True)
+@click.option("--model", default=None, help=MODEL_HELP)
+@click.option("--head", default=None, help="a head file (default: the one shipped for the model)")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=48, show_default=True)
+@click.option("--width", type=click.IntRange(min=40), default=110, show_default=True, help="terminal columns")
+def record(out, model, head, max_tokens, width) -> None:
+    """Record a guarded chat (a benign and a harmful turn) as the README's SVG picture."""
+    from guardrail.surfaces.record import record_chat
+
+    click.echo(str(record_chat(out, model=model, head=head, max_tokens=max_tokens, width=width)))
+
+
 @cli.command("capture-demo")
 @click.option("--model", default=None, help=MODEL_HELP)
 @click.option("--layer", type=int, default=None, help="layer to show (default: two thirds deep)")
@@ -218,7 +235,7 @@ def data() -> None:
 
 
 @data.command("build")
-@click.option("--preset", type=click.Choice(["default-v1", "capped-v2", "full-v2"]), default="default-v1",
+@click.option("--preset", type=click.Choice(["default-v1", "quick-v2", "capped-v2", "full-v2"]), default="default-v1",
               show_default=True, help="the recipe: default-v1 (200 requests/source, what the shipped heads saw), "
               "capped-v2 (the same plus the attack families), full-v2 (everything the sources hold)")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
@@ -243,19 +260,26 @@ def data_build(preset: str, out: str | None, max_per_source: int | None) -> None
 
 @cli.command()
 @click.option("--model", default=None, help=MODEL_HELP)
+@click.option("--preset", type=click.Choice(["quick", "full"]), default="quick", show_default=True,
+              help="quick: about 2,000 conversations (minutes); full: the shipped head's data (hours on a CPU)")
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None,
-              help="a built dataset (default: built on first use)")
-@click.option("--out", type=click.Path(dir_okay=False), required=True, help="where to write the head (.gguf)")
+              help="a built dataset instead of the preset's")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="where to write the head (default: your cache, where guardrail finds it for this model)")
 @click.option("--no-loso", is_flag=True, help="skip the leave-one-source-out report (faster)")
-def train(model, data_dir, out, no_loso) -> None:
-    """Train a head for a model with the default recipe and write it as GGUF (metrics inside)."""
+def train(model, preset, data_dir, out, no_loso) -> None:
+    """Train a safety head for a model (any GGUF chat model) and save it where guardrail finds it.
+
+    Feature extraction is saved as it goes: an interrupted run continues where it stopped."""
     from pathlib import Path
 
     from guardrail.surfaces.ui import render_training
-    from guardrail.training.pipeline import train_default
+    from guardrail.training.pipeline import train_for_model
 
-    head = train_default(model, Path(data_dir) if data_dir else None, Path(out), loso_sources=not no_loso)
+    head, path = train_for_model(model, preset=preset, data_dir=Path(data_dir) if data_dir else None,
+                                 out=Path(out) if out else None, loso_sources=not no_loso)
     render_training(head)
+    click.echo(f"saved {path}; guardrail uses it for this model from now on (see `guardrail heads`)")
 
 
 @cli.command()
@@ -311,7 +335,7 @@ def evaluate(model, head, data_file, loso, as_json) -> None:
               help="answer length of every suite but the long-answer ones")
 @click.option("--long-tokens", type=click.IntRange(min=256), default=320, show_default=True,
               help="answer length of the long-answer suites")
-@click.option("--policy", type=click.Choice(["refuse", "halt", "monitor"]), default=None,
+@click.option("--policy", type=click.Choice(POLICIES), default=None,
               help="the guarded side's policy (default: the guard's, refuse)")
 @click.option("--schedule", default=None, help="the guarded side's schedule (default: the guard's)")
 @click.option("--answers", type=click.Path(dir_okay=False), default=None,
@@ -352,8 +376,7 @@ def attack(model, head, data_dir, suites, per_suite, max_tokens, long_tokens, po
 @click.option("--api-key", envvar="GUARDRAIL_API_KEY", default=None,
               help="require 'Authorization: Bearer KEY' (or set GUARDRAIL_API_KEY); /health stays open, minimal")
 @click.option("--n-ctx", type=click.IntRange(min=64), default=None, help="context size in tokens (default: the guard's)")
-@click.option("--policy", type=click.Choice(["refuse", "halt", "monitor"]), default=None,
-              help="the guard's policy (default refuse)")
+@click.option("--policy", type=click.Choice(POLICIES), default=None, help="the guard's policy (default refuse)")
 @click.option("--schedule", default=None, help="auto | every | annealing | first | periodic:K (default auto: every step when checks are free)")
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None, help="override the head's threshold")
 @click.option("--tau", type=click.IntRange(min=1), default=None,

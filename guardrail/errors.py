@@ -45,3 +45,7 @@ class DataError(GuardrailError):
 
 class GuardBusyError(GuardrailError):
     """A Guard was asked for a second generation while one is still running (it runs one at a time)."""
+
+
+class LlamaCppError(GuardrailError, ImportError):
+    """llama-cpp-python is missing, fails to load, or lacks the low-level API guardrail binds."""

@@ -6,7 +6,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from guardrail.errors import CaptureError
+from guardrail.errors import CaptureError, ContextOverflowError
 from guardrail.runtime.capture import RESULT_NORM, layer_name
 from guardrail.runtime.chat import ChatFormat
 from guardrail.runtime.engine import Context, Entry, Sampler, generate, prefill
@@ -102,13 +102,18 @@ def test_hooks_that_do_not_exist_are_refused(model):
         Context(model, hooks=("attn_out-3",))
 
 
-def test_prefill_reports_chunks_and_overflow(model):
+def test_prefill_reports_each_chunk_and_refuses_a_prompt_past_the_context(model):
     tokens = _prompt(model)
     seen = []
     with Context(model, n_ctx=256, n_batch=16, hooks=(layer_name(4),)) as ctx:
         prefill(ctx, tokens, on_chunk=lambda off, r: seen.append((off, len(r.states.rows[layer_name(4)]))))
-    assert [off for off, _ in seen] == list(range(0, len(tokens), 16))
-    assert sum(n for _, n in seen) == len(tokens)
+        assert [off for off, _ in seen] == list(range(0, len(tokens), 16))
+        assert sum(n for _, n in seen) == len(tokens)
+        ctx.clear()
+        too_long = (tokens * (ctx.n_ctx // len(tokens) + 1))[: ctx.n_ctx + 1]
+        with pytest.raises(ContextOverflowError, match="context holds"):
+            prefill(ctx, too_long)
+        assert ctx.seq_pos_max(0) == -1  # refused before anything was decoded
 
 
 @pytest.fixture(scope="session")

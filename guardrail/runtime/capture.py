@@ -103,7 +103,7 @@ def check_bindings() -> None:
     if missing:
         raise CaptureError(
             f"llama-cpp-python {llama_cpp.__version__} lacks context fields {sorted(missing)}; "
-            "guardrail needs llama-cpp-python 0.3.36")
+            "guardrail needs llama-cpp-python >=0.3.15")
 
 
 @dataclass(frozen=True)

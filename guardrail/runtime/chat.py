@@ -2,16 +2,28 @@
 
 Every message's content is swapped for a sentinel, the template is rendered and
 cut at the sentinels: template text is tokenized with special tokens on, user
-and assistant text with special tokens off, so a user typing ``<|im_end|>`` gets
-plain text. ``PromptTokens.message`` says which message each token came from.
+and assistant text so that no special token can come out of it, so a user
+typing ``<|im_end|>`` gets plain text. ``PromptTokens.message`` says which
+message each token came from.
+
+The Jinja environment is the one Hugging Face's ``apply_chat_template`` gives
+templates (sandboxed, ``tojson``, ``raise_exception``, ``strftime_now``,
+``{% generation %}``), so templates written for it render the same here.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
+
+import llama_cpp.llama_cpp as llama_low
 
 from guardrail.errors import ContextError, ModelError
 
@@ -32,7 +44,11 @@ FALLBACK_TEMPLATES = {
 }
 FALLBACK_TEMPLATES["gemma"] = FALLBACK_TEMPLATES["gemma3"]
 
-_SENTINEL = "\u2063GR{}\u2063"  # invisible separator: never in a template, survives trim
+# Invisible separators around the message's index: never in a template, survive trim.
+_SENTINEL = "\u2063GR{}\u2063"
+_SENTINEL_RE = re.compile("\u2063GR([0-9]+)\u2063")
+# User-defined tokens that are ordinary text, not markup: Gemma's HTML tags (<table>, </td>).
+_HTML_TAG = re.compile(r"</?[a-z][a-z0-9]*>")
 
 
 @dataclass(frozen=True)
@@ -44,9 +60,11 @@ class Message:
     def coerce(cls, value: Message | dict[str, Any]) -> Message:
         if isinstance(value, Message):
             return value
+        if not isinstance(value, dict):
+            raise ContextError(f"a message is an object with a role and content, not {type(value).__name__}")
         role, content = value.get("role"), value.get("content")
         if role not in ("system", "user", "assistant") or not isinstance(content, str):
-            raise ContextError(f"a message needs role system/user/assistant and text content: {value!r}")
+            raise ContextError(f"a message needs role system/user/assistant and text content: {value!r:.200}")
         return cls(role, content)
 
 
@@ -69,41 +87,214 @@ class PromptTokens:
         return len(self.ids)
 
 
+_SPECIALS: weakref.WeakKeyDictionary[Model, dict[int, str]] = weakref.WeakKeyDictionary()
+
+
+def special_tokens(model: Model) -> dict[int, str]:
+    """The tokens text a person writes must never become, by id: the vocabulary's markup.
+
+    Control and unknown-type tokens, end-of-generation and the vocabulary's
+    bos/eos/eot/pad/sep tokens, and user-defined tokens that are markup
+    (``<|START_OF_TURN_TOKEN|>``, ``<|tool_call>``), not text (whitespace runs,
+    single characters, HTML tags). Read once per model (a scan of the vocabulary).
+    """
+    cached = _SPECIALS.get(model)
+    if cached is not None:
+        return dict(cached)
+    vocab = model.vocab
+    named = {llama_low.llama_vocab_bos(vocab), llama_low.llama_vocab_eos(vocab), llama_low.llama_vocab_eot(vocab),
+             llama_low.llama_vocab_pad(vocab), llama_low.llama_vocab_sep(vocab)}
+    marked = llama_low.LLAMA_TOKEN_ATTR_CONTROL | llama_low.LLAMA_TOKEN_ATTR_UNKNOWN
+    user = llama_low.LLAMA_TOKEN_ATTR_USER_DEFINED
+    out: dict[int, str] = {}
+    for token in range(model.info.n_vocab):
+        attr = llama_low.llama_vocab_get_attr(vocab, token)
+        always = bool(attr & marked) or token in named or model.is_eog(token)
+        if not (always or attr & user):
+            continue
+        text = (llama_low.llama_vocab_get_text(vocab, token) or b"").decode("utf-8", "replace")
+        if always:
+            out[token] = text
+        elif len(text.strip()) > 1 and not _HTML_TAG.fullmatch(text):
+            out[token] = text
+    _SPECIALS[model] = out
+    return dict(out)
+
+
+class PlainText:
+    """Tokenizes text a person wrote so that no special token comes out of it.
+
+    ``special=False`` already keeps control tokens out, but llama.cpp still
+    matches user-defined tokens in plain text, and some vocabularies declare
+    their turn markers that way (Command-R's ``<|START_OF_TURN_TOKEN|>``):
+    those are found first and tokenized in pieces too small to match.
+    """
+
+    def __init__(self, model: Model, specials: dict[int, str] | None = None):
+        self.model = model
+        specials = special_tokens(model) if specials is None else specials
+        self.special_ids = frozenset(specials)
+        user = llama_low.LLAMA_TOKEN_ATTR_USER_DEFINED
+        texts = {text for token, text in specials.items()
+                 if text and llama_low.llama_vocab_get_attr(model.vocab, token) & user}
+        self._pattern = _trie_pattern(texts) if texts else None
+
+    def tokenize(self, text: str) -> list[int]:
+        ids = self._tokenize(text)
+        if self.special_ids.isdisjoint(ids):
+            return ids
+        # Not seen in any of llama.cpp's tokenizer families; kept so the promise holds for any vocabulary.
+        return [token for char in text for token in self.model.tokenize(char, special=False)]
+
+    def _tokenize(self, text: str) -> list[int]:
+        if self._pattern is None or self._pattern.search(text) is None:
+            return self.model.tokenize(text, special=False)
+        ids: list[int] = []
+        start = 0
+        for match in self._pattern.finditer(text):
+            ids += self.model.tokenize(text[start:match.start()], special=False) if match.start() > start else []
+            ids += self._split(match.group())
+            start = match.end()
+        if start < len(text):
+            ids += self.model.tokenize(text[start:], special=False)
+        return ids
+
+    def _split(self, text: str) -> list[int]:
+        """A special token's text, as plain-text tokens: halves until none is special."""
+        ids = self.model.tokenize(text, special=False)
+        if len(text) < 2 or not self.special_ids.intersection(ids):
+            return ids
+        middle = len(text) // 2
+        return self._split(text[:middle]) + self._split(text[middle:])
+
+
+def _trie_pattern(words: set[str]) -> re.Pattern[str]:
+    """A regex matching any of ``words`` (longest first), as a prefix tree: thousands of
+    ``[PAD123]`` tokens cost a few steps per character, not one per word."""
+    trie: dict[str, Any] = {}
+    for word in words:
+        node = trie
+        for char in word:
+            node = node.setdefault(char, {})
+        node[""] = {}
+
+    def build(node: dict[str, Any]) -> str:
+        branches = [re.escape(char) + build(child) for char, child in sorted(node.items()) if char]
+        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+        return "" if not branches else f"(?:{body})?" if "" in node else body
+
+    return re.compile(build(trie))
+
+
+def split_at_sentinels(rendered: str, count: int) -> list[tuple[str, int]] | None:
+    """The rendered text cut at the ``count`` sentinels, in one pass.
+
+    ``(markup before it, message index)`` for each sentinel in rendered order
+    (a template may move a message: Mistral puts the system prompt in the last
+    user turn), then ``(markup after the last, -1)``. None unless every
+    message appears exactly once.
+    """
+    pieces: list[tuple[str, int]] = []
+    seen = [False] * count
+    start = 0
+    for match in _SENTINEL_RE.finditer(rendered):
+        index = int(match.group(1))
+        if index >= count or seen[index]:
+            return None
+        seen[index] = True
+        pieces.append((rendered[start:match.start()], index))
+        start = match.end()
+    if len(pieces) != count:
+        return None
+    pieces.append((rendered[start:], -1))
+    return pieces
+
+
+def _environment() -> Any:
+    """Hugging Face's chat-template environment: sandboxed, immutable, with its helpers."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(jinja2.ext.Extension):
+        """``{% generation %}...{% endgeneration %}`` (marks assistant text for training): rendered as is."""
+
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body, lineno=lineno)
+
+    def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+               separators: Any = None, sort_keys: bool = False) -> str:
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols, Generation])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    return env
+
+
 class ChatFormat:
     """Renders messages with the model's own Jinja template, content kept out of special parsing.
 
-    Each message's content is replaced by a sentinel, the template is rendered,
-    and the result is cut at the sentinels: the template's text is tokenized
-    with special tokens on, the contents with special tokens off.
+    ``template``: None (the model's own, else a built-in by architecture), a
+    built-in's name (``chatml``, ``gemma3``), a path to a ``.jinja`` file, or
+    Jinja source. ``name`` labels the template in errors.
     """
 
-    def __init__(self, model: Model, template: str | None = None):
+    def __init__(self, model: Model, template: str | os.PathLike[str] | None = None, *, name: str | None = None):
         import jinja2
-        import jinja2.ext
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        source = template or model.info.chat_template
-        if source in FALLBACK_TEMPLATES:
-            source = FALLBACK_TEMPLATES[source]
-        if source is None:
-            source = FALLBACK_TEMPLATES.get(model.info.architecture)
-        if source is None:
-            raise ModelError(
-                f"{model.info.name} has no chat template; pass one (e.g. --template chatml)")
+        source, label = self._resolve(model, template)
+        self.name = name or label
         self.model = model
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=[jinja2.ext.loopcontrols])
-
-        def raise_exception(message: str) -> None:
-            raise ContextError(f"the chat template refused the conversation: {message}")
-
-        env.globals.update(raise_exception=raise_exception,
-                           strftime_now=lambda fmt: datetime.now().strftime(fmt))
         try:
-            self._template = env.from_string(source)
+            self._template = _environment().from_string(source)
         except jinja2.TemplateError as exc:
-            raise ModelError(f"the model's chat template does not parse: {exc}") from None
-        self._bos_text = model.piece(model.bos, special=True).decode("utf-8", "replace") if model.bos >= 0 else ""
+            raise ModelError(f"the chat template {self.name} does not parse: {_reason(exc)}") from None
+        specials = special_tokens(model)
+        self.plain = PlainText(model, specials)
+        self._bos_text = specials.get(model.bos, "")
+        eos = llama_low.llama_vocab_eos(model.vocab)
+        self._eos_text = specials.get(eos, "")
+        self._markup: dict[str, list[int]] = {}
+
+    @staticmethod
+    def _resolve(model: Model, template: str | os.PathLike[str] | None) -> tuple[str, str]:
+        if template is None:
+            if model.info.chat_template:
+                return model.info.chat_template, f"of {model.info.name}"
+            fallback = FALLBACK_TEMPLATES.get(model.info.architecture)
+            if fallback is None:
+                raise ModelError(f"{model.info.name} has no chat template; pass one (e.g. template='chatml')")
+            return fallback, f"{model.info.architecture} (built in)"
+        if isinstance(template, str) and template in FALLBACK_TEMPLATES:
+            return FALLBACK_TEMPLATES[template], f"{template} (built in)"
+        if isinstance(template, os.PathLike) or (isinstance(template, str) and "{" not in template):
+            path = Path(template).expanduser()
+            if not path.is_file():
+                raise ModelError(f"chat template not found: {path} (built in: {', '.join(FALLBACK_TEMPLATES)})")
+            try:
+                return path.read_text(encoding="utf-8"), path.name
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ModelError(f"could not read the chat template {path}: {exc}") from None
+        return str(template), "given"
+
+    def render(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool) -> str:
+        """The template's text for these messages; a template's refusal is a ContextError naming it."""
+        try:
+            return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                         bos_token=self._bos_text, eos_token=self._eos_text, tools=None)
+        except Exception as exc:  # the template's own error (raise_exception, roles out of order, ...)
+            raise ContextError(f"the chat template {self.name} could not render this conversation: "
+                               f"{_reason(exc)}") from None
 
     def tokens(self, messages: Sequence[Message | dict[str, Any]]) -> PromptTokens:
         """Tokens to decode before the answer. A final assistant message is a prefill: continued, not closed."""
@@ -112,33 +303,51 @@ class ChatFormat:
             raise ContextError("a conversation needs at least one message")
         prefill = msgs[-1].role == "assistant"
         stand_ins = [{"role": m.role, "content": _SENTINEL.format(i)} for i, m in enumerate(msgs)]
-        try:
-            rendered = self._template.render(
-                messages=stand_ins, add_generation_prompt=not prefill,
-                bos_token=self._bos_text, eos_token="")
-        except ContextError:
-            raise
-        except Exception as exc:  # a template's own error, e.g. roles out of order
-            raise ContextError(f"the chat template could not render this conversation: {exc}") from None
+        rendered = self.render(stand_ins, add_generation_prompt=not prefill)
+        pieces = split_at_sentinels(rendered, len(msgs))
+        if pieces is None:
+            raise ContextError(f"the chat template {self.name} {_mangled(rendered, msgs)}; guardrail needs each "
+                               "message's text once, as is, to keep it out of special-token parsing")
+        if prefill and pieces[-2][1] != len(msgs) - 1:
+            raise ContextError(f"the chat template {self.name} does not end with the final assistant message, "
+                               "so it cannot be continued as a prefill")
         out = PromptTokens()
-        rest = rendered
-        for i, message in enumerate(msgs):
-            marker = _SENTINEL.format(i)
-            if rest.count(marker) != 1:
-                raise ContextError("the chat template rewrites message text; guardrail cannot "
-                                   "keep user text out of special-token parsing with it")
-            markup, rest = rest.split(marker)
+        contents: dict[str, list[int]] = {}  # a conversation often repeats itself; tokenizing is ~10-100 us a call
+        for markup, index in pieces[:-1]:
             self._add_markup(out, markup)
-            out.extend(self.model.tokenize(message.content, special=False), i)
+            text = msgs[index].content
+            if text not in contents:
+                contents[text] = self.plain.tokenize(text)
+            out.extend(contents[text], index)
         if not prefill:
-            self._add_markup(out, rest)
+            self._add_markup(out, pieces[-1][0])
         if self.model.info.add_bos and (not out.ids or out.ids[0] != self.model.bos):
             out.ids.insert(0, self.model.bos)
             out.message.insert(0, -1)
         return out
 
     def _add_markup(self, out: PromptTokens, markup: str) -> None:
-        if markup:
-            out.extend(self.model.tokenize(markup, special=True), -1)
+        if not markup:
+            return
+        ids = self._markup.get(markup)
+        if ids is None:
+            if len(self._markup) >= 512:  # a template's markup takes few forms; bound it anyway
+                self._markup.clear()
+            ids = self._markup[markup] = self.model.tokenize(markup, special=True)
+        out.extend(ids, -1)
 
 
+def _mangled(rendered: str, msgs: Sequence[Message]) -> str:
+    """What a template did to the messages' text (for the error when the split fails)."""
+    found = [int(m.group(1)) for m in _SENTINEL_RE.finditer(rendered)]
+    for i, message in enumerate(msgs):
+        if found.count(i) != 1:
+            verb = "leaves out or rewrites" if i not in found else "repeats"
+            return f"{verb} message {i} ({message.role})"
+    return "reorders the messages"
+
+
+def _reason(exc: Exception) -> str:
+    """An exception as one line: its message, else its type."""
+    text = " ".join(str(exc).split())
+    return text if text else type(exc).__name__

@@ -26,6 +26,7 @@ import llama_cpp  # load llama.cpp before numpy (see README, import order)
 import llama_cpp.llama_cpp as llama_low
 import numpy as np
 
+from guardrail.artifacts.models import KNOWN_MODELS
 from guardrail.errors import ContextError, ContextOverflowError, ModelError
 
 from .capture import BatchStates, NativeCapture
@@ -115,15 +116,26 @@ class ModelInfo:
         return 2 * self.n_layer * self.n_head_kv * self.head_dim * 2
 
 
+def display_name(path: Path) -> str:
+    """A known model's name, else the file's: never the GGUF's own ``general.name``, which is often
+    a training-run label ("Smollm2 135M 8k Lc100K Mix1 Ep2")."""
+    for name, known in KNOWN_MODELS.items():
+        if known.filename == path.name:
+            return name
+    return path.stem
+
+
 class Model:
     """A loaded GGUF model: weights, vocabulary, metadata. Owns the llama_model unless borrowed."""
 
-    def __init__(self, path: str | os.PathLike[str], *, n_gpu_layers: int = -1):
+    def __init__(self, path: str | os.PathLike[str], *, n_gpu_layers: int = -1, vocab_only: bool = False):
         _init_backend()
         self.path = Path(path).expanduser()
         check_gguf(self.path)
         params = llama_low.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else 0x7FFFFFFF
+        params.vocab_only = vocab_only  # tokenizer and metadata only: no weights, no context possible
+        self.vocab_only = vocab_only
         handle = llama_low.llama_model_load_from_file(str(self.path).encode(), params)
         if not handle:
             raise ModelError(f"llama.cpp could not load {self.path}: {_last_llama_error()}")
@@ -139,6 +151,7 @@ class Model:
         self.path = Path(llm.model_path)
         self._handle = llm.model
         self._owner = llm  # keeps the Llama (and so the weights) alive; we never free them
+        self.vocab_only = bool(llm.model_params.vocab_only)
         self._finish_init()
         return self
 
@@ -171,7 +184,7 @@ class Model:
         return ModelInfo(
             path=str(self.path),
             architecture=architecture,
-            name=self.meta("general.name") or self.path.stem,
+            name=display_name(self.path),
             n_layer=llama_low.llama_model_n_layer(handle),
             n_embd=llama_low.llama_model_n_embd(handle),
             n_ctx_train=llama_low.llama_model_n_ctx_train(handle),
@@ -180,8 +193,9 @@ class Model:
             size_bytes=self.path.stat().st_size if self.path.is_file() else 0,
             chat_template=template.decode("utf-8", errors="replace") if template else None,
             add_bos=bool(llama_low.llama_vocab_get_add_bos(self.vocab)),
-            n_head_kv=llama_low.llama_model_n_head_kv(handle),
-            head_dim=int(self.meta(f"{architecture}.attention.key_length") or 0)
+            # A vocab-only model has no layers: llama.cpp aborts when asked for their heads.
+            n_head_kv=0 if self.vocab_only else llama_low.llama_model_n_head_kv(handle),
+            head_dim=0 if self.vocab_only else int(self.meta(f"{architecture}.attention.key_length") or 0)
             or llama_low.llama_model_n_embd(handle) // max(1, llama_low.llama_model_n_head(handle)),
         )
 
@@ -294,8 +308,10 @@ class Sampler:
         self._chain = llama_low.llama_sampler_chain_init(chain_params)
         add = lambda s: llama_low.llama_sampler_chain_add(self._chain, s)  # noqa: E731
         if params.repeat_penalty != 1.0:
-            add(llama_low.llama_sampler_init_penalties(
-                model.info.n_vocab, params.repeat_last_n, params.repeat_penalty, 0.0, 0.0))
+            penalties = (params.repeat_last_n, params.repeat_penalty, 0.0, 0.0)
+            if len(llama_low.llama_sampler_init_penalties.argtypes) == 5:  # llama-cpp-python >= 0.3.35
+                penalties = (model.info.n_vocab, *penalties)
+            add(llama_low.llama_sampler_init_penalties(*penalties))
         if params.temperature <= 0:
             add(llama_low.llama_sampler_init_greedy())
             return
@@ -374,6 +390,8 @@ class Context:
                  n_threads: int | None = None):
         self.model = model
         info = model.info
+        if model.vocab_only:  # llama.cpp would make the context and crash on the first decode
+            raise ContextError(f"{info.name} was loaded vocab-only (tokenizer only); load its weights to decode")
         if n_ctx <= 0:
             n_ctx = info.n_ctx_train
         self.capture = (NativeCapture(hooks, n_embd=info.n_embd, n_layer=info.n_layer,
@@ -399,7 +417,9 @@ class Context:
             raise ContextError(f"llama.cpp could not create a context (n_ctx={n_ctx}): {_last_llama_error()}")
         self._handle = handle
         self.n_ctx = llama_low.llama_n_ctx(handle)
-        self.n_batch = llama_low.llama_n_batch(handle)
+        # Never more than asked: the capture holds n_batch rows, and llama.cpp before 0.3.16 raised a
+        # small n_batch to 64 (GGML_KQ_MASK_PAD).
+        self.n_batch = min(n_batch, llama_low.llama_n_batch(handle))
         self.n_seq_max = n_seq_max
         self._memory = llama_low.llama_get_memory(handle)
         self._batch = llama_low.llama_batch_init(self.n_batch, 0, n_seq_max)

@@ -27,7 +27,6 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import llama_cpp
@@ -120,7 +119,8 @@ class Guard:
 
     @property
     def model_name(self) -> str:
-        return Path(self.model.info.path).stem
+        """The known model's name, else the file's (the server's model id, the UI's title)."""
+        return self.model.info.name
 
     @property
     def n_ctx(self) -> int:

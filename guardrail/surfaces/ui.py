@@ -183,14 +183,20 @@ class Footer:
         return text
 
 
+def stream_view(state: StreamState, title: str = "assistant") -> Any:
+    """The answer's panel over its footer: shown live while streaming, printed once in a recording."""
+    from rich.console import Group
+    from rich.panel import Panel
+
+    return Group(Panel(AnswerView(state), title=title, border_style="blue"), Footer(state))
+
+
 def render_stream(events: Iterable[Any], *, mode: str = "rich", out: Console | None = None,
                   title: str = "assistant") -> StreamState:
     """Show one guarded answer: ``rich`` (live, coloured), ``plain`` (text only) or ``json`` (events)."""
     import json
 
-    from rich.console import Group
     from rich.live import Live
-    from rich.panel import Panel
 
     out = out or console
     state = StreamState()
@@ -210,8 +216,7 @@ def render_stream(events: Iterable[Any], *, mode: str = "rich", out: Console | N
                 out.file.flush()
         out.file.write("\n")
         return state
-    view = Group(Panel(AnswerView(state), title=title, border_style="blue"), Footer(state))
-    with Live(view, console=out, refresh_per_second=12, transient=False):
+    with Live(stream_view(state, title), console=out, refresh_per_second=12, transient=False):
         for event in events:
             state.apply(event)
     return state

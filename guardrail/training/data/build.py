@@ -24,7 +24,7 @@ from guardrail.artifacts.wheels import fetch_wheel, sha256_file
 from guardrail.errors import DataError
 
 from .augment import AugmentPlan, augment, unit_hash
-from .format import Example, Message, write_jsonl
+from .format import Example, Message, read_jsonl, write_jsonl
 from .sources import SOURCES, TEMPLATE_WHEELS, load_jailbreak_templates
 from .split import DEFAULT_RATIOS, SPLITS, assign_splits, deduplicate, leakage
 
@@ -50,6 +50,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            "200 requests per source, ShareGPT's first 3000; what the shipped heads were trained on"),
     Preset("capped-v2", 200, False, AugmentPlan(**_V1_PLAN, forms=800, long_prefixes=240, drift=200),
            "default-v1 plus the attack families, long answers and opener drift, on both labels"),
+    Preset("quick-v2", 60, False,
+           AugmentPlan(**{k: round(v * 0.3) for k, v in _V1_PLAN.items()}, forms=240, long_prefixes=72, drift=60),
+           "capped-v2 scaled to 60 requests per source (about 2,000 conversations): a head in minutes"),
     Preset("full-v2", None, True,
            AugmentPlan(jailbreak=4000, rephrase_harmful=2000, rephrase_benign=1000, answer_prefixes=3000,
                        compliant_prefixes=1400, safe_prefixes=800, refusals=1000, prefills=2400,
@@ -223,3 +226,25 @@ def build_dataset(out_dir: Path | str, *, max_per_source: int | None = DEFAULT_M
         bar.advance(task)
         bar.update(task, description="done")
     return json.loads(text)   # exactly what the file says (tuples become lists)
+
+
+def derive_capped(src: Path | str, dst: Path | str, *, source: str, keep: int) -> dict:
+    """A copy of a built dataset with one source held to about ``keep`` conversations, chosen by a
+    hash of their origin (so variants of one request stay together and splits stay as they were).
+
+    ShareGPT alone is 45% of full-v2; holding it to a few thousand keeps its breadth and frees
+    hours of extraction for the sources that carry harm."""
+    src, dst = Path(src), Path(dst)
+    splits = {name: read_jsonl(src / f"{name}.jsonl") for name in SPLITS}
+    total = sum(1 for rows in splits.values() for e in rows if e.source == source)
+    share = min(1.0, keep / total) if total else 1.0
+    kept = {name: [e for e in rows if e.source != source or unit_hash(f"{source}-cap:{e.origin or e.id}") < share]
+            for name, rows in splits.items()}
+    dst.mkdir(parents=True, exist_ok=True)
+    for name, rows in kept.items():
+        write_jsonl(dst / f"{name}.jsonl", rows)
+    manifest = json.loads((src / "manifest.json").read_text()) if (src / "manifest.json").is_file() else {}
+    manifest["derived"] = {"from": src.name, "source": source, "kept": sum(e.source == source for rows in kept.values()
+                                                                          for e in rows), "of": total}
+    (dst / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    return manifest
