@@ -46,11 +46,11 @@ def fetch(name: str) -> None:
 def info(model: str | None) -> None:
     """Print a model's architecture, layers, width, context size and chat template presence."""
     from guardrail.artifacts.models import resolve_model
-    from guardrail.runtime.engine import Model
+    from guardrail.runtime.engine import Model, default_n_ctx
     from guardrail.surfaces.ui import render_model_info
 
     with Model(resolve_model(model)) as loaded:
-        render_model_info(loaded.info)
+        render_model_info(loaded.info, default_n_ctx(loaded))
 
 
 def guard_options(func):

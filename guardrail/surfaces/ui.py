@@ -14,7 +14,7 @@ from guardrail.runtime.engine import ModelInfo
 console = Console()
 
 
-def render_model_info(info: ModelInfo, out: Console | None = None) -> None:
+def render_model_info(info: ModelInfo, n_ctx: int | None = None, out: Console | None = None) -> None:
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
@@ -25,6 +25,9 @@ def render_model_info(info: ModelInfo, out: Console | None = None) -> None:
         ("layers", str(info.n_layer)),
         ("embedding width", str(info.n_embd)),
         ("context (trained)", str(info.n_ctx_train)),
+        ("KV cache per token", f"{info.kv_bytes_per_token / 1024:.1f} KiB (f16, every layer)"),
+        *([("default context", f"{n_ctx} tokens: {n_ctx * info.kv_bytes_per_token / 2**20:.0f} MiB of KV cache")]
+          if n_ctx else []),
         ("vocabulary", str(info.n_vocab)),
         ("parameters", f"{info.n_params / 1e6:.1f} M"),
         ("file size", f"{info.size_bytes / 2**20:.1f} MiB"),
