@@ -279,7 +279,17 @@ def train(model, preset, data_dir, out, no_loso) -> None:
     head, path = train_for_model(model, preset=preset, data_dir=Path(data_dir) if data_dir else None,
                                  out=Path(out) if out else None, loso_sources=not no_loso)
     render_training(head)
-    click.echo(f"saved {path}; guardrail uses it for this model from now on (see `guardrail heads`)")
+    from guardrail.artifacts.heads import find_head
+    from guardrail.errors import HeadError
+
+    try:
+        found = find_head(head.fingerprint.sha256, "").resolve()
+    except HeadError:
+        found = None
+    if found == path.resolve():
+        click.echo(f"saved {path}; guardrail uses it for this model from now on (see `guardrail heads`)")
+    else:
+        click.echo(f"saved {path}; use it with --head {path}")
 
 
 @cli.command()

@@ -455,3 +455,18 @@ def test_the_rewrite_helper_alone_keeps_a_loadable_head(head_file, tmp_path):
     copy = tmp_path / "copy.gguf"
     rewrite(head_file, copy)
     assert load_head(copy).threshold == load_head(head_file).threshold
+
+
+def test_a_head_the_user_trained_wins_over_the_shipped_one(tmp_path, monkeypatch):
+    from guardrail.artifacts.heads import SHIPPED_HEADS, find_head, user_head_path
+    from guardrail.artifacts.models import DEFAULT_MODEL, KNOWN_MODELS
+
+    monkeypatch.setenv("GUARDRAIL_CACHE", str(tmp_path))
+    sha = KNOWN_MODELS[DEFAULT_MODEL].sha256
+    assert find_head(sha, "m") == SHIPPED_HEADS / f"{DEFAULT_MODEL}.gguf"
+    mine = user_head_path(sha)
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"GGUF")
+    assert find_head(sha, "m") == mine
+    with pytest.raises(HeadError, match="guardrail train --model other.gguf"):
+        find_head("0" * 64, "other.gguf")

@@ -1,9 +1,9 @@
 """Where a model's safety head is found: shipped with guardrail, or trained by the user.
 
 A head is looked up by the sha256 of the model file it was trained for, so the
-same weights find their head under any file name: first the heads that ship
-in the package (for the known models), then the user's own, which
-``guardrail train --model PATH`` saves under ``<cache>/heads/<sha256>.gguf``.
+same weights find their head under any file name: first the user's own, which
+``guardrail train --model PATH`` saves under ``<cache>/heads/<sha256>.gguf``, then
+the heads that ship in the package (for the known models).
 """
 
 from __future__ import annotations
@@ -28,14 +28,17 @@ def user_head_path(model_sha: str) -> Path:
 
 
 def find_head(model_sha: str, model_name: str) -> Path:
-    """The head for a model file (by its sha256): shipped first, then the user's cache."""
+    """The head for a model file (by its sha256): the user's own first, then the shipped one.
+
+    A head the user trained (`guardrail train` without --out) is a deliberate choice,
+    so it wins over the one that ships for a known model."""
+    mine = user_head_path(model_sha)
+    if mine.is_file():
+        return mine
     for name, known in KNOWN_MODELS.items():
         shipped = SHIPPED_HEADS / f"{name}.gguf"
         if known.sha256 == model_sha and shipped.is_file():
             return shipped
-    mine = user_head_path(model_sha)
-    if mine.is_file():
-        return mine
     raise HeadError(f"no safety head for {model_name} yet: run `guardrail train --model {model_name}` "
                     "once (it saves one where guardrail finds it), or pass one with --head")
 
