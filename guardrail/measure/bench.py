@@ -188,10 +188,11 @@ def chat_benchmark(guard: Any, path: Path, *, turns: Sequence[str] = CHAT_TURNS,
                    runs: int = 3, threads: int | None = None) -> dict[str, Any]:
     """Time to first token and whole-turn time at every turn of one chat, guarded vs ``llama_cpp.Llama``.
 
-    Both sides see the same conversation: at each turn the history holds the same user turns
-    and the guard's own (greedy) answers, and each side answers the new turn from its own cache,
-    kept between turns (the guard's ConversationCache; Llama's prefix cache). Runs alternate
-    which side goes first; medians per turn."""
+    Both sides get the same user turns; each side's history holds its own (greedy) answers, as
+    in a real chat, so each answers the new turn from its own cache, kept between turns (the
+    guard's ConversationCache; Llama's prefix cache). Giving both the guard's answers would
+    make Llama re-read every answer it did not write itself. Runs alternate which side goes
+    first; medians per turn; ``same_answers`` counts the turns where the two answers agree."""
     threads = threads or guard.context.n_threads
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=guard.n_ctx, n_batch=512, n_threads=threads,
                           n_threads_batch=threads, verbose=False)
@@ -222,20 +223,22 @@ def chat_benchmark(guard: Any, path: Path, *, turns: Sequence[str] = CHAT_TURNS,
     for run in range(runs + 1):  # the first run warms both sides up and is not counted
         guard.reset()
         llm.reset()
-        history: list[dict[str, str]] = []
+        histories: dict[str, list[dict[str, str]]] = {"guarded": [], "plain": []}
         for i, user in enumerate(turns):
-            history.append({"role": "user", "content": user})
+            for history in histories.values():
+                history.append({"role": "user", "content": user})
             sides = [("guarded", guarded), ("plain", plain)]
             results = {}
             for name, side in (sides if run % 2 == 0 else sides[::-1]):
-                results[name] = side(list(history))
+                results[name] = side(list(histories[name]))
             if run:
                 for name in rows:
                     rows[name][i].append(results[name][:2])
             if run == 1:
-                prompt_tokens.append(len(guard.format.tokens(history)))
+                prompt_tokens.append(len(guard.format.tokens(histories["guarded"])))
                 same += results["guarded"][2] == results["plain"][2]
-            history.append({"role": "assistant", "content": results["guarded"][2]})
+            for name, history in histories.items():
+                history.append({"role": "assistant", "content": results[name][2]})
     per_turn = []
     for i in range(len(turns)):
         g_ttft = statistics.median(r[0] for r in rows["guarded"][i])
