@@ -54,10 +54,13 @@ def test_a_benign_request_is_untouched_and_identical_to_plain_greedy_output(guar
     assert done.text == _plain(guard, messages, 24)
 
 
-def test_the_probe_never_changes_the_answer_even_when_checking_every_step(guard):
+def test_checking_every_step_never_changes_the_answer(guard):
     messages = [{"role": "user", "content": "Describe a sunrise over the sea."}]
     events, done = _chat(guard, messages, max_tokens=30, schedule="every", policy="monitor")
-    assert [e.index for e in events if e.type == "check"] == list(range(done.completion_tokens))
+    # A probe check rides with the token it precedes (indices 0..n-1); a free check reads each
+    # token once it is decoded, after the query's own check (indices 0..n).
+    last = done.completion_tokens + (1 if guard.checks_are_free else 0)
+    assert [e.index for e in events if e.type == "check"] == list(range(last))
     assert done.text == _plain(guard, messages, 30)
     assert all(e.risk is not None for e in events if e.type == "token")  # the token signal, every token
 

@@ -137,6 +137,13 @@ TRAINING_SETS = {
 }
 SHAREGPT_KEEP = 3000
 
+# How many consecutive malicious checks after a benign start make the guard act, for a
+# head checked at every step (no probe block). Chosen on SmolLM2's validation requests
+# (60 harmful, 60 benign, 96-token greedy answers, every-step checks at the head's
+# threshold): tau 3 -> 7 of 60 benign answers triggered later, 5 -> 3, 6 -> 2, 8 -> 1,
+# while the harmful answers the first check missed were caught 13 / 11 / 10 / 7 of 17.
+EVERY_STEP_TAU = 6
+
 
 def default_config(model: Model) -> FeatureConfig:
     """Feature extraction for training: four depths and the one-token [CLS] probe."""
@@ -208,7 +215,7 @@ def train_for_model(model_spec: str | None, *, preset: str = "quick", data_dir: 
     config = default_config(model)
     check, token = default_recipes(config)
     head = train_head(model, sha, data_dir, config, check, token, loso_sources=loso_sources, progress=progress)
-    head = replace(head, extra={"feature_config": asdict(config), "data_dir": data_dir.name,
+    head = replace(head, tau=EVERY_STEP_TAU, extra={"feature_config": asdict(config), "data_dir": data_dir.name,
                                 "preset": preset if data_dir.name == TRAINING_SETS.get(preset) else None,
                                 "model_file": model.path.name, "wall_seconds": time.perf_counter() - started,
                                 "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")})
