@@ -47,7 +47,7 @@ _V1_PLAN = dict(jailbreak=400, rephrase_harmful=400, rephrase_benign=200, answer
                 compliant_prefixes=320, safe_prefixes=160, refusals=200, prefills=400)
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("default-v1", 200, False, AugmentPlan(**_V1_PLAN),
-           "200 requests per source, ShareGPT's first 3000; what the shipped heads were trained on"),
+           "200 requests per source, ShareGPT's first 3000; what the first heads were trained on"),
     Preset("capped-v2", 200, False, AugmentPlan(**_V1_PLAN, forms=800, long_prefixes=240, drift=200),
            "default-v1 plus the attack families, long answers and opener drift, on both labels"),
     Preset("quick-v2", 60, False,
