@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import time
 from contextlib import contextmanager
 
 import httpx
 import openai
 
+from guardrail.measure.serve_bench import sse_chunks
 from guardrail.serve.app import create_app
 from guardrail.serve.config import make_config
 from guardrail.serve.launch import BackgroundServer
@@ -40,16 +40,9 @@ def post(server, path, body=None, *, key=API_KEY, timeout=10, **kwargs):
 
 def sse(response):
     """The JSON objects of an SSE response, and whether it ended with [DONE]."""
-    objects, done = [], False
-    for line in response.iter_lines():
-        if not line.startswith("data: "):
-            continue
-        data = line[len("data: "):]
-        if data == "[DONE]":
-            done = True
-            break
-        objects.append(json.loads(data))
-    return objects, done
+    objects = list(sse_chunks(response.iter_lines()))
+    done = bool(objects) and objects[-1] is None
+    return (objects[:-1] if done else objects), done
 
 
 def stream_post(server, path, body, *, key=API_KEY, timeout=30):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from guardrail.runtime.events import DoneEvent, TokenEvent
@@ -174,6 +174,18 @@ COMPARE_PROMPTS = ("What is the capital of France?", "Write a haiku about rain."
                    "Explain photosynthesis in two sentences.")
 
 
+def sse_chunks(lines: Iterable[str]) -> Iterator[dict[str, Any] | None]:
+    """The JSON objects of a server-sent event stream's data lines, then None for its closing [DONE]."""
+    for line in lines:
+        if not line.startswith("data: "):
+            continue
+        data = line[len("data: "):]
+        if data == "[DONE]":
+            yield None
+            return
+        yield json.loads(data)
+
+
 def _one_request(http: Any, prompt: str, max_tokens: int) -> dict[str, Any]:
     """One streamed request: its outcome (answered, refused with a status, or lost) and timings."""
     body = {"model": "load", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
@@ -187,14 +199,10 @@ def _one_request(http: Any, prompt: str, max_tokens: int) -> dict[str, Any]:
                 return {"outcome": "refused", "status": response.status_code, "total_s": time.perf_counter() - t0}
             finished = done = False
             tokens = 0
-            for line in response.iter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[len("data: "):]
-                if data == "[DONE]":
+            for chunk in sse_chunks(response.iter_lines()):
+                if chunk is None:
                     done = True
                     break
-                chunk = json.loads(data)
                 if "error" in chunk:
                     return {"outcome": "lost", "error": chunk["error"].get("message"),
                             "total_s": time.perf_counter() - t0}
