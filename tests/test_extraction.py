@@ -82,3 +82,10 @@ def test_threads_change_speed_not_the_store(model):
 
     assert extraction.store_dir("sha", CONFIG) == extraction.store_dir("sha", replace(CONFIG, n_threads=1))
     assert extraction.store_dir("sha", CONFIG) != extraction.store_dir("sha", replace(CONFIG, max_tokens=65))
+
+
+def test_a_conversation_given_twice_is_read_once_and_returned_twice(model, counted):
+    rows = _examples(3)
+    features = extract_features(model, "sha", [*rows, rows[1]], CONFIG, progress=False)
+    assert counted == [3]
+    assert np.array_equal(features.blocks["l_out-20/mean"][3], features.blocks["l_out-20/mean"][1])

@@ -293,11 +293,15 @@ def extract_features(model: Model, model_sha: str, examples: Sequence[Example], 
     store = store_dir(model_sha, config)
     keys = [example_key(e) for e in examples]
     index = _index(store) if store.is_dir() else {}
-    todo = list(dict.fromkeys(i for i, k in enumerate(keys) if k not in index))
+    missing: dict[str, int] = {}  # a conversation given twice is extracted once
+    for i, key in enumerate(keys):
+        if key not in index:
+            missing.setdefault(key, i)
+    todo = list(missing.values())
     extractor = None
     try:
         with progress_bar(progress) as bar:
-            cached = len(keys) - len(todo)
+            cached = sum(1 for k in keys if k in index)
             task = bar.add_task(label + (f" ({cached} stored)" if cached else ""), total=len(todo))
             for start in range(0, len(todo), CHUNK):
                 chunk = todo[start:start + CHUNK]

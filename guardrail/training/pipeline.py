@@ -215,10 +215,11 @@ def train_for_model(model_spec: str | None, *, preset: str = "quick", data_dir: 
     config = default_config(model)
     check, token = default_recipes(config)
     head = train_head(model, sha, data_dir, config, check, token, loso_sources=loso_sources, progress=progress)
-    head = replace(head, tau=EVERY_STEP_TAU, extra={"feature_config": asdict(config), "data_dir": data_dir.name,
-                                "preset": preset if data_dir.name == TRAINING_SETS.get(preset) else None,
-                                "model_file": model.path.name, "wall_seconds": time.perf_counter() - started,
-                                "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")})
+    extra = {"feature_config": asdict(config), "data_dir": data_dir.name,
+             "preset": preset if data_dir.name == TRAINING_SETS.get(preset) else None,
+             "model_file": model.path.name, "wall_seconds": time.perf_counter() - started,
+             "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    head = replace(head, tau=EVERY_STEP_TAU, extra=extra)
     target = out or user_head_path(sha)
     save_head(head, target)
     return head, target
