@@ -22,7 +22,9 @@ WINDOW_KEYS = ("r1", "r2", "r3")
 
 @dataclass(frozen=True)
 class GuardOptions:
-    """``threshold``/``tau`` of None mean: the head file's.
+    """``threshold``/``tau`` of None mean: the head file's. ``threshold`` decides the query's own
+    check; ``answer_threshold`` the checks during the answer (None: the head's answer-stage
+    operating point, else ``threshold``).
 
     ``reason``: ``model`` lets the model write the refusal's reason (kept only when
     it is one plain sentence), ``fixed`` always writes the fixed one."""
@@ -30,6 +32,7 @@ class GuardOptions:
     policy: str = "refuse"
     schedule: Schedule = field(default_factory=Schedule)
     threshold: float | None = None
+    answer_threshold: float | None = None
     tau: int | None = None
     opener: str = DEFAULT_OPENER
     reason: str = "fixed"
@@ -66,10 +69,11 @@ class GuardOptions:
             raise OptionsError(f"unknown reason {self.reason!r}: use one of {', '.join(REASONS)}")
         if self.tau is not None and (isinstance(self.tau, bool) or not isinstance(self.tau, int) or self.tau < 1):
             raise OptionsError(f"tau must be a whole number of at least 1, got {self.tau!r}")
-        if self.threshold is not None:
-            if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
-                    or not math.isfinite(self.threshold) or not 0.0 <= self.threshold <= 1.0:
-                raise OptionsError(f"threshold must be a number between 0 and 1, got {self.threshold!r}")
+        for name in ("threshold", "answer_threshold"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or not 0.0 <= value <= 1.0):
+                raise OptionsError(f"{name} must be a number between 0 and 1, got {value!r}")
         if not isinstance(self.opener, str) or not self.opener.strip():
             raise OptionsError("the refusal opener must be non-empty text")
         if min(self.window.r1, self.window.r2, self.window.r3) < 1:
