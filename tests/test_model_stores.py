@@ -45,6 +45,7 @@ def write_gguf(path: Path, name: str, *, arch: str = "llama", file_type: int | N
     if kind:
         writer.add_type(kind)
     writer.add_chat_template("{{ messages }}")
+    writer.add_token_list(["<s>", "</s>", name])
     if tensors:
         writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
     writer.write_header_to_file()
@@ -375,6 +376,53 @@ def test_the_cli_turns_a_missing_store_model_into_one_line_and_exit_1(tmp_path, 
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 1 and len(lines) == 1 and "Traceback" not in result.stderr
     assert lines[0].startswith("error: no Ollama model ollama:llama3.2:1b") and str(tmp_path / "empty") in lines[0]
+
+
+# ---- the GGUF header, read without parsing the vocabulary ----------------------------------------
+
+def test_the_header_reader_agrees_with_ggufs_own_reader(tmp_path):
+    from guardrail.artifacts.gguf_header import Array, read_header
+
+    path = tmp_path / "every-kind.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_token_list(["<s>", "héllo", "", "x" * 300])
+    writer.add_array("test.nested", [[1, 2], [3]])
+    writer.add_bool("test.flag", True)
+    writer.add_float32("test.half", 0.5)
+    writer.add_uint64("test.big", 2**40)
+    writer.add_file_type(Q8_0)
+    writer.add_tensor("a.weight", np.zeros((3, 64), dtype=np.float16))
+    writer.add_tensor("b.bias", np.ones(5, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    header, reader = read_header(path), gguf.GGUFReader(path)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue  # the reader's own pseudo-keys (version, counts)
+        mine = header.fields[key]
+        if field.types[0] == gguf.GGUFValueType.ARRAY:  # gguf counts a nested array's leaves; we its items
+            assert mine == Array(field.types[1], len(field.data) if len(field.types) == 2 else 2), key
+        else:
+            assert mine == field.contents(), key
+    assert [(t.name, t.type, t.shape) for t in header.tensors] == [
+        (t.name, int(t.tensor_type), tuple(int(d) for d in t.shape)) for t in reader.tensors]
+
+
+def test_a_truncated_or_foreign_file_is_a_header_error(tmp_path):
+    from guardrail.artifacts.gguf_header import GGUFHeaderError, read_header
+
+    whole = tmp_path / "whole.gguf"
+    write_gguf(whole, "whole")
+    data = whole.read_bytes()
+    for size, why in [(len(data) - 1, "runs past the end"), (40, "truncated"), (10, "too short")]:
+        (tmp_path / "cut.gguf").write_bytes(data[:size])
+        with pytest.raises(GGUFHeaderError, match=why):
+            read_header(tmp_path / "cut.gguf")
+    (tmp_path / "text.gguf").write_bytes(b"this is not a model file at all")
+    with pytest.raises(GGUFHeaderError, match="no GGUF magic"):
+        read_header(tmp_path / "text.gguf")
 
 
 # ---- guardrail models --------------------------------------------------------------------------

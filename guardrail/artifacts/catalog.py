@@ -2,10 +2,10 @@
 
 The stores are guardrail's own cache (``<cache>/models``), Ollama, the Hugging
 Face cache and LM Studio (:mod:`guardrail.artifacts.stores`). A file's metadata
-is read with the ``gguf`` package's reader (a memory map of the header: no
-llama.cpp model is loaded, so listing is fast), and its head is found by the
-sha256 the file is known by without hashing it (an Ollama blob's name, or the
-fingerprint cache); ``hash_missing`` hashes the rest once.
+is read from its header alone (:mod:`guardrail.artifacts.gguf_header`: no llama.cpp
+model is loaded and no vocabulary parsed, so listing is fast), and its head is
+found by the sha256 the file is known by without hashing it (an Ollama blob's
+name, or the fingerprint cache); ``hash_missing`` hashes the rest once.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 
 import gguf
 
+from .gguf_header import GGUFHeader, GGUFHeaderError, read_header
 from .hashes import known_sha256, model_sha256
 from .heads import locate_head
 from .models import KNOWN_MODELS
@@ -35,39 +36,42 @@ def guardrail_models() -> list[StoredModel]:
             for f in files]
 
 
-def _field(reader: gguf.GGUFReader, key: str) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
-        return None
+def _quantization(header: GGUFHeader) -> str | None:
+    """The file type as llama.cpp names it (``Q4_K_M``), else the most common type of its matrices."""
     try:
-        return field.contents()
-    except (UnicodeDecodeError, IndexError, ValueError):
-        return None
-
-
-def _quantization(reader: gguf.GGUFReader) -> str | None:
-    """The file type as llama.cpp names it (``Q4_K_M``), else the most common tensor type."""
-    file_type = _field(reader, "general.file_type")
-    try:
-        return gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
-    except (TypeError, ValueError):
+        return gguf.LlamaFileType(int(header.fields["general.file_type"])).name.removeprefix(
+            "MOSTLY_").removeprefix("ALL_")
+    except (KeyError, TypeError, ValueError):
         pass
-    kinds = [t.tensor_type.name for t in reader.tensors if len(t.shape) >= 2]
-    return max(set(kinds), key=kinds.count) if kinds else None
+    kinds = [t.type for t in header.tensors if len(t.shape) >= 2]
+    if not kinds:
+        return None
+    common = max(sorted(set(kinds)), key=kinds.count)
+    try:
+        return gguf.GGMLQuantizationType(common).name
+    except ValueError:
+        return f"type {common}"
 
 
 def gguf_summary(path: Path) -> dict[str, Any]:
     """A GGUF's architecture, quantization and shape from its header; ``chat_model`` False for a file
-    that is not one (a projector, an adapter, a vocabulary only). Raises on a file that is not GGUF."""
-    reader = gguf.GGUFReader(path, "r")
-    arch = _field(reader, "general.architecture")
-    kind = _field(reader, "general.type")
+    that is not one (a projector, an adapter, a vocabulary only). Raises OSError or GGUFHeaderError."""
+    header = read_header(path)
+    fields = header.fields
+
+    def text(key: str) -> str | None:
+        return fields[key] if isinstance(fields.get(key), str) else None
+
+    def number(key: str) -> int | None:
+        value = fields.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    arch = text("general.architecture")
     return {
-        "architecture": arch, "name": _field(reader, "general.name"), "quantization": _quantization(reader),
-        "n_layer": _field(reader, f"{arch}.block_count"), "n_embd": _field(reader, f"{arch}.embedding_length"),
-        "n_ctx_train": _field(reader, f"{arch}.context_length"),
-        "chat_template": _field(reader, "tokenizer.chat_template") is not None,
-        "chat_model": bool(reader.tensors) and arch not in NOT_MODELS and kind not in NOT_MODEL_TYPES,
+        "architecture": arch, "name": text("general.name"), "quantization": _quantization(header),
+        "n_layer": number(f"{arch}.block_count"), "n_embd": number(f"{arch}.embedding_length"),
+        "n_ctx_train": number(f"{arch}.context_length"), "chat_template": "tokenizer.chat_template" in fields,
+        "chat_model": bool(header.tensors) and arch not in NOT_MODELS and text("general.type") not in NOT_MODEL_TYPES,
     }
 
 
@@ -90,8 +94,10 @@ def describe(model: StoredModel, hash_missing: bool = False) -> dict[str, Any] |
                            "size_bytes": sum(p.stat().st_size for p in model.parts if p.exists())}
     try:
         summary = gguf_summary(model.path)
-    except Exception as exc:  # the gguf reader fails in many ways on bad bytes; all mean the same here
-        return row | {"error": f"not a readable GGUF file ({' '.join(str(exc).split())[:120] or type(exc).__name__})"}
+    except OSError as exc:
+        return row | {"error": f"cannot read it: {exc.strerror or exc}"}
+    except GGUFHeaderError as exc:
+        return row | {"error": f"not a readable GGUF file: {exc}"}
     if not summary.pop("chat_model"):
         return None
     return row | summary | _head(model.path, hash_missing) | {"train": f"guardrail train --model {model.spec}"}
