@@ -378,6 +378,20 @@ def test_the_cli_turns_a_missing_store_model_into_one_line_and_exit_1(tmp_path, 
     assert lines[0].startswith("error: no Ollama model ollama:llama3.2:1b") and str(tmp_path / "empty") in lines[0]
 
 
+def test_the_llm_plugin_registers_a_store_name_as_a_name(ollama, tmp_path):
+    pytest.importorskip("llm")
+    import click
+
+    from guardrail.surfaces.llm_plugin import _default_name, registrable
+
+    assert registrable("ollama:tinyllama:1b") == "ollama:tinyllama:1b"  # it follows what the store holds
+    assert _default_name("ollama:tinyllama:1b", "ollama:tinyllama:1b") == "tinyllama-1b"
+    write_gguf(tmp_path / "mine.gguf", "mine")
+    assert registrable(str(tmp_path / "mine.gguf")) == str((tmp_path / "mine.gguf").resolve())
+    with pytest.raises(click.ClickException, match="no Ollama model ollama:absent:latest"):
+        registrable("ollama:absent")
+
+
 # ---- the GGUF header, read without parsing the vocabulary ----------------------------------------
 
 def test_the_header_reader_agrees_with_ggufs_own_reader(tmp_path):
