@@ -27,6 +27,7 @@ import llama_cpp.llama_cpp as llama_low
 import numpy as np
 
 from guardrail.artifacts.models import KNOWN_MODELS
+from guardrail.artifacts.stores import ollama_label
 from guardrail.errors import ContextError, ContextOverflowError, ModelError
 
 from .capture import BatchStates, NativeCapture
@@ -117,12 +118,12 @@ class ModelInfo:
 
 
 def display_name(path: Path) -> str:
-    """A known model's name, else the file's: never the GGUF's own ``general.name``, which is often
-    a training-run label ("Smollm2 135M 8k Lc100K Mix1 Ep2")."""
+    """A known model's name, an Ollama blob's ``ollama:NAME:TAG``, else the file's: never the GGUF's own
+    ``general.name``, which is often a training-run label ("Smollm2 135M 8k Lc100K Mix1 Ep2")."""
     for name, known in KNOWN_MODELS.items():
         if known.filename == path.name:
             return name
-    return path.stem
+    return ollama_label(path) or path.stem
 
 
 class Model:
