@@ -25,7 +25,7 @@ from guardrail.errors import DataError
 
 from .augment import AugmentPlan, augment, unit_hash
 from .format import Example, Message, read_jsonl, write_jsonl
-from .sources import SOURCES, TEMPLATE_WHEELS, load_jailbreak_templates
+from .sources import SOURCES, STABLE_GENERATION, TEMPLATE_WHEELS, load_jailbreak_templates, source_names
 from .split import DEFAULT_RATIOS, SPLITS, assign_splits, deduplicate, leakage
 
 DEFAULT_MAX_PER_SOURCE = 500
@@ -34,30 +34,43 @@ MAX_MESSAGE_CHARS = 1200
 
 @dataclass(frozen=True)
 class Preset:
-    """A named dataset recipe: how many roots per source, whether cut sources are read whole, the plan."""
+    """A named dataset recipe: how many roots per source, whether cut sources are read whole, the plan,
+    and its generation: it reads the sources whose ``since`` is at most that (a source registered
+    later never changes a preset that heads were already trained on)."""
 
     name: str
     max_per_source: int | None
     everything: bool
     plan: AugmentPlan
     description: str
+    generation: int = STABLE_GENERATION
+
+    @property
+    def sources(self) -> list[str]:
+        return source_names(self.generation)
 
 
 _V1_PLAN = dict(jailbreak=400, rephrase_harmful=400, rephrase_benign=200, answer_prefixes=360,
                 compliant_prefixes=320, safe_prefixes=160, refusals=200, prefills=400)
+_CAPPED_PLAN = AugmentPlan(**_V1_PLAN, forms=800, long_prefixes=240, drift=200)
+_QUICK_PLAN = AugmentPlan(**{k: round(v * 0.3) for k, v in _V1_PLAN.items()}, forms=240, long_prefixes=72, drift=60)
+_FULL_PLAN = AugmentPlan(jailbreak=4000, rephrase_harmful=2000, rephrase_benign=1000, answer_prefixes=3000,
+                         compliant_prefixes=1400, safe_prefixes=800, refusals=1000, prefills=2400,
+                         forms=6000, long_prefixes=2000, drift=1000)
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("default-v1", 200, False, AugmentPlan(**_V1_PLAN),
-           "200 requests per source, ShareGPT's first 3000; what the first heads were trained on"),
-    Preset("capped-v2", 200, False, AugmentPlan(**_V1_PLAN, forms=800, long_prefixes=240, drift=200),
+           "200 requests per source, ShareGPT's first 3000; what the first heads were trained on", generation=1),
+    Preset("capped-v2", 200, False, _CAPPED_PLAN,
            "default-v1 plus the attack families, long answers and opener drift, on both labels"),
-    Preset("quick-v2", 60, False,
-           AugmentPlan(**{k: round(v * 0.3) for k, v in _V1_PLAN.items()}, forms=240, long_prefixes=72, drift=60),
+    Preset("quick-v2", 60, False, _QUICK_PLAN,
            "capped-v2 scaled to 60 requests per source (about 2,000 conversations): a head in minutes"),
-    Preset("full-v2", None, True,
-           AugmentPlan(jailbreak=4000, rephrase_harmful=2000, rephrase_benign=1000, answer_prefixes=3000,
-                       compliant_prefixes=1400, safe_prefixes=800, refusals=1000, prefills=2400,
-                       forms=6000, long_prefixes=2000, drift=1000),
+    Preset("full-v2", None, True, _FULL_PLAN,
            "every request every source holds (all of ShareGPT's screened first turns), all families"),
+    # Generation 3: the v2 recipes over the v2 sources plus the categorised harm and the
+    # sensitive-sounding benign sources (docs/data-sources-v3.md).
+    Preset("capped-v3", 200, False, _CAPPED_PLAN, "capped-v2's recipe over the generation-3 sources", generation=3),
+    Preset("quick-v3", 60, False, _QUICK_PLAN, "quick-v2's recipe over the generation-3 sources", generation=3),
+    Preset("full-v3", None, True, _FULL_PLAN, "full-v2's recipe over the generation-3 sources", generation=3),
 )}
 
 
@@ -169,7 +182,7 @@ def build_preset(out_dir: Path | str, preset: str, *, progress: bool = True) -> 
     except KeyError:
         raise DataError(f"unknown dataset preset {preset!r}; known: {', '.join(PRESETS)}") from None
     return build_dataset(out_dir, max_per_source=spec.max_per_source, everything=spec.everything,
-                         plan=spec.plan, progress=progress, preset=spec.name)
+                         plan=spec.plan, progress=progress, preset=spec.name, sources=spec.sources)
 
 
 def build_dataset(out_dir: Path | str, *, max_per_source: int | None = DEFAULT_MAX_PER_SOURCE,
@@ -178,11 +191,12 @@ def build_dataset(out_dir: Path | str, *, max_per_source: int | None = DEFAULT_M
                   everything: bool = False, preset: str | None = None) -> dict[str, Any]:
     """Write train/val/test.jsonl and manifest.json into ``out_dir``; return the manifest.
 
-    ``sources`` picks a subset of ``SOURCES`` (default: all); ``max_per_source``
+    ``sources`` picks a subset of ``SOURCES`` (default: those of generation
+    ``STABLE_GENERATION``, what the shipped heads' data read); ``max_per_source``
     caps the root requests taken from each (None: no cap); ``everything`` reads
     sources that are cut for cost (ShareGPT) whole.
     """
-    names = list(sources) if sources is not None else list(SOURCES)
+    names = list(sources) if sources is not None else source_names(STABLE_GENERATION)
     unknown = [n for n in names if n not in SOURCES]
     if unknown:
         raise DataError(f"unknown data source {unknown[0]!r}; known: {', '.join(SOURCES)}")

