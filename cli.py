@@ -12,7 +12,9 @@ import sys
 import click
 
 try:
-    import guardrail  # noqa: F401  (loads llama.cpp before numpy)
+    import guardrail  # loads llama.cpp before numpy
+
+    guardrail.require_llama_cpp()  # every command but the numpy-only ones needs it: say so in one line, now
 except ImportError as exc:  # llama-cpp-python missing or not the API guardrail binds: one line, no traceback
     sys.exit(f"error: {exc}")
 from guardrail.errors import GuardrailError  # noqa: E402

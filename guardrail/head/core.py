@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from guardrail import __version__
+from guardrail._version import __version__
 from guardrail.artifacts.wheels import cache_dir, sha256_file
 from guardrail.errors import HeadError
 
