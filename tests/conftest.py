@@ -1,10 +1,24 @@
-"""Shared fixtures: the default model is fetched once (sha256-checked) and loaded once."""
+"""Shared fixtures: the default model is fetched once (sha256-checked) and loaded once.
+
+Every test that uses a model with weights (through these fixtures) is marked ``model``
+here, so ``make test-fast`` (``pytest -m "not model"``) runs everything else in seconds;
+tests that load weights or compile some other way carry the mark themselves.
+"""
 
 from __future__ import annotations
 
 import pytest
 
 import guardrail  # noqa: F401  (llama.cpp before numpy)
+
+#: fixtures that fetch or load a model with weights: a test using one (even indirectly) is a ``model`` test
+MODEL_FIXTURES = frozenset({"model_path", "model", "gemma_path"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.model)
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import pytest
 from fake_guard import FakeGuard
 from serving import API_KEY, auth, error_of, openai_client, post, served, wait_for
 
-from guardrail.serve.config import LOOPBACK_HOSTS
+from guardrail.serve.config import LOOPBACK_HOST_HEADERS
 
 LIMITS = {"max_body_bytes": 4096, "max_messages": 4, "max_chars": 1000, "max_stop": 2, "max_stop_chars": 8,
           "max_inputs": 3}
@@ -29,7 +29,7 @@ def fake():
 
 @pytest.fixture(scope="module")
 def server(fake):
-    with served(fake, api_key=API_KEY, limits=LIMITS, allowed_hosts=LOOPBACK_HOSTS) as srv:
+    with served(fake, api_key=API_KEY, limits=LIMITS, allowed_hosts=LOOPBACK_HOST_HEADERS) as srv:
         yield srv
 
 

@@ -19,6 +19,7 @@ import llama_cpp
 
 from guardrail.runtime.capture import layer_name
 from guardrail.runtime.engine import Context, Entry, Model, Sampler, prefill
+from guardrail.runtime.events import DoneEvent, TokenEvent
 
 _TEXT = ("The history of the printing press begins in the fifteenth century, when movable type "
          "changed how knowledge travelled across Europe. Scholars, merchants and clergy ")
@@ -144,7 +145,7 @@ def guard_overhead(guard: Any, prompts: Sequence[str] = OVERHEAD_PROMPTS, *, max
         for messages in conversations:
             guard.reset()
             for event in guard.chat(messages, max_tokens=max_tokens, policy="monitor", schedule=schedule):
-                if event.type == "done":
+                if isinstance(event, DoneEvent):
                     n += event.completion_tokens
         return n, time.perf_counter() - start
 
@@ -200,9 +201,9 @@ def chat_benchmark(guard: Any, path: Path, *, turns: Sequence[str] = CHAT_TURNS,
     def guarded(messages: list[dict[str, str]]) -> tuple[float, float, str]:
         t0, first, text = time.perf_counter(), None, ""
         for event in guard.chat(messages, max_tokens=max_tokens, policy="monitor"):
-            if event.type == "token" and first is None:
+            if isinstance(event, TokenEvent) and first is None:
                 first = time.perf_counter()
-            if event.type == "done":
+            if isinstance(event, DoneEvent):
                 text = event.text
         end = time.perf_counter()
         return (first or end) - t0, end - t0, text

@@ -9,7 +9,7 @@ its own module: :mod:`.gate` (host, key, content type, body size), :mod:`.comple
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -25,21 +25,22 @@ from .context import ServerContext
 from .errors import APIError, api_error_from, validation_error
 from .gate import AUTHORIZED, Gate
 from .moderation import moderate
-from .runner import Runner
+from .protocol import GuardLike
+from .runner import ClientGone, Runner
 from .schemas import ChatCompletionRequest, CompletionRequest, ModerationRequest
 
 log = logging.getLogger("guardrail.server")
 
 
-def _resolve_guard(guard_or_factory: Any) -> Any:
-    if hasattr(guard_or_factory, "chat") and hasattr(guard_or_factory, "complete"):
+def _resolve_guard(guard_or_factory: GuardLike | Callable[[], GuardLike]) -> GuardLike:
+    if isinstance(guard_or_factory, GuardLike):
         return guard_or_factory
     if callable(guard_or_factory):
         return guard_or_factory()
     raise TypeError("create_app needs a Guard or a callable that returns one")
 
 
-def create_app(guard: Any, config: ServerConfig | None = None) -> FastAPI:
+def create_app(guard: GuardLike | Callable[[], GuardLike], config: ServerConfig | None = None) -> FastAPI:
     """The FastAPI app serving ``guard`` (a Guard, or a zero-argument factory called once, now)
     as the operator's ``config`` says."""
     config = config or ServerConfig()
@@ -109,6 +110,10 @@ def _errors(app: FastAPI) -> None:
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return exc.response()
 
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)  # nobody is there to read it; the turn was released on the way
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return validation_error(exc.errors()).response()
@@ -126,6 +131,6 @@ def _errors(app: FastAPI) -> None:
 
 
 def _version() -> str:
-    from guardrail import __version__
+    from guardrail._version import __version__
 
     return __version__

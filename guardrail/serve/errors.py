@@ -12,9 +12,8 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from guardrail import errors as guardrail_errors
 from guardrail._json import json_safe
-from guardrail.errors import ContextOverflowError, GuardrailError, OptionsError
+from guardrail.errors import ContextOverflowError, GuardBusyError, GuardrailError, OptionsError
 
 log = logging.getLogger("guardrail.server")
 
@@ -43,9 +42,6 @@ def bad_request(message: str, param: str | None = None, code: str = "invalid_val
     return APIError(400, message, param=param, code=code)
 
 
-_BUSY = getattr(guardrail_errors, "GuardBusyError", None)
-
-
 def api_error_from(exc: BaseException, *, preparing: bool = False) -> APIError:
     """A guard-side exception as the error the client sees. ``preparing``: raised before the
     model ran (rendering the template, checking options and length), so the request's fault."""
@@ -55,7 +51,7 @@ def api_error_from(exc: BaseException, *, preparing: bool = False) -> APIError:
         return APIError(400, str(exc), param="messages", code="context_length_exceeded")
     if isinstance(exc, OptionsError):
         return APIError(400, str(exc), param="guardrail", code="invalid_value")
-    if _BUSY is not None and isinstance(exc, _BUSY):
+    if isinstance(exc, GuardBusyError):
         return APIError(503, str(exc), type="server_error", code="guard_busy")
     if isinstance(exc, GuardrailError):
         if preparing:
