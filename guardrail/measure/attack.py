@@ -185,10 +185,10 @@ def summarize_outcomes(outcomes: Sequence[Outcome]) -> dict[str, Any]:
         if rows:
             generalisation[kind] = {"seen": _block([o for o in rows if not o.case.held_out]),
                                     "held_out": _block([o for o in rows if o.case.held_out])}
-    harmful = [o for o in outcomes if o.case.harmful]
+    harmful_rows = [o for o in outcomes if o.case.harmful]
     benign = [o for o in outcomes if not o.case.harmful]
     return {"suites": suites, "forms_seen_vs_held_out": generalisation,
-            "overall": {"harmful": _block(harmful), "benign": _block(benign),
+            "overall": {"harmful": _block(harmful_rows), "benign": _block(benign),
                         "benign_sources": _group(benign, lambda o: o.case.source)},
             "refusal_phrases": list(REFUSAL_PHRASES)}
 

@@ -290,8 +290,8 @@ class ChatFormat:
     def render(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool) -> str:
         """The template's text for these messages; a template's refusal is a ContextError naming it."""
         try:
-            return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                         bos_token=self._bos_text, eos_token=self._eos_text, tools=None)
+            return str(self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                             bos_token=self._bos_text, eos_token=self._eos_text, tools=None))
         except Exception as exc:  # the template's own error (raise_exception, roles out of order, ...)
             raise ContextError(f"the chat template {self.name} could not render this conversation: "
                                f"{_reason(exc)}") from None

@@ -216,8 +216,8 @@ class Chunks:
             choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         else:
             choice = {"text": text or "", "index": 0, "logprobs": None, "finish_reason": finish}
-        out = {"id": self.ident, "object": "chat.completion.chunk" if self.chat else "text_completion",
-               "created": self.created, "model": self.model, "choices": [choice]}
+        out: dict[str, Any] = {"id": self.ident, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                               "created": self.created, "model": self.model, "choices": [choice]}
         if self.detail != "none" and guardrail is not None:
             out["guardrail"] = guardrail
         return out

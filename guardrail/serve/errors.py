@@ -8,6 +8,7 @@ raised while the model runs is the server's: a 500.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi.responses import JSONResponse
@@ -68,7 +69,7 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "is-instanc
               "function-before", "function-plain", "function-wrap"}
 
 
-def validation_error(errors: list[dict[str, Any]] | tuple[Any, ...]) -> APIError:
+def validation_error(errors: Sequence[Any]) -> APIError:
     """pydantic's first complaint about a body as a 400 naming the field."""
     if not errors:
         return APIError(400, "invalid request")

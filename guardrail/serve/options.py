@@ -28,7 +28,7 @@ def _stricter(key: str, wanted: Any, base: Any) -> bool:
         return _POLICY_RANK[wanted] >= _POLICY_RANK[base]
     if key in ("threshold", "tau"):  # a lower threshold flags more; a lower tau acts sooner
         return bool(wanted <= base)
-    return wanted == base  # no order: only the operator's own value
+    return bool(wanted == base)  # no order: only the operator's own value
 
 
 def _allowed(key: str, old: Any) -> str:

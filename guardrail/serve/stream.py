@@ -86,8 +86,8 @@ async def sse_chunks(turn: Turn, chunks: Chunks, first: list[Event], *,
                      include_usage: bool) -> AsyncIterator[dict[str, str]]:
     """The SSE events of one streamed answer; its turn is released however it ends."""
     try:
-        for chunk in chunks.start():
-            yield {"data": dumps(chunk)}
+        for opening in chunks.start():
+            yield {"data": dumps(opening)}
         batch = first
         while batch:
             for event in batch:

@@ -22,7 +22,7 @@ import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import click
 import llm
@@ -55,7 +55,7 @@ def guard_for(model: str, head: str | None = None, n_ctx: int = 2048) -> Any:
     key = (model, head, n_ctx)
     with _lock:
         if key not in _guards:
-            from guardrail import Guard
+            from guardrail.runtime.guard import Guard
 
             _guards[key] = Guard(model, head, n_ctx=n_ctx)
         return _guards[key]
@@ -97,7 +97,7 @@ def build_messages(prompt: llm.Prompt, conversation: llm.Conversation | None) ->
     for previous in (conversation.responses if conversation else []):
         system = system or previous.prompt.system
         messages += [{"role": "user", "content": previous.prompt.prompt},
-                     {"role": "assistant", "content": previous.text_or_raise()}]
+                     {"role": "assistant", "content": cast(llm.Response, previous).text_or_raise()}]
     messages.append({"role": "user", "content": prompt.prompt})
     return ([{"role": "system", "content": system}] if system else []) + messages
 
@@ -139,7 +139,7 @@ class GuardedModel(llm.Model):
         from guardrail.runtime.events import DoneEvent, TokenEvent
         from guardrail.runtime.shapes import Answer
 
-        chosen = prompt.options
+        chosen = cast(GuardedModel.Options, prompt.options)
         messages = build_messages(prompt, conversation)
         overrides = _given(policy=chosen.policy, schedule=chosen.schedule, threshold=chosen.threshold, tau=chosen.tau)
         sampling = _given(max_tokens=chosen.max_tokens, temperature=chosen.temperature, top_p=chosen.top_p,

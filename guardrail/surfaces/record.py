@@ -25,7 +25,7 @@ def record_chat(out: str | Path, *, model: str | None = None, head: str | None =
                 turns: Sequence[str] = TURNS, max_tokens: int = 48, width: int = 110,
                 title: str = "guardrail chat") -> Path:
     """Run ``turns`` as one guarded chat and save the terminal as an SVG at ``out``."""
-    from guardrail import Guard
+    from guardrail.runtime.guard import Guard
 
     console = Console(record=True, width=width, file=io.StringIO(), force_terminal=True,
                       color_system="truecolor", legacy_windows=False)

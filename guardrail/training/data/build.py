@@ -43,7 +43,7 @@ class Preset:
     description: str
 
 
-_V1_PLAN = dict(jailbreak=400, rephrase_harmful=400, rephrase_benign=200, answer_prefixes=360,
+_V1_PLAN: dict[str, Any] = dict(jailbreak=400, rephrase_harmful=400, rephrase_benign=200, answer_prefixes=360,
                 compliant_prefixes=320, safe_prefixes=160, refusals=200, prefills=400)
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("default-v1", 200, False, AugmentPlan(**_V1_PLAN),
