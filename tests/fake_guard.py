@@ -5,7 +5,9 @@ The answer is the prompt's words reversed, one per token, cycled until ``max_tok
 the prompt steer it: "bomb" makes every check malicious (risk 0.9), "nan" gives non-finite risks,
 "explode" fails after two tokens, "overflow" runs into the end of the context after two tokens
 (as an overflow error with ``overflow_raises``, else as a ``length`` end, as the Guard does),
-a last message from the system is a template error. ``n_ctx`` counts words. It records
+a last message from the system is a template error. ``n_ctx`` counts words. ``gate`` (open unless a
+test clears it) is waited on before every answer token, so a test can hold a turn as long as it needs
+without sleeping. It records
 overlapping generations (there must never be any), generations closed early and the
 arguments of the last call.
 """
@@ -59,6 +61,8 @@ class FakeGuard:
         self.overflow_raises = overflow_raises
         self.head = FakeHead()
         self.options = GuardOptions().updated(**options)
+        self.gate = threading.Event()
+        self.gate.set()
         self._state = threading.Lock()
         self.active = 0
         self.overlaps = 0
@@ -150,6 +154,7 @@ class FakeGuard:
                     if self.overflow_raises:
                         raise ContextOverflowError(f"the answer reached the end of the context ({self.n_ctx} tokens)")
                     break
+                self.gate.wait(timeout=30)
                 time.sleep(self.delay)
                 if "explode" in words and i == 2:
                     raise RuntimeError("secret internals")

@@ -27,7 +27,7 @@ from .gate import AUTHORIZED, Gate
 from .moderation import moderate
 from .protocol import GuardLike
 from .runner import ClientGone, Runner
-from .schemas import ChatCompletionRequest, CompletionRequest, ModerationRequest
+from .schemas import ChatCompletionRequest, CompletionRequest, ModerationRequest, documented
 
 log = logging.getLogger("guardrail.server")
 
@@ -62,7 +62,10 @@ def create_app(guard: GuardLike | Callable[[], GuardLike], config: ServerConfig 
                        max_body_bytes=config.limits.max_body_bytes)
     _errors(app)
 
-    @app.get("/health")
+    gate = (401, 403)  # every route: the key and the Host header (Gate)
+    posted = (*gate, 400, 413, 415, 429, 500, 503)  # a body, a turn on the guard
+
+    @app.get("/health", responses=documented(403))
     async def health(request: Request) -> dict[str, Any]:
         if not request.scope.get(AUTHORIZED, False):
             return {"status": "ok"}  # liveness only: the rest is for key holders
@@ -77,26 +80,26 @@ def create_app(guard: GuardLike | Callable[[], GuardLike], config: ServerConfig 
                               "client_options": dict(config.client_options),
                               "defaults": {k: v for k, v in config.defaults.items() if v is not None}}}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=documented(*gate))
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", responses=documented(*gate, 404))
     async def model(model_id: str) -> dict[str, Any]:
         if model_id != ctx.model_name:
             raise APIError(404, f"The model '{model_id}' does not exist; this server serves '{ctx.model_name}'.",
                            param="model", code="model_not_found")
         return model_card()
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=documented(*posted, 403, stream=True))
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await chat_completion(ctx, body, request)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=documented(*posted, stream=True))
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await text_completion(ctx, body, request)
 
-    @app.post("/v1/moderations")
+    @app.post("/v1/moderations", responses=documented(*posted))
     async def moderations(body: ModerationRequest, request: Request) -> Response:
         return await moderate(ctx, body, request)
 
