@@ -17,6 +17,28 @@ import guardrail  # noqa: F401  (llama.cpp before numpy)
 MODEL_FIXTURES = frozenset({"model_path", "model", "gemma_path", "vocabs"})
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_tls_context():
+    """Every URL the tests call is plain http on loopback, yet each httpx client reads the CA bundle
+    (30 ms a client, some hundred clients a run): they share one context instead."""
+    try:
+        import httpx._transports.default as transport
+    except ImportError:
+        yield
+        return
+    real = transport.create_ssl_context
+    shared = real()
+
+    def create(verify=True, cert=None, trust_env=True):
+        if verify is True and cert is None and trust_env:
+            return shared
+        return real(verify=verify, cert=cert, trust_env=trust_env)
+
+    transport.create_ssl_context = create
+    yield
+    transport.create_ssl_context = real
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):

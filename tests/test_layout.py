@@ -10,6 +10,7 @@ CLI only consume. Imports inside functions count as much as top-level ones.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,7 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+@functools.lru_cache(maxsize=None)
 def _imports(path: Path) -> list[tuple[int, str]]:
     """(line, absolute module) of every import of a guardrail module in a file, nested ones included."""
     module = _module_name(path)
