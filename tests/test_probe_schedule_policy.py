@@ -142,3 +142,20 @@ def test_a_refusal_after_written_text_starts_a_new_paragraph_never_mid_word():
 ])
 def test_the_models_reason_is_kept_only_when_it_is_one_plain_complete_sentence(reason, ok):
     assert acceptable_reason(reason) is ok
+
+
+def test_window_runs_are_the_chosen_window_as_runs_in_every_state():
+    import random
+
+    from guardrail.runtime.probe import window_runs
+
+    rng = random.Random(0)
+    for _ in range(500):
+        query = sorted(rng.sample(range(40), rng.randint(0, 12)))
+        start = 40 + rng.randint(0, 3)
+        answer = list(range(start, start + rng.randint(0, 30)))
+        state = WindowState(rng.choice([None, True, False]), None)
+        if state.query_malicious is False and answer and rng.random() < 0.5:
+            state.switch_at = rng.randint(0, len(answer))
+        params = WindowParams(rng.randint(1, 6), rng.randint(1, 6), rng.randint(1, 6), rng.random() < 0.7)
+        assert window_runs(runs(query), answer, state, params) == runs(choose_window(query, answer, state, params))

@@ -12,7 +12,9 @@ from pathlib import Path
 
 from guardrail.errors import HeadError
 
+from .hashes import OLLAMA_BLOB
 from .models import KNOWN_MODELS
+from .stores import ollama_names_for
 from .wheels import cache_dir
 
 SHIPPED_HEADS = Path(__file__).parent / "heads"
@@ -27,18 +29,28 @@ def user_head_path(model_sha: str) -> Path:
     return user_heads_dir() / f"{model_sha}.gguf"
 
 
-def find_head(model_sha: str, model_name: str) -> Path:
-    """The head for a model file (by its sha256): the user's own first, then the shipped one.
+def locate_head(model_sha: str) -> tuple[Path, str] | None:
+    """(path, "trained" | "shipped") of the head for the model with this sha256, or None.
 
     A head the user trained (`guardrail train` without --out) is a deliberate choice,
     so it wins over the one that ships for a known model."""
     mine = user_head_path(model_sha)
     if mine.is_file():
-        return mine
+        return mine, "trained"
     for name, known in KNOWN_MODELS.items():
         shipped = SHIPPED_HEADS / f"{name}.gguf"
         if known.sha256 == model_sha and shipped.is_file():
-            return shipped
+            return shipped, "shipped"
+    return None
+
+
+def find_head(model_sha: str, model_name: str) -> Path:
+    """The head for a model file (by its sha256): the user's own first, then the shipped one."""
+    found = locate_head(model_sha)
+    if found:
+        return found[0]
+    if OLLAMA_BLOB.fullmatch(Path(model_name).name):  # a blob's file name means nothing to a user
+        model_name = next(iter(ollama_names_for(model_sha)), model_name)
     raise HeadError(f"no safety head for {model_name} yet: run `guardrail train --model {model_name}` "
                     "once (it saves one where guardrail finds it), or pass one with --head")
 

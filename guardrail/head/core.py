@@ -16,7 +16,6 @@ file will give it back). This module knows numpy arrays and text only.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from guardrail._version import __version__
-from guardrail.artifacts.wheels import cache_dir, sha256_file
+from guardrail.artifacts.hashes import model_sha256
 from guardrail.errors import HeadError
 
 from .lexical import HashedNgrams
@@ -282,42 +281,16 @@ def quantized(head: Head) -> Head:
 
 # ---- base-model fingerprint ------------------------------------------------------------------
 
-def _fingerprint_cache() -> Path:
-    return cache_dir() / "fingerprints.json"
-
-
-def _read_cache(cache: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(cache.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def fingerprint_file(path: str | os.PathLike[str], architecture: str, n_embd: int, n_layer: int) -> ModelFingerprint:
-    """Fingerprint of a model file; its sha256 is cached by (absolute path, size, mtime_ns).
+    """Fingerprint of a model file, its sha256 found without re-hashing where possible.
 
-    A multi-gigabyte model is hashed once, not on every start; touching or
-    replacing the file invalidates the entry.
+    A multi-gigabyte model is hashed at most once: an Ollama blob's name is its
+    sha256, and any other file's is cached by (absolute path, size, mtime_ns)
+    (``guardrail.artifacts.hashes``); touching or replacing the file invalidates it.
     """
     model = Path(path).resolve()
     try:
-        stat = model.stat()
+        digest = model_sha256(model)
     except OSError as exc:
         raise HeadError(f"cannot fingerprint model {model}: {exc.strerror or exc}") from None
-    cache = _fingerprint_cache()
-    entries = _read_cache(cache)
-    entry = entries.get(str(model))
-    if isinstance(entry, dict) and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns \
-            and isinstance(entry.get("sha256"), str):
-        return ModelFingerprint(entry["sha256"], architecture, n_embd, n_layer)
-    digest = sha256_file(model)
-    entries[str(model)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_name(f"{cache.name}.{os.getpid()}.part")
-        partial.write_text(json.dumps(entries, indent=1, sort_keys=True), encoding="utf-8")
-        os.replace(partial, cache)
-    except OSError:
-        pass  # an unwritable cache only costs a re-hash next time
     return ModelFingerprint(digest, architecture, n_embd, n_layer)

@@ -27,6 +27,7 @@ import llama_cpp.llama_cpp as llama_low
 import numpy as np
 
 from guardrail.artifacts.models import KNOWN_MODELS
+from guardrail.artifacts.stores import ollama_label
 from guardrail.errors import ContextError, ContextOverflowError, ModelError
 
 from .capture import BatchStates, NativeCapture
@@ -117,12 +118,12 @@ class ModelInfo:
 
 
 def display_name(path: Path) -> str:
-    """A known model's name, else the file's: never the GGUF's own ``general.name``, which is often
-    a training-run label ("Smollm2 135M 8k Lc100K Mix1 Ep2")."""
+    """A known model's name, an Ollama blob's ``ollama:NAME:TAG``, else the file's: never the GGUF's own
+    ``general.name``, which is often a training-run label ("Smollm2 135M 8k Lc100K Mix1 Ep2")."""
     for name, known in KNOWN_MODELS.items():
         if known.filename == path.name:
             return name
-    return path.stem
+    return ollama_label(path) or path.stem
 
 
 class Model:
@@ -268,9 +269,10 @@ def physical_memory() -> int | None:
         return None
 
 
-def default_n_ctx(model: Model) -> int:
-    """The model's own trained context, where memory allows: its KV cache stays under 4 GiB and
-    an eighth of this machine's memory; otherwise the largest multiple of 256 tokens that does."""
+def default_n_ctx(model: Model, slots: int = 1) -> int:
+    """The model's own trained context for each of ``slots`` conversations, where memory allows:
+    the KV cache stays under 4 GiB and an eighth of this machine's memory; otherwise the largest
+    multiple of 256 tokens that does (the slots share it)."""
     info = model.info
     budget = KV_BUDGET_BYTES
     memory = physical_memory()
@@ -278,7 +280,7 @@ def default_n_ctx(model: Model) -> int:
         budget = min(budget, memory // KV_BUDGET_SHARE)
     per_token = max(1, info.kv_bytes_per_token)
     fits = max(512, (budget // per_token) // 256 * 256)
-    return int(min(info.n_ctx_train, fits)) if info.n_ctx_train > 0 else int(fits)
+    return int(min(info.n_ctx_train * max(1, slots), fits)) if info.n_ctx_train > 0 else int(fits)
 
 
 # ---------------------------------------------------------------------------
@@ -392,7 +394,7 @@ class Context:
 
     def __init__(self, model: Model, *, n_ctx: int = 2048, n_batch: int = 512, n_ubatch: int | None = None,
                  n_seq_max: int = 2, hooks: Sequence[str] = (), embeddings: bool = False,
-                 n_threads: int | None = None):
+                 n_threads: int | None = None, flash_attn: bool | None = None):
         self.model = model
         info = model.info
         if model.vocab_only:  # llama.cpp would make the context and crash on the first decode
@@ -407,6 +409,10 @@ class Context:
         params.n_ubatch = min(n_ubatch or n_batch, n_batch)
         params.n_seq_max = n_seq_max
         params.kv_unified = True  # probe cells are shared; micro-batches keep batch order
+        if flash_attn is not None and hasattr(params, "flash_attn_type"):  # None: llama.cpp's own choice
+            params.flash_attn_type = int(flash_attn)
+        elif flash_attn is not None and hasattr(params, "flash_attn"):  # llama-cpp-python < 0.3.16
+            params.flash_attn = bool(flash_attn)
         params.embeddings = embeddings
         # One state per token, never pooled: the capture's result_norm relies on it.
         params.pooling_type = llama_low.LLAMA_POOLING_TYPE_NONE

@@ -1,22 +1,28 @@
 """Guard: the public API. Runs guarded generation and yields events.
 
-One decoding loop, as named steps (``_Run``):
-1. **start** — make the conversation cache hold the prompt, decoding only what the
-   previous call did not leave there;
-2. **plan** — sample the next answer token and lay out the batch: the answer token
-   is batch entry 0; when a check with a [CLS] probe is due, the probe's tokens
-   follow it and the probe's last token is the batch's last entry;
-3. **decode** — one ``llama_decode`` of that batch, states appended to the history;
+One guarded answer is a run (``_Run.steps``), a generator of named steps:
+1. **start** — make the slot's conversation cache hold the prompt, decoding only
+   what the previous call did not leave there (in chunks, beside other answers);
+2. **plan** — sample the next answer token and lay out its entries: the answer
+   token first; when a check with a [CLS] probe is due, the probe's tokens follow
+   it, the probe's last token last;
+3. **decode** — the run yields a :class:`~.batch.Decode` and gets its share of
+   one ``llama_decode`` back, states appended to the slot's history;
 4. **read the check** — the head's probability over the window the rules choose
-   (no decode at all for a head without a probe block);
+   (no decode at all for a head without a probe block: :class:`_WindowCheck`;
+   the probe riding the batch: :class:`_ProbeCheck`);
 5. **apply the policy** — continue, or act: the token decoded with a malicious
-   check is held back, removed from the cache unseen, and the guard writes the end
-   of the answer (a refusal, or a halt);
+   check is held back, removed from the cache unseen, and the guard writes the
+   end of the answer (a refusal, or a halt);
 6. **emit** — the token, with its own token-signal risk.
 
-A Guard owns one model context, runs one generation at a time (a second one
-raises :class:`GuardBusyError`) and keeps the KV cache and captured states
-between calls, so a chat's next turn decodes only what is new.
+A run never calls llama.cpp's decode itself, so the same run is stepped alone
+(``Guard.chat``) or beside other runs (``Guard.chat_many``, ``Guard.batch``: one
+``llama_decode`` per step for all of them, see :mod:`.batch`). A Guard owns one
+model context with ``n_parallel`` slots (a KV sequence each, see :mod:`.cache`),
+runs one driver at a time (a second one raises :class:`GuardBusyError`) and keeps
+each slot's KV cache and captured states between calls, so a chat's next turn
+decodes only what is new.
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import llama_cpp
@@ -36,16 +43,15 @@ from guardrail.artifacts.models import resolve_model
 from guardrail.errors import GuardBusyError, HeadError, OptionsError
 from guardrail.head import Head, fingerprint_file, load_head
 
-from .cache import SEQ, ConversationCache
+from .batch import Batcher, Decode, Decoded, Job, drive_alone
+from .cache import CachePool, ConversationCache, Slot
 from .chat import ChatFormat, Message, PromptTokens
 from .engine import Context, Detokenizer, Entry, Model, Sampler, SamplingParams, default_n_ctx
 from .events import CheckEvent, DoneEvent, Event, InterventionEvent, QueryEvent, TokenEvent
 from .features import HeadReader, StateHistory, Window, hooks_of, probe_tokens, split_conversation
 from .options import GuardOptions, ResolvedOptions
 from .policy import FIXED_REASON, MAX_REASON_TOKENS, Action, Policy, acceptable_reason, halt_text, lead_in
-from .probe import Probe, WindowState, choose_window, runs, update_window_state
-
-PROBE_SEQ = 1
+from .probe import Probe, WindowState, runs, update_window_state, window_runs
 
 
 @dataclass(frozen=True)
@@ -58,8 +64,9 @@ class Verdict:
 
 
 @dataclass(frozen=True)
-class _Request:
-    """One call: the prompt and where its parts are, how to sample, how to decide."""
+class GuardRequest:
+    """One answer to give: the prompt and where its parts are, how to sample, how to decide
+    (``Guard.chat_request`` makes one, checked, for ``Guard.batch().start``)."""
 
     prompt: PromptTokens
     query: list[int]          # content positions of the conversation before the answer
@@ -71,24 +78,37 @@ class _Request:
     options: GuardOptions
 
 
+@dataclass(frozen=True)
+class ChatCall:
+    """One conversation of ``Guard.chat_many`` with its own ``chat`` keyword arguments
+    (sampling, ``max_tokens``, ``stop``, guard options)."""
+
+    messages: Sequence[Mapping[str, str] | Message]
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
 class Guard:
     """Guarded generation on a llama.cpp model.
 
     ``model``: a GGUF path, a known model name, an existing ``llama_cpp.Llama``
     (its weights are shared, not loaded twice), or None for the default model.
     ``head``: a head file; None finds the head for the model (shipped, or trained
-    with ``guardrail train --model``). ``n_ctx``: the context in tokens; None
-    takes the model's trained context where memory allows (see
-    ``engine.default_n_ctx``). Options: ``policy`` (refuse | halt | monitor),
-    ``schedule`` (auto | every | annealing | first | periodic:K), ``threshold``,
-    ``tau``, ``opener``, ``reason`` (fixed | model), ``r1/r2/r3``.
+    with ``guardrail train --model``). ``n_parallel``: answers that can decode
+    together (``chat_many``, ``batch``), each in its own KV sequence. ``n_ctx``:
+    the KV cells all of them share; None takes the model's trained context per
+    slot where memory allows (see ``engine.default_n_ctx``). Options: ``policy``
+    (refuse | halt | monitor), ``schedule`` (auto | every | annealing | first |
+    periodic:K), ``threshold``, ``tau``, ``opener``, ``reason`` (fixed | model),
+    ``r1/r2/r3``.
     """
 
     def __init__(self, model: str | os.PathLike[str] | llama_cpp.Llama | None = None,
-                 head: str | os.PathLike[str] | None = None, *, n_ctx: int | None = None,
+                 head: str | os.PathLike[str] | None = None, *, n_ctx: int | None = None, n_parallel: int = 1,
                  allow_head_mismatch: bool = False, template: str | None = None,
                  n_threads: int | None = None, **options: Any):
         self.options = GuardOptions().updated(**options)
+        if isinstance(n_parallel, bool) or not isinstance(n_parallel, int) or not 1 <= n_parallel <= 64:
+            raise OptionsError(f"n_parallel must be a whole number from 1 to 64, got {n_parallel!r}")
         if isinstance(model, llama_cpp.Llama):
             self.model = Model.from_llama(model)
         else:
@@ -104,17 +124,15 @@ class Guard:
             raise HeadError(f"the head reads the last layer of {info.n_layer}, which llama.cpp computes "
                             "for output tokens only; it cannot be used while decoding")
         self.format = ChatFormat(self.model, template)
-        self.context = Context(self.model, n_ctx=n_ctx or default_n_ctx(self.model), n_batch=512,
-                               n_seq_max=2, hooks=self.hooks, n_threads=n_threads)
-        history = StateHistory(self.hooks, info.n_embd, vectors=not all(HeadReader.is_linear(h) for h in heads))
-        self._cache = ConversationCache(self.context, history)
-        text_of = self._window_text
-        self._check = HeadReader(self.head, history, text_of)
-        self._token_signal = HeadReader(self.token_head, history, text_of) if self.token_head else None
-        if self._token_signal is not None and self._token_signal.needs_probe:
+        self.n_parallel = n_parallel
+        self.context = Context(self.model, n_ctx=n_ctx or default_n_ctx(self.model, n_parallel), n_batch=512,
+                               n_seq_max=CachePool.sequences(n_parallel), hooks=self.hooks, n_threads=n_threads)
+        vectors = not all(HeadReader.is_linear(h) for h in heads)
+        self._pool = CachePool(self.context, n_parallel, lambda: StateHistory(self.hooks, info.n_embd, vectors=vectors))
+        self._signals = {slot.index: _Signals(self, slot.cache) for slot in self._pool.slots}
+        if self._signals[0].token is not None and self._signals[0].token.needs_probe:
             raise HeadError("the token head cannot read a probe: it scores every token's own state")
-        self._probe = Probe(self.context, probe_tokens(self.model, self.head.probe_text) or [self.model.bos],
-                            seq=PROBE_SEQ, src=SEQ)
+        self._probe_tokens = probe_tokens(self.model, self.head.probe_text) or [self.model.bos]
         self._lock = threading.Lock()
 
     @property
@@ -129,7 +147,7 @@ class Guard:
     @property
     def checks_are_free(self) -> bool:
         """True when a check decodes nothing (the head has no [CLS] probe block)."""
-        return not self._check.needs_probe
+        return not self._signals[0].check.needs_probe
 
     @property
     def busy(self) -> bool:
@@ -141,9 +159,9 @@ class Guard:
         return self.options.updated(**overrides).resolve(self.head)
 
     def reset(self) -> None:
-        """Forget the cached conversation: the next call decodes its whole prompt."""
+        """Forget the cached conversations: the next call decodes its whole prompt."""
         with self._turn():
-            self._cache.clear()
+            self._pool.clear()
 
     def close(self) -> None:
         self.context.close()
@@ -164,29 +182,59 @@ class Guard:
         """Events of one guarded answer to a conversation. A final assistant message is a prefill."""
         request = self._chat_request(messages, guard)
         sampling = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, 64, seed)
-        return _Run(self, _with(request, sampling, max_tokens, stop)).events()
+        return self._alone(_sampled(request, sampling, max_tokens, stop))
 
     def complete(self, prompt: str, *, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 0.95,
                  top_k: int = 40, min_p: float = 0.05, seed: int | None = None, repeat_penalty: float = 1.0,
                  stop: Sequence[str] | str | None = None, **guard: Any) -> Iterator[Event]:
         """Events of a guarded continuation of raw text (no chat template)."""
-        tokens = PromptTokens()
-        if self.model.info.add_bos:
-            tokens.extend([self.model.bos], -1)
-        tokens.extend(self.model.tokenize(prompt, special=False), 0)
-        query = [i for i, m in enumerate(tokens.message) if m >= 0]
-        request = _Request(tokens, query, [], "", SamplingParams(), 0, (), self.options.updated(**guard))
+        request = self._text_request(prompt, guard)
         sampling = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, 64, seed)
-        return _Run(self, _with(request, sampling, max_tokens, stop)).events()
+        return self._alone(_sampled(request, sampling, max_tokens, stop))
+
+    def chat_many(self, conversations: Sequence[Sequence[Mapping[str, str] | Message] | ChatCall],
+                  **common: Any) -> Iterator[tuple[int, Event]]:
+        """Events of several guarded answers decoded together, each tagged with its conversation's index.
+
+        Up to ``n_parallel`` answers run at once (one ``llama_decode`` per step for all of
+        them); the next conversation starts as soon as a slot is free. ``common`` takes
+        ``chat``'s keyword arguments; a :class:`ChatCall` adds its own. Every answer is
+        decided by its own checks, schedule and policy, exactly as ``chat`` would."""
+        calls = [c if isinstance(c, ChatCall) else ChatCall(c) for c in conversations]
+        requests = [self.chat_request(c.messages, **{**common, **c.options}) for c in calls]
+        return self._many(requests)
+
+    def chat_request(self, messages: Sequence[Mapping[str, str] | Message], *, max_tokens: int = 256,
+                     temperature: float = 0.0, top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05,
+                     seed: int | None = None, repeat_penalty: float = 1.0,
+                     stop: Sequence[str] | str | None = None, **guard: Any) -> GuardRequest:
+        """A conversation checked and tokenized for ``batch().start`` (the template, options and length
+        are checked here, before it takes a slot)."""
+        request = self._chat_request(messages, guard)
+        sampling = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, 64, seed)
+        return _sampled(request, sampling, max_tokens, stop)
+
+    def text_request(self, prompt: str, *, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 0.95,
+                     top_k: int = 40, min_p: float = 0.05, seed: int | None = None, repeat_penalty: float = 1.0,
+                     stop: Sequence[str] | str | None = None, **guard: Any) -> GuardRequest:
+        """Raw text for ``batch().start`` (no chat template)."""
+        sampling = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, 64, seed)
+        return _sampled(self._text_request(prompt, guard), sampling, max_tokens, stop)
 
     def score(self, messages: Sequence[Mapping[str, str] | Message], **guard: Any) -> Verdict:
         """The first check's probability and verdict for a conversation, without generating."""
         request = self._chat_request(messages, guard)
         with self._turn():
-            run = _Run(self, request)
-            run.start()
-            risk, malicious, _ = run.first_check_alone()
-        return Verdict(risk, malicious, run.threshold)
+            slot = self._acquire(request)
+            try:
+                verdict = _result(drive_alone(self.context, _Run(self, request, slot).score()))
+            finally:
+                self._pool.release(slot)
+        return verdict
+
+    def batch(self) -> GuardBatch:
+        """Several answers stepped together by the caller (the server's slots): holds the Guard until closed."""
+        return GuardBatch(self)
 
     def create_chat_completion(self, messages: Sequence[Mapping[str, str]], *, max_tokens: int = 256,
                                temperature: float = 0.0, top_p: float = 0.95, seed: int | None = None,
@@ -211,70 +259,253 @@ class Guard:
 
     # -- helpers of the calls -------------------------------------------------------------
 
-    def _chat_request(self, messages: Sequence[Mapping[str, str] | Message], guard: Mapping[str, Any]) -> _Request:
+    def _chat_request(self, messages: Sequence[Mapping[str, str] | Message], guard: Mapping[str, Any]) -> GuardRequest:
         msgs = [Message.coerce(m) for m in messages]
         options = self.options.updated(**guard)
         prompt = self.format.tokens(msgs)
         as_dicts = [{"role": m.role, "content": m.content} for m in msgs]
         query, prefill = split_conversation(prompt, as_dicts)
         prefill_text = msgs[-1].content if msgs and msgs[-1].role == "assistant" else ""
-        return _Request(prompt, query, prefill, prefill_text, SamplingParams(), 0, (), options)
+        return GuardRequest(prompt, query, prefill, prefill_text, SamplingParams(), 0, (), options)
+
+    def _text_request(self, prompt: str, guard: Mapping[str, Any]) -> GuardRequest:
+        tokens = PromptTokens()
+        if self.model.info.add_bos:
+            tokens.extend([self.model.bos], -1)
+        tokens.extend(self.model.tokenize(prompt, special=False), 0)
+        query = [i for i, m in enumerate(tokens.message) if m >= 0]
+        return GuardRequest(tokens, query, [], "", SamplingParams(), 0, (), self.options.updated(**guard))
+
+    def _cells_needed(self, request: GuardRequest) -> int:
+        """KV cells an answer may add: its tokens, a probe, and a model-written refusal reason."""
+        reason = MAX_REASON_TOKENS + 16 if request.options.reason == "model" else 0
+        return request.max_tokens + len(self._probe_tokens) + reason + 1
+
+    def _acquire(self, request: GuardRequest) -> Slot:
+        slot = self._pool.acquire(request.prompt.ids, self._cells_needed(request))
+        assert slot is not None, "with no answer running, every slot is free and every cell can be had"
+        return slot
+
+    def _alone(self, request: GuardRequest) -> Iterator[Event]:
+        with self._turn():
+            slot = self._acquire(request)
+            try:
+                yield from drive_alone(self.context, _Run(self, request, slot).steps())
+            finally:
+                self._pool.release(slot)
+
+    def _many(self, requests: Sequence[GuardRequest]) -> Iterator[tuple[int, Event]]:
+        with self.batch() as batch:
+            out: deque[tuple[int, Event]] = deque()
+            queue = deque(enumerate(requests))
+            errors: list[BaseException] = []
+
+            def started(i: int, request: GuardRequest) -> bool:
+                return batch.start(request, lambda e: out.append((i, e)),
+                                   lambda exc: errors.append(exc) if exc is not None else None) is not None
+            while queue or batch.active:
+                while queue and started(*queue[0]):
+                    queue.popleft()
+                batch.step()
+                while out:
+                    yield out.popleft()
+                if errors:
+                    raise errors[0]
 
     @contextmanager
     def _turn(self) -> Iterator[None]:
-        """The busy flag: one generation (or score) at a time on this Guard's context."""
+        """The busy flag: one driver (an answer, a score, a batch) at a time on this Guard's context."""
         if not self._lock.acquire(blocking=False):
             raise GuardBusyError("this Guard is already generating an answer; finish or close that event "
                                  "stream first (a Guard runs one generation at a time)")
         try:
             yield
         finally:
-            self._probe.release()
             self._lock.release()
 
-    def _window_text(self, window: Window) -> str:
-        ids = self._cache.tokens
-        return self.model.detokenize([ids[p] for a, b in window.runs for p in range(a, b)])
+
+def _result(steps: Generator[Any, None, Any]) -> Any:
+    """Run a driver whose run yields no events to its end; return the run's value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
 
 
-def _with(request: _Request, sampling: SamplingParams, max_tokens: int, stop: Sequence[str] | str | None) -> _Request:
-    from dataclasses import replace
+class GuardBatch:
+    """Several guarded answers on one Guard, stepped together: ``start`` takes a slot (or says to
+    wait), ``step`` runs one ``llama_decode`` for every running answer. Holds the Guard (a
+    ``chat`` beside it raises :class:`GuardBusyError`) until closed."""
 
+    def __init__(self, guard: Guard):
+        self.guard = guard
+        self._turn = guard._turn()
+        self._turn.__enter__()
+        self.batcher = Batcher(guard.context, prompt_chunk=64)
+        self._slots: dict[int, Slot] = {}
+
+    @property
+    def active(self) -> bool:
+        return self.batcher.active
+
+    @property
+    def running(self) -> int:
+        return len(self.batcher.jobs)
+
+    def start(self, request: GuardRequest, sink: Callable[[Event], None],
+              on_end: Callable[[BaseException | None], None] = lambda exc: None) -> Job | None:
+        """Start an answer whose events go to ``sink``; None when no slot or KV cells are free now
+        (try again after a step). Raises ContextOverflowError for a request no context could hold."""
+        slot = self.guard._pool.acquire(request.prompt.ids, self.guard._cells_needed(request))
+        if slot is None:
+            return None
+        return self._add(_Run(self.guard, request, slot).steps(), slot, sink, on_end)
+
+    def score(self, request: GuardRequest, on_end: Callable[[Verdict | None, BaseException | None], None]) -> Job | None:
+        """Score a conversation (the first check alone) beside the running answers; None: try later."""
+        slot = self.guard._pool.acquire(request.prompt.ids, len(self.guard._probe_tokens) + 1)
+        if slot is None:
+            return None
+        run = _Run(self.guard, request, slot)
+        result: list[Verdict] = []
+
+        def scored() -> Generator[Any, Decoded | None, None]:
+            result.append((yield from run.score()))
+        return self._add(scored(), slot, lambda e: None, lambda exc: on_end(result[0] if result else None, exc))
+
+    def _add(self, run: Generator[Any, Decoded | None, Any], slot: Slot, sink: Callable[[Event], None],
+             on_end: Callable[[BaseException | None], None]) -> Job:
+        def ended(exc: BaseException | None) -> None:
+            self.guard._pool.release(slot)
+            on_end(exc)
+        return self.batcher.add(run, sink, ended)
+
+    def step(self) -> None:
+        self.batcher.step()
+
+    def cancel(self, job: Job) -> None:
+        """Stop one answer (its client left); the others go on."""
+        self.batcher.cancel(job)
+
+    def close(self) -> None:
+        for job in list(self.batcher.jobs):
+            self.batcher.cancel(job)
+        self._turn.__exit__(None, None, None)
+
+    def __enter__(self) -> GuardBatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _sampled(request: GuardRequest, sampling: SamplingParams, max_tokens: int,
+             stop: Sequence[str] | str | None) -> GuardRequest:
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
         raise OptionsError(f"max_tokens must be a whole number >= 0, got {max_tokens!r}")
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
     return replace(request, sampling=sampling, max_tokens=max_tokens, stops=tuple(s for s in stops if s))
 
 
-@dataclass(frozen=True)
-class _Step:
-    """One planned ``llama_decode``. Layout: the answer token (if any) is entry 0; a riding
-    probe's tokens follow it, its last token being the batch's last entry."""
+class _Signals:
+    """The heads as one slot reads them: the check head, and the token head (free, decides nothing)."""
 
-    token: int | None          # the sampled answer token, None for a probe-only batch
-    pos: int                   # the answer token's position
-    check: int | None          # index of the check this batch carries or enables, None if none is due
-    window: list[int]          # the positions that check reads
+    def __init__(self, guard: Guard, cache: ConversationCache):
+        def text_of(window: Window) -> str:
+            ids = cache.tokens
+            return guard.model.detokenize([ids[p] for a, b in window.runs for p in range(a, b)])
+        self.check = HeadReader(guard.head, cache.history, text_of)
+        self.token = HeadReader(guard.token_head, cache.history, text_of) if guard.token_head else None
+
+
+# ---------------------------------------------------------------------------------------
+# The two ways a check reads the conversation
+
+
+class _WindowCheck:
+    """A free check: the head reads states the capture already holds, after the token is decoded.
+
+    Its index counts the new token (index = tokens written + 1); the query's own check
+    (index 0) runs before any token, with no decode at all."""
+
+    free = True
+
+    def index(self, written: int) -> int:
+        return written + 1
+
+    def entries(self, window: list[tuple[int, int]]) -> list[Entry]:
+        return []
+
+    def probe_states(self, got: Decoded, n_entries: int) -> None:
+        return None
+
+    def release(self) -> None:
+        pass
+
+
+class _ProbeCheck:
+    """The [CLS] probe: its tokens ride in the same decode as the next answer token, in the
+    slot's probe sequence over the window; its index is the tokens written before it."""
+
+    free = False
+
+    def __init__(self, probe: Probe, hooks: Sequence[str]):
+        self.probe = probe
+        self.hooks = hooks
+
+    def index(self, written: int) -> int:
+        return written
+
+    def entries(self, window: list[tuple[int, int]]) -> list[Entry]:
+        return self.probe.attach(window)
+
+    def probe_states(self, got: Decoded, n_entries: int) -> dict[str, Any]:
+        assert got.states is not None
+        states = {h: got.states.of(h, n_entries - 1) for h in self.hooks}
+        self.probe.release()
+        return states
+
+    def release(self) -> None:
+        self.probe.release()
+
+
+@dataclass
+class _Planned:
+    """One planned decode of an answer: its token (None for a probe-only batch), the check it
+    carries or enables, that check's window."""
+
+    token: int | None
+    pos: int
+    check: int | None
+    window: list[tuple[int, int]]
     entries: list[Entry]
-    probe_last: int | None     # batch index of the probe's last token
 
 
 class _Run:
     """The state of one guarded answer, kept out of Guard so a Guard stays reusable."""
 
-    def __init__(self, guard: Guard, request: _Request):
-        self.g = guard
-        self.r = request
-        self.cache = guard._cache
-        self.ctx = guard.context
+    def __init__(self, guard: Guard, request: GuardRequest, slot: Slot):
+        self.guard = guard
+        self.request = request
+        self.cache = slot.cache
+        self.context = guard.context
+        self.model = guard.model
+        self.signals = guard._signals[slot.index]
         options = request.options
         head = guard.head
         self.threshold = options.threshold if options.threshold is not None else head.threshold
+        self.answer_threshold = options.answer_threshold if options.answer_threshold is not None else self.threshold
         self.schedule = options.schedule.resolve(guard.checks_are_free)
-        self.policy = Policy(options.policy, options.tau or head.tau)
+        self.policy = Policy(options.policy, options.tau if options.tau is not None else head.tau)
+        self.mode: _WindowCheck | _ProbeCheck = (
+            _ProbeCheck(Probe(self.context, guard._probe_tokens, seq=slot.probe_seq, src=slot.cache.seq,
+                              free=guard._pool.free), guard.hooks)
+            if self.signals.check.needs_probe else _WindowCheck())
         self.window_state = WindowState()
-        self.sampler = Sampler(guard.model, request.sampling)
-        self.detok = Detokenizer(guard.model)
+        self.query_runs = runs(request.query)
+        self.sampler = Sampler(self.model, request.sampling)
+        self.detok = Detokenizer(self.model)
         self.answer = list(request.prefill)  # positions of answer tokens: prefill, then written ones
         self.text = ""
         self.written = 0                     # sampled answer tokens emitted
@@ -286,123 +517,134 @@ class _Run:
         self.out = -1                        # batch index of the logits to sample from
         self.reused = 0
 
+    # -- decoding through the driver ----------------------------------------------------------
+
+    def _decode(self, request: Decode, n_own: int) -> Generator[Decode, Decoded | None, Decoded]:
+        """Yield a Decode; record the conversation's own entries that went in (the first ``n_own``)."""
+        try:
+            got = yield request
+        except BaseException:
+            self.cache.clear()  # the KV cells may hold what the cache does not know of
+            raise
+        assert got is not None
+        self.cache.commit(request.entries[:min(got.taken, n_own)], got.states)
+        return got
+
     # -- 1. start ---------------------------------------------------------------------------
 
-    def start(self) -> None:
-        self.reused, self.out = self.cache.sync(self.r.prompt.ids)
+    def start(self) -> Generator[Decode, Decoded | None, None]:
+        self.reused, pending = self.cache.prepare(self.request.prompt.ids)
+        self.mode.release()
+        while pending:
+            got = yield from self._decode(Decode(pending, split=True), len(pending))
+            if pending[got.taken - 1].output:
+                self.out = got.index(got.taken - 1)
+            pending = pending[got.taken:]
 
     # -- 2. plan ----------------------------------------------------------------------------
 
-    def _plan(self, token: int | None) -> _Step:
-        """A probe rides with the token it precedes: its check reads the answer up to, not
-        including, that token (index = tokens written). A free check runs after the token is
-        decoded and reads it too (index = tokens written + 1)."""
+    def _plan(self, token: int | None) -> _Planned:
+        """A probe rides with the token it precedes: its check reads the answer up to, not including,
+        that token. A free check runs after the token is decoded and reads it too."""
         pos = len(self.cache)
-        entries = [Entry(token, pos, (SEQ,), True)] if token is not None else []
-        if self.g._check.needs_probe:
-            index = self.written
-            if not self.schedule.due(index):
-                return _Step(token, pos, None, [], entries, None)
-            window = self._window(None)
-            entries += self.g._probe.attach(window)
-            return _Step(token, pos, index, window, entries, len(entries) - 1)
-        index = self.written + 1
-        if token is None or not self.schedule.due(index):
-            return _Step(token, pos, None, [], entries, None)
-        return _Step(token, pos, index, self._window(pos), entries, None)
+        entries = [self.cache.entry(token)] if token is not None else []
+        index = self.mode.index(self.written)
+        if (token is None and self.mode.free) or not self.schedule.due(index):
+            return _Planned(token, pos, None, [], entries)
+        held = pos if (self.mode.free and token is not None) else None
+        window = self._window(held)
+        return _Planned(token, pos, index, window, entries + self.mode.entries(window))
 
-    def _window(self, held: int | None) -> list[int]:
-        answer = self.answer + ([held] if held is not None else [])
-        return choose_window(self.r.query, answer, self.window_state, self.r.options.window) or [len(self.cache) - 1]
+    def _window(self, held: int | None) -> list[tuple[int, int]]:
+        answer = self.answer + [held] if held is not None else self.answer
+        spans = window_runs(self.query_runs, answer, self.window_state, self.request.options.window)
+        return spans or [(len(self.cache) - 1, len(self.cache))]
 
-    # -- 3. decode --------------------------------------------------------------------------
+    # -- 3. decode, 4. read the check -------------------------------------------------------
 
-    def _decode(self, step: _Step) -> Any:
-        n_own = 1 if step.token is not None else 0
-        start = time.perf_counter()
-        result = self.cache.decode(step.entries, n_own)
-        if step.probe_last is not None:
-            self.guard_s += (time.perf_counter() - start) * (len(step.entries) - n_own) / len(step.entries)
+    def _step(self, plan: _Planned) -> Generator[Decode, Decoded | None, CheckEvent | None]:
+        n_own = 1 if plan.token is not None else 0
+        got = yield from self._decode(Decode(plan.entries), n_own)
+        self.guard_s += got.share_of(len(plan.entries) - n_own)
         if n_own:
-            self.out = 0
-        return result
-
-    # -- 4. read the check ------------------------------------------------------------------
-
-    def _read(self, step: _Step, result: Any) -> CheckEvent | None:
-        if step.check is None:
+            self.out = got.index(0)
+        if plan.check is None:
             return None
-        probe = None
-        if step.probe_last is not None:
-            probe = {h: result.states.rows[h][step.probe_last] for h in self.g.hooks}
-            self.g._probe.release()
-        last = step.pos if step.probe_last is None else step.pos - 1  # a free check reads the new token
-        return self._verdict(step.check, step.window, last, probe)
+        probe = self.mode.probe_states(got, len(plan.entries))
+        last = plan.pos if probe is None else plan.pos - 1  # a free check reads the new token
+        return self._verdict(plan.check, plan.window, last, probe)
 
-    def _verdict(self, index: int, window: list[int], last: int, probe: Any) -> CheckEvent:
+    def _verdict(self, index: int, window: list[tuple[int, int]], last: int, probe: Any) -> CheckEvent:
         """Score the window; ``signal`` says what was read: the [CLS] probe or the window's own states."""
         start = time.perf_counter()
-        risk = self.g._check.risk(Window.of(window, last), probe)
+        risk = self.signals.check.risk(Window(tuple(window), last), probe)
         self.guard_s += time.perf_counter() - start
-        malicious = risk >= self.threshold
+        malicious = not risk < (self.threshold if index == 0 else self.answer_threshold)  # NaN fails closed
         self.checks += 1
         self.max_risk = risk if self.max_risk is None else max(self.max_risk, risk)
         if index == 0:
             self.query_risk = risk
         update_window_state(self.window_state, malicious, len(self.answer))
-        return CheckEvent(index, risk, malicious, runs(window), signal="probe" if probe is not None else "window")
+        return CheckEvent(index, risk, malicious, list(window), signal="window" if probe is None else "probe")
 
-    def first_check_alone(self) -> tuple[float, bool, CheckEvent]:
+    def first_check_alone(self) -> Generator[Decode, Decoded | None, CheckEvent]:
         """The query check on its own: free for a probe-less head, one probe-only decode otherwise."""
-        if self.g._check.needs_probe:
-            step = self._plan(None)
-            event = self._read(step, self._decode(step))
-        else:
-            window = self._window(None)
-            event = self._verdict(0, window, len(self.cache) - 1, None)
-        return event.risk, event.malicious, event
+        if self.mode.free:
+            return self._verdict(0, self._window(None), len(self.cache) - 1, None)
+        check = yield from self._step(self._plan(None))
+        assert check is not None
+        return check
+
+    def score(self) -> Generator[Decode, Decoded | None, Verdict]:
+        try:
+            yield from self.start()
+            check = yield from self.first_check_alone()
+        finally:
+            self.mode.release()
+        return Verdict(check.risk, check.malicious, self.threshold)
 
     # -- 5. apply the policy ----------------------------------------------------------------
 
     def _act(self, check: CheckEvent) -> Action:
         return self.policy.on_verdict(check.index, check.malicious)
 
-    def _intervene(self, action: Action, index: int) -> Iterator[Event]:
+    def _intervene(self, action: Action, index: int) -> Generator[Any, Decoded | None, None]:
         """Write the end of the answer the guard now owns; the answer ends with it."""
         self.intervened = True
+        prefix = self.request.prefill_text + self.text
         if action.kind == "halt":
-            text = halt_text(self.r.prefill_text + self.text)
+            text = halt_text(prefix)
             yield InterventionEvent(index, "halt", text, action.reason)
-            yield from self._emit_text(text)
+            yield self._forced(text)
             return
-        opener = lead_in(self.r.prefill_text + self.text) + self.r.options.opener
+        opener = lead_in(prefix) + self.request.options.opener
         yield InterventionEvent(index, "refuse", opener, action.reason)
-        reason = self._model_reason(opener) if self.r.options.reason == "model" else None
-        yield from self._emit_text(opener + (reason if reason is not None else FIXED_REASON))
+        reason = (yield from self._model_reason(opener)) if self.request.options.reason == "model" else None
+        yield self._forced(opener + (reason if reason is not None else FIXED_REASON))
 
-    def _model_reason(self, opener: str) -> str | None:
+    def _model_reason(self, opener: str) -> Generator[Decode, Decoded | None, str | None]:
         """The model's own continuation of the opener, kept only when it is one plain reason.
 
         The opener is decoded into the cache, the reason sampled greedily and held back
         until it is judged; the user never sees a reason that drifts."""
-        forced = self.g.model.tokenize(opener)
+        forced = self.model.tokenize(opener)
         pos = len(self.cache)
-        if pos + len(forced) + MAX_REASON_TOKENS >= self.ctx.n_ctx:
+        if pos + len(forced) + MAX_REASON_TOKENS >= self.context.n_ctx:
             return None
-        entries = [Entry(t, pos + i, (SEQ,), i == len(forced) - 1) for i, t in enumerate(forced)]
-        self.cache.decode(entries, len(entries))
-        greedy = Sampler(self.g.model, SamplingParams())
-        detok, text, out = Detokenizer(self.g.model), "", len(entries) - 1
+        entries = [Entry(t, pos + i, (self.cache.seq,), i == len(forced) - 1) for i, t in enumerate(forced)]
+        got = yield from self._decode(Decode(entries), len(entries))
+        greedy = Sampler(self.model, SamplingParams())
+        detok, text, out = Detokenizer(self.model), "", got.index(len(entries) - 1)
         for _ in range(MAX_REASON_TOKENS):
-            token = greedy.sample(self.ctx, out)
-            if self.g.model.is_eog(token):
+            token = greedy.sample(self.context, out)
+            if self.model.is_eog(token):
                 break
             piece = detok.push(token)
             if "\n" in piece:
                 break
             text += piece
-            self.cache.decode([Entry(token, len(self.cache), (SEQ,), True)], 1)
-            out = 0
+            got = yield from self._decode(Decode([self.cache.entry(token)]), 1)
+            out = got.index(0)
             if text.rstrip().endswith((".", "!", "?")):
                 break
         text += detok.flush()
@@ -416,71 +658,81 @@ class _Run:
         piece = self.detok.push(token)
         self.text += piece
         risk = None
-        if self.g._token_signal is not None:
+        if self.signals.token is not None:
             start = time.perf_counter()
-            risk = self.g._token_signal.risk(Window(((pos, pos + 1),), pos))
+            risk = self.signals.token.risk(Window(((pos, pos + 1),), pos))
             self.guard_s += time.perf_counter() - start
         return TokenEvent(self.written - 1, token, piece, risk)
 
-    def _emit_text(self, text: str) -> Iterator[TokenEvent]:
+    def _forced(self, text: str) -> TokenEvent:
         """Text the guard writes (not sampled): one forced event, never decoded."""
         self.text += self.detok.flush() + text
-        yield TokenEvent(self.written, -1, text, None, forced=True)
+        return TokenEvent(self.written, -1, text, None, forced=True)
 
     def _stopped(self) -> bool:
-        stops = [s for s in self.r.stops if s in self.text]
+        stops = [s for s in self.request.stops if s in self.text]
         if stops:
             self.text = self.text[:min(self.text.find(s) for s in stops)]
         return bool(stops)
 
     # -- the loop ---------------------------------------------------------------------------
 
-    def events(self) -> Iterator[Event]:
-        with self.g._turn():
+    def steps(self) -> Generator[Any, Decoded | None, None]:
+        """The events of the answer, and the Decodes it needs, in order."""
+        try:
             started = time.perf_counter()
-            self.start()
-            yield QueryEvent(len(self.r.prompt), self.r.prefill_text, self.reused)
+            yield from self.start()
+            yield QueryEvent(len(self.request.prompt), self.request.prefill_text, self.reused)
             finish = yield from self._answer()
             if not self.intervened:
                 self.text += self.detok.flush()
             elapsed = time.perf_counter() - started
-            yield DoneEvent(finish, self.text, self.written, len(self.r.prompt), self.checks, self.intervened,
-                            self.query_risk, self.max_risk, elapsed, self.written / elapsed if elapsed > 0 else 0.0,
-                            self.guard_s)
+            yield DoneEvent(finish, self.text, self.written, len(self.request.prompt), self.checks,
+                            self.intervened, self.query_risk, self.max_risk, elapsed,
+                            self.written / elapsed if elapsed > 0 else 0.0, self.guard_s)
+        finally:
+            self.mode.release()
 
-    def _answer(self) -> Iterator[Event]:
+    def _checked(self, check: CheckEvent, held: int | None) -> Generator[Any, Decoded | None, str | None]:
+        """The one place a check becomes an action: the check's event, then, if the policy acts,
+        the held-back token dropped unseen and the end of the answer written. Returns the
+        finish reason when the answer ends here."""
+        yield check
+        action = self._act(check)
+        if not action.acts:
+            return None
+        if held is not None:
+            self.cache.cut(held)  # the held-back token is never written
+        yield from self._intervene(action, check.index)
+        return action.kind
+
+    def _answer(self) -> Generator[Any, Decoded | None, str]:
         """The steps, until the answer ends; returns the finish reason."""
         first_done = False
-        if not self.g._check.needs_probe:  # a free query check: before any token
-            _, _, check = self.first_check_alone()
+        if self.mode.free:  # a free query check: before any token
+            check = yield from self.first_check_alone()
             first_done = True
-            yield check
-            action = self._act(check)
-            if action.acts:
-                yield from self._intervene(action, 0)
-                return action.kind
+            finish = yield from self._checked(check, None)
+            if finish:
+                return finish
         while True:
-            if self.written >= self.r.max_tokens and first_done:
+            if self.written >= self.request.max_tokens and first_done:
                 return "length"
-            token = self.sampler.sample(self.ctx, self.out)
-            ends = self.g.model.is_eog(token) or self.written >= self.r.max_tokens
+            token = self.sampler.sample(self.context, self.out)
+            ends = self.model.is_eog(token) or self.written >= self.request.max_tokens
             if ends and first_done:
-                return "stop" if self.g.model.is_eog(token) else "length"
-            if len(self.cache) + 1 + len(self.g._probe.tokens) >= self.ctx.n_ctx:
+                return "stop" if self.model.is_eog(token) else "length"
+            if len(self.cache) + 1 + len(self.guard._probe_tokens) >= self.context.n_ctx:
                 return "length"  # the context is full: keep what was written
-            step = self._plan(None if ends else token)
-            check = self._read(step, self._decode(step))
+            plan = self._plan(None if ends else token)
+            check = yield from self._step(plan)
             first_done = True
             if check is not None:
-                yield check
-                action = self._act(check)
-                if action.acts:
-                    if step.token is not None:
-                        self.cache.cut(step.pos)  # the held-back token is never written
-                    yield from self._intervene(action, check.index)
-                    return action.kind
-            if step.token is None:
-                return "stop" if self.g.model.is_eog(token) else "length"
-            yield self._emit(token, step.pos)
+                finish = yield from self._checked(check, plan.pos if plan.token is not None else None)
+                if finish:
+                    return finish
+            if plan.token is None:
+                return "stop" if self.model.is_eog(token) else "length"
+            yield self._emit(token, plan.pos)
             if self._stopped():
                 return "stop"

@@ -45,6 +45,7 @@ class ResolvedOptions:
     policy: str
     schedule: Schedule
     threshold: float
+    answer_threshold: float
     tau: int
     opener: str
     reason: str
@@ -61,7 +62,9 @@ class ResolvedOptions:
 
 @dataclass(frozen=True)
 class GuardOptions:
-    """``threshold``/``tau`` of None mean: the head file's.
+    """``threshold``/``tau`` of None mean: the head file's. ``threshold`` decides the query's own
+    check; ``answer_threshold`` the checks during the answer (None: the head's answer-stage
+    operating point, else ``threshold``).
 
     ``reason``: ``model`` lets the model write the refusal's reason (kept only when
     it is one plain sentence), ``fixed`` always writes the fixed one."""
@@ -69,6 +72,7 @@ class GuardOptions:
     policy: str = "refuse"
     schedule: Schedule = field(default_factory=Schedule)
     threshold: float | None = None
+    answer_threshold: float | None = None
     tau: int | None = None
     opener: str = DEFAULT_OPENER
     reason: str = "fixed"
@@ -99,10 +103,12 @@ class GuardOptions:
         return options
 
     def resolve(self, head: HeadDefaults) -> ResolvedOptions:
-        """These options with the head's threshold and tau wherever the caller gave none."""
+        """These options with the head's threshold and tau wherever the caller gave none (the answer's
+        checks use the query's threshold unless ``answer_threshold`` is given)."""
+        threshold = float(self.threshold if self.threshold is not None else head.threshold)
         return ResolvedOptions(
-            policy=self.policy, schedule=self.schedule,
-            threshold=float(self.threshold if self.threshold is not None else head.threshold),
+            policy=self.policy, schedule=self.schedule, threshold=threshold,
+            answer_threshold=float(self.answer_threshold if self.answer_threshold is not None else threshold),
             tau=int(self.tau if self.tau is not None else head.tau),
             opener=self.opener, reason=self.reason, window=self.window)
 
@@ -113,10 +119,11 @@ class GuardOptions:
             raise OptionsError(f"unknown reason {self.reason!r}: use one of {', '.join(REASONS)}")
         if self.tau is not None and (isinstance(self.tau, bool) or not isinstance(self.tau, int) or self.tau < 1):
             raise OptionsError(f"tau must be a whole number of at least 1, got {self.tau!r}")
-        if self.threshold is not None:
-            if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
-                    or not math.isfinite(self.threshold) or not 0.0 <= self.threshold <= 1.0:
-                raise OptionsError(f"threshold must be a number between 0 and 1, got {self.threshold!r}")
+        for name in ("threshold", "answer_threshold"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or not 0.0 <= value <= 1.0):
+                raise OptionsError(f"{name} must be a number between 0 and 1, got {value!r}")
         if not isinstance(self.opener, str) or not self.opener.strip():
             raise OptionsError("the refusal opener must be non-empty text")
         if min(self.window.r1, self.window.r2, self.window.r3) < 1:

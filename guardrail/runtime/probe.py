@@ -13,7 +13,7 @@ answer alone does not carry the decision; see README, "Which signal does what").
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .engine import Context, Entry
@@ -57,6 +57,30 @@ def choose_window(query: Sequence[int], answer: Sequence[int], state: WindowStat
     return (head + list(answer[max(0, n - params.r2):])) or list(query)
 
 
+def window_runs(query_runs: Sequence[tuple[int, int]], answer: Sequence[int], state: WindowState,
+                params: WindowParams) -> list[tuple[int, int]]:
+    """:func:`choose_window` as runs, in time that grows with the answer tokens read, not the query:
+    the query's runs are computed once per answer, and every answer position comes after them."""
+    n = len(answer)
+    if state.query_malicious is None:
+        lo, hi, keep = max(0, n - params.r2), n, True
+    elif state.query_malicious:
+        lo, hi, keep = 0, min(n, params.r1), True
+    elif state.switch_at is not None:
+        lo, hi, keep = max(0, state.switch_at - params.r2), min(n, state.switch_at + params.r3 + 1), params.keep_query
+    else:
+        lo, hi, keep = max(0, n - params.r2), n, params.keep_query
+    out = list(query_runs) if keep else []
+    for p in answer[lo:hi]:
+        if out and out[-1][1] == p:
+            out[-1] = (out[-1][0], p + 1)
+        else:
+            out.append((p, p + 1))
+    if not out and state.query_malicious is not None and state.switch_at is None:
+        return list(query_runs)
+    return out
+
+
 def update_window_state(state: WindowState, malicious: bool, answer_len: int) -> None:
     """Record a check's verdict: the first sets the branch; later ones open or close a switch."""
     if state.query_malicious is None:
@@ -87,7 +111,9 @@ class Probe:
     tokens: Sequence[int]
     seq: int = 1
     src: int = 0
+    free: Callable[[int, int, int], None] | None = None  # how the probe's cells are given back
     _active: bool = field(default=False, init=False)
+    _start: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         if not self.tokens:
@@ -95,24 +121,28 @@ class Probe:
         if self.seq >= self.context.n_seq_max:
             raise ValueError(f"probe sequence {self.seq} needs n_seq_max > {self.seq}")
 
-    def attach(self, window: Sequence[int]) -> list[Entry]:
+    def attach(self, window: Sequence[int] | Sequence[tuple[int, int]]) -> list[Entry]:
         """Share the window's cells with the probe sequence; return the probe's batch entries.
 
-        The probe's positions continue right after the window's last cell, as
-        llama.cpp requires of each sequence; the last probe token has output on.
+        ``window``: positions, or sorted [start, end) runs. The probe's positions continue
+        right after the window's last cell, as llama.cpp requires of each sequence; the
+        last probe token has output on.
         """
         self.release()
         if not window:
             raise ValueError("an empty window")
-        for a, b in runs(window):
+        spans = list(window) if isinstance(window[0], tuple) else runs(window)  # type: ignore[arg-type]
+        for a, b in spans:
             self.context.seq_cp(self.src, self.seq, a, b)
         self._active = True
-        start = max(window) + 1
+        start = self._start = spans[-1][1]
         last = len(self.tokens) - 1
         return [Entry(t, start + i, (self.seq,), i == last) for i, t in enumerate(self.tokens)]
 
     def release(self) -> None:
         """Drop the probe's own cells and its share of the window (the conversation keeps them)."""
         if self._active:
-            self.context.seq_rm(self.seq, -1, -1)
+            if self.free is not None:
+                self.free(self.seq, self._start, -1)  # the probe's own cells
+            self.context.seq_rm(self.seq, -1, -1)     # its share of the window (the conversation keeps them)
             self._active = False

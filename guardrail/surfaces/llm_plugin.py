@@ -201,6 +201,27 @@ def register_models(register) -> None:
         register(GuardedModel(model_id, str(entry["model"]), entry.get("head")))
 
 
+def registrable(model: str) -> str:
+    """What the registry keeps for MODEL: a store's name as given (after checking it resolves), or a
+    file's absolute path; anything else is a one-line click error."""
+    from guardrail.artifacts.models import resolve_model
+    from guardrail.artifacts.stores import split_spec
+    from guardrail.errors import ModelError
+
+    try:
+        resolved = resolve_model(model)
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from None
+    return model if split_spec(model) and not Path(model).is_file() else str(resolved.resolve())
+
+
+def _default_name(model: str, kept: str) -> str:
+    """``ollama:llama3.2:1b`` -> ``llama3.2-1b``; a file -> its stem."""
+    if kept == model and ":" in model:
+        return model.split(":", 1)[1].rstrip("/").rsplit("/", 1)[-1].removesuffix(".gguf").replace(":", "-")
+    return Path(kept).stem
+
+
 @llm.hookimpl
 def register_commands(cli) -> None:
     @cli.group(name="guardrail")
@@ -216,17 +237,21 @@ def register_commands(cli) -> None:
             click.echo(f"{model_id}: {entry['model']} (head: {entry.get('head') or 'found by the model sha256'})")
 
     @guardrail_group.command(name="register-model")
-    @click.argument("path", type=click.Path(exists=True, dir_okay=False, resolve_path=True))
+    @click.argument("model")
     @click.option("--head", type=click.Path(exists=True, dir_okay=False, resolve_path=True), default=None,
                   help="a head trained for this model (default: the one found by the model's sha256)")
-    @click.option("--name", default=None, help="model id suffix (default: the file name)")
-    def register_model(path: str, head: str | None, name: str | None) -> None:
-        """Guard a local GGUF chat model: it becomes 'guardrail-NAME' for llm -m."""
-        model_id = PREFIX + (name or Path(path).stem).lower()
+    @click.option("--name", default=None, help="model id suffix (default: the file's or the model's name)")
+    def register_model(model: str, head: str | None, name: str | None) -> None:
+        """Guard a local GGUF chat model: it becomes 'guardrail-NAME' for llm -m.
+
+        MODEL is a GGUF path or a name in a store (ollama:NAME[:TAG], hf:ORG/REPO[/FILE],
+        lmstudio:PUBLISHER/REPO[/FILE]), kept as a name so it follows what the store holds."""
+        path = registrable(model)
+        model_id = PREFIX + (name or _default_name(model, path)).lower()
         if model_id in KNOWN:
             raise click.ClickException(f"{model_id} is a built-in guardrail model; pick another --name")
         models = registered()
-        models[model_id] = {"model": path, "head": head}
+        models[model_id] = {"model": path, "head": head}  # a store's name stays a name
         registry_path().parent.mkdir(parents=True, exist_ok=True)
         registry_path().write_text(json.dumps(models, indent=2) + "\n", encoding="utf-8")
         click.echo(model_id)

@@ -324,6 +324,38 @@ def render_attack(report: Mapping[str, Any], out: Console | None = None, *, sour
         out.print(forms)
 
 
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f} MiB"
+
+
+def render_models(rows: Sequence[Mapping[str, Any]], out: Console | None = None) -> None:
+    """`guardrail models`: one row per GGUF chat model found, then what to run for those without a head."""
+    out = out or console
+    if not rows:
+        out.print("no GGUF chat models found (looked in guardrail's cache, Ollama, the Hugging Face cache and "
+                  "LM Studio); `guardrail fetch` gets the default one")
+        return
+    table = Table(title="GGUF chat models on this machine (--model takes the first column)")
+    for column in ("model", "store", "arch", "quant", "size", "head"):
+        table.add_column(column, justify="right" if column == "size" else "left")
+    heads = {"trained": "[green]trained[/]", "shipped": "[green]shipped[/]", "none": "[yellow]none[/]",
+             "unknown": "[dim]not hashed[/]"}
+    for row in rows:  # names and errors are Text: a file name with [brackets] is not markup
+        if "error" in row:
+            table.add_row(Text(row["model"]), row["store"], "-", "-", _size(row["size_bytes"]),
+                          Text(row["error"], style="red"))
+            continue
+        table.add_row(Text(row["model"]), row["store"], row["architecture"] or "-", row["quantization"] or "-",
+                      _size(row["size_bytes"]), heads[row["head"]])
+    out.print(table)
+    for row in rows:
+        if row.get("head") == "none":
+            out.print(Text.assemble(f"no head for {row['model']}: ", (row["train"], "bold")))
+    unknown = sum(row.get("head") == "unknown" for row in rows)
+    if unknown:
+        out.print(f"{unknown} not hashed yet: `guardrail models --hash` finds their heads (hashes each file once)")
+
+
 def render_heads(rows: Sequence[Mapping[str, Any]], out: Console | None = None) -> None:
     out = out or console
     if not rows:

@@ -209,7 +209,7 @@ def _common_prefix(prompts: Sequence[Sequence[int]]) -> int:
 # Extraction as a job: a store of rows by conversation, resumable, with an ETA
 
 CHUNK = 256  # conversations per saved part: a killed run loses at most one part's work
-_LAYOUT = "features-v5"  # bump when what a stored row holds changes
+_LAYOUT = "features-v6"  # bump when what a stored row holds changes
 
 
 def conversation(example: Example) -> list[dict[str, str]]:
