@@ -12,11 +12,16 @@ import sys
 import click
 
 try:
-    import guardrail  # noqa: F401  (loads llama.cpp before numpy)
+    import guardrail  # loads llama.cpp before numpy
+
+    guardrail.require_llama_cpp()  # every command but the numpy-only ones needs it: say so in one line, now
 except ImportError as exc:  # llama-cpp-python missing or not the API guardrail binds: one line, no traceback
     sys.exit(f"error: {exc}")
 from guardrail.errors import GuardrailError  # noqa: E402
+from guardrail.runtime.engine import DEFAULT_MAX_TOKENS, SamplingParams  # noqa: E402
 from guardrail.runtime.policy import POLICIES  # noqa: E402
+
+SAMPLING = SamplingParams()  # the library's sampling defaults are the CLI's
 
 MODEL_HELP = ("a GGUF path, a known model name, or a model you already have: ollama:NAME[:TAG], "
               "hf:ORG/REPO[/FILE], lmstudio:PUBLISHER/REPO[/FILE] (see `guardrail models`; "
@@ -86,9 +91,9 @@ def guard_options(func):
         click.option("--schedule", default=None, help="auto | every | annealing | first | periodic:K (default auto: every step when checks are free)"),
         click.option("--threshold", type=float, default=None, help="override the head's threshold"),
         click.option("--tau", type=int, default=None, help="consecutive malicious checks before acting mid-answer"),
-        click.option("--max-tokens", type=int, default=256, show_default=True),
-        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy"),
-        click.option("--top-p", type=float, default=0.95, show_default=True),
+        click.option("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, show_default=True),
+        click.option("--temperature", type=float, default=SAMPLING.temperature, show_default=True, help="0 = greedy"),
+        click.option("--top-p", type=float, default=SAMPLING.top_p, show_default=True),
         click.option("--seed", type=int, default=None),
         click.option("--system", default=None, help="a system prompt"),
         click.option("--plain", "mode", flag_value="plain", help="print the answer's text only"),
@@ -134,8 +139,9 @@ def chat(model, head, policy, schedule, threshold, tau, max_tokens, temperature,
 
     history = [{"role": "system", "content": system}] if system else []
     with _guard(model, head, policy, schedule, threshold, tau) as guard:
-        click.echo(f"guardrail chat on {guard.model_name} (policy {guard.options.policy}, "
-                   f"schedule {guard.options.schedule}); /exit to quit", err=True)
+        options = guard.resolve_options()
+        click.echo(f"guardrail chat on {guard.model_name} (policy {options.policy}, schedule {options.schedule}, "
+                   f"threshold {options.threshold:.3f}, tau {options.tau}); /exit to quit", err=True)
         while True:
             try:
                 line = click.prompt("you", prompt_suffix="> ", default="", show_default=False)
@@ -169,8 +175,8 @@ def score(model, head, threshold, text) -> None:
 
     with Guard(model, head, threshold=threshold) as guard:
         verdict = guard.score([{"role": "user", "content": text}])
-        shown = "malicious" if verdict.malicious else "benign"
-        click.echo(f"{verdict.risk:.4f}\t{shown} (threshold {verdict.threshold:.4f})")
+        verdict_name = "malicious" if verdict.malicious else "benign"
+        click.echo(f"{verdict.risk:.4f}\t{verdict_name} (threshold {verdict.threshold:.4f})")
 
 
 @cli.command()
@@ -435,9 +441,9 @@ def attack(model, head, data_dir, suites, per_suite, max_tokens, long_tokens, po
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, exists=True), default=None,
               help="a YAML file of server settings (limits, client_options, detail, ...); flags override it")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None,
-              help="max_tokens of a request that sets none (default 256)")
+              help=f"max_tokens of a request that sets none (default {DEFAULT_MAX_TOKENS})")
 @click.option("--temperature", type=click.FloatRange(0.0, 2.0), default=None,
-              help="temperature of a request that sets none (default 0: greedy)")
+              help=f"temperature of a request that sets none (default {SAMPLING.temperature:g}: greedy)")
 def serve(model, head, host, port, api_key, n_ctx, policy, schedule, threshold, tau, client_options, detail,
           queue_size, queue_timeout, send_timeout, allowed_hosts, audit_log, audit_log_text, config_file,
           max_tokens, temperature) -> None:
@@ -450,9 +456,9 @@ def serve(model, head, host, port, api_key, n_ctx, policy, schedule, threshold, 
                  audit_log=audit_log, audit_text=audit_log_text)
     settings = (read_settings(config_file) if config_file else {}) | {k: v for k, v in flags.items() if v is not None}
     settings.setdefault("detail", "full" if is_loopback(host) else "summary")
-    sampling = {"max_tokens": max_tokens, "temperature": temperature}
-    settings["defaults"] = {"max_tokens": 256, "temperature": 0.0} | dict(settings.get("defaults") or {}) | {
-        k: v for k, v in sampling.items() if v is not None}
+    flagged = {k: v for k, v in {"max_tokens": max_tokens, "temperature": temperature}.items() if v is not None}
+    library = {"max_tokens": DEFAULT_MAX_TOKENS, "temperature": SAMPLING.temperature}
+    settings["defaults"] = library | dict(settings.get("defaults") or {}) | flagged
     run_server(model, head, host=host, port=port, config=make_config(settings), n_ctx=n_ctx, policy=policy,
                schedule=schedule, threshold=threshold, tau=tau)
 

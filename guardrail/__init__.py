@@ -5,6 +5,7 @@ head (a probability) -> probe/schedule (when and what to re-read) -> policy
 (intervene or not) -> guard (the public API) -> surfaces (CLI, UI, server).
 """
 
+from ._version import __version__
 from .errors import (
     CaptureError,
     ContextError,
@@ -15,8 +16,6 @@ from .errors import (
     LlamaCppError,
     ModelError,
 )
-
-__version__ = "0.1.0"
 
 # The llama-cpp-python releases guardrail is tested against (pyproject.toml says the same).
 LLAMA_CPP_SUPPORTED = ">=0.3.15,<0.4"
@@ -37,21 +36,43 @@ _LLAMA_FIELDS = {
 }
 
 
-def _check_llama_cpp() -> None:
-    """Fail at import, in one line, when llama-cpp-python cannot serve guardrail (never later, in ctypes)."""
-    hint = f"pip install 'llama-cpp-python{LLAMA_CPP_SUPPORTED}'"
+_HINT = f"pip install 'llama-cpp-python{LLAMA_CPP_SUPPORTED}'"
+
+
+def _load_llama_cpp() -> LlamaCppError | None:
+    """Import llama-cpp-python first; the one-line error when it is missing or its library does not load.
+
+    Returned, not raised: the numpy-only parts (the head, the data) work without llama.cpp,
+    so ``import guardrail.head`` must not need it; whatever needs the engine asks
+    :func:`require_llama_cpp`, which raises the line."""
     try:
         # llama.cpp is loaded before numpy on purpose: on some Python builds the
         # reverse order crashed model loading (see README, "Import order").
-        import llama_cpp
-        import llama_cpp.llama_cpp as low
+        import llama_cpp  # noqa: F401
+        import llama_cpp.llama_cpp  # noqa: F401
     except ImportError as exc:
-        raise LlamaCppError(f"guardrail needs llama-cpp-python{LLAMA_CPP_SUPPORTED}, which is not installed "
-                            f"({exc}); {hint}") from None
+        return LlamaCppError(f"guardrail needs llama-cpp-python{LLAMA_CPP_SUPPORTED}, which is not installed "
+                             f"({exc}); {_HINT}")
     except Exception as exc:  # its native library failed to load (RuntimeError, OSError)
         reason = " ".join(str(exc).split())[:200] or type(exc).__name__
-        raise LlamaCppError(f"llama-cpp-python is installed but its native library does not load ({reason}); "
-                            f"reinstall it: {hint}") from None
+        return LlamaCppError(f"llama-cpp-python is installed but its native library does not load ({reason}); "
+                             f"reinstall it: {_HINT}")
+    return None
+
+
+def require_llama_cpp() -> None:
+    """Raise the one-line :class:`LlamaCppError` when llama-cpp-python is missing or does not load
+    (the runtime, and so Guard, the server and the CLI, call this before they touch llama.cpp)."""
+    if _UNAVAILABLE is not None:
+        raise _UNAVAILABLE
+
+
+def _check_llama_cpp() -> None:
+    """Fail at import, in one line, when the llama-cpp-python that loaded is not the API guardrail binds
+    (never later, in ctypes)."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as low
+
     problems = []
     for name, arities in _LLAMA_FUNCTIONS.items():
         function = getattr(low, name, None)
@@ -65,10 +86,12 @@ def _check_llama_cpp() -> None:
     if problems:
         version = getattr(llama_cpp, "__version__", "of unknown version")
         raise LlamaCppError(f"llama-cpp-python {version} lacks the low-level API guardrail binds "
-                            f"({'; '.join(problems[:3])}{'; ...' if len(problems) > 3 else ''}); {hint}")
+                            f"({'; '.join(problems[:3])}{'; ...' if len(problems) > 3 else ''}); {_HINT}")
 
 
-_check_llama_cpp()
+_UNAVAILABLE = _load_llama_cpp()
+if _UNAVAILABLE is None:
+    _check_llama_cpp()
 
 __all__ = [
     "Guard",
@@ -81,10 +104,11 @@ __all__ = [
     "LlamaCppError",
     "ModelError",
     "__version__",
+    "require_llama_cpp",
 ]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     """``from guardrail import Guard`` without loading the whole stack on ``import guardrail``."""
     if name == "Guard":
         from guardrail.runtime.guard import Guard

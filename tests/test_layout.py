@@ -10,12 +10,13 @@ CLI only consume. Imports inside functions count as much as top-level ones.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ("_json", "errors", "artifacts", "head", "runtime", "training", "serve", "measure", "surfaces", "cli")
+ORDER = ("_version", "_json", "errors", "artifacts", "head", "runtime", "training", "serve", "measure", "surfaces", "cli")
 
 
 def _group(module: str) -> str | None:
@@ -36,6 +37,7 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+@functools.lru_cache(maxsize=None)
 def _imports(path: Path) -> list[tuple[int, str]]:
     """(line, absolute module) of every import of a guardrail module in a file, nested ones included."""
     module = _module_name(path)
@@ -97,7 +99,7 @@ def test_the_runtime_never_imports_training_serving_measurement_or_surfaces(forb
 def test_the_head_imports_no_trainer():
     for path in sorted((ROOT / "guardrail" / "head").rglob("*.py")):
         for line, target in _imports(path):
-            assert _group(target) in (None, "_json", "errors", "artifacts", "head"), \
+            assert _group(target) in (None, "_version", "_json", "errors", "artifacts", "head"), \
                 f"{path.relative_to(ROOT)}:{line} imports {target}"
 
 
@@ -112,3 +114,18 @@ def test_the_checker_sees_an_upward_import(tmp_path, monkeypatch):
     (fake_root / "cli.py").write_text("")
     monkeypatch.setattr(__import__(__name__), "ROOT", fake_root)
     assert violations() == ["guardrail/runtime/loop.py:2 (runtime) imports guardrail.training.pipeline (training)"]
+
+
+def test_the_head_and_the_data_import_without_llama_cpp():
+    """The numpy-only parts need no llama.cpp library; the runtime says in one line that it does."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['llama_cpp'] = None\n"
+            "import guardrail.head, guardrail.head.file, guardrail.training.data, guardrail.training.data.build\n"
+            "from guardrail.errors import LlamaCppError\n"
+            "try:\n    import guardrail.runtime\nexcept LlamaCppError as exc:\n    print(exc)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert "which is not installed" in result.stdout and "pip install" in result.stdout

@@ -111,7 +111,8 @@ def test_the_cli_prints_the_answer_and_logs_the_guards_summary_in_response_json(
     assert summary["intervened"] is False and summary["interventions"] == []
     assert 0.0 <= summary["query_risk"] < summary["threshold"]
     assert summary["checks"] == len(summary["verdicts"]) > 1  # the query check, then the schedule's re-checks
-    assert summary["verdicts"][0]["index"] == 0 and summary["verdicts"][0]["risk"] == round(summary["query_risk"], 4)
+    assert summary["verdicts"][0]["index"] == 0 and summary["verdicts"][0]["risk"] == summary["query_risk"]
+    assert summary["tau"] >= 1 and summary["flagged"] is False  # resolved options, the server's own summary
     defaults = llm_plugin.guard_for(llm_plugin.KNOWN[MODEL]).options
     assert (summary["policy"], summary["schedule"]) == (defaults.policy, str(defaults.schedule))
     assert (logged["input_tokens"], logged["output_tokens"]) == (summary["prompt_tokens"], 12)

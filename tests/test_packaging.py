@@ -133,6 +133,7 @@ def test_a_models_display_name_is_its_known_name_or_its_file_name(model, tmp_pat
         assert mine.info.name == "my-assistant.Q4_1"
 
 
+@pytest.mark.model  # compiles the native capture
 def test_pip_wheel_builds_without_the_makefile(tmp_path):
     source = _source_copy(tmp_path / "src")
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",

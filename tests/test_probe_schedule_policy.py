@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
+from guardrail.errors import OptionsError
+from guardrail.runtime.options import GuardOptions
 from guardrail.runtime.policy import HALT_MESSAGE, Policy, acceptable_reason, halt_text, lead_in
 from guardrail.runtime.probe import WindowParams, WindowState, choose_window, runs, update_window_state
 from guardrail.runtime.schedule import Schedule
@@ -101,8 +105,22 @@ def test_halt_stops_and_monitor_never_acts_but_records_what_it_saw():
     monitor = Policy("monitor", tau=1)
     assert all(not monitor.on_verdict(i, True).acts for i in range(5))
     assert monitor.triggered == "the query was judged malicious"
-    with pytest.raises(ValueError):
-        Policy("maybe")
+
+
+@pytest.mark.parametrize("options", [{"policy": "maybe"}, {"tau": 0}, {"tau": True}, {"threshold": 1.5}])
+def test_policy_tau_and_threshold_are_validated_once_in_the_options(options):
+    with pytest.raises(OptionsError):
+        GuardOptions().updated(**options)
+
+
+def test_resolved_options_take_the_heads_threshold_and_tau_unless_given():
+    head = SimpleNamespace(threshold=0.7, tau=6)
+    resolved = GuardOptions().resolve(head)
+    assert (resolved.threshold, resolved.tau, resolved.policy) == (0.7, 6, "refuse")
+    given = GuardOptions().updated(threshold=0.0, tau=1, r2=4).resolve(head)
+    assert (given.threshold, given.tau, given.value("r2"), given.value("threshold")) == (0.0, 1, 4, 0.0)
+    with pytest.raises(OptionsError):
+        given.value("window")
 
 
 def test_a_refusal_after_written_text_starts_a_new_paragraph_never_mid_word():

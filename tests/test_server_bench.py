@@ -21,7 +21,7 @@ def test_a_load_run_accounts_for_every_request():
 
     fake = FakeGuard(delay=0.01)
     with served(fake, queue_size=1) as srv:
-        report = load_run(srv.url, clients=4, seconds=1.5, max_tokens=5, prompts=["a b c", "d e"])
+        report = load_run(srv.url, clients=4, seconds=1.0, max_tokens=5, prompts=["a b c", "d e"])
     assert report["lost"] == 0 and report["still_running"] == 0
     assert report["answered"] + report["refused"] == report["requests"] > 4
     assert report["answered"] > 0 and set(report["refused_by_status"]) <= {"429"}

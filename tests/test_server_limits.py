@@ -16,7 +16,7 @@ import pytest
 from fake_guard import FakeGuard
 from serving import API_KEY, auth, error_of, openai_client, post, served, wait_for
 
-from guardrail.serve.config import LOOPBACK_HOSTS
+from guardrail.serve.config import LOOPBACK_HOST_HEADERS
 
 LIMITS = {"max_body_bytes": 4096, "max_messages": 4, "max_chars": 1000, "max_stop": 2, "max_stop_chars": 8,
           "max_inputs": 3}
@@ -29,7 +29,7 @@ def fake():
 
 @pytest.fixture(scope="module")
 def server(fake):
-    with served(fake, api_key=API_KEY, limits=LIMITS, allowed_hosts=LOOPBACK_HOSTS) as srv:
+    with served(fake, api_key=API_KEY, limits=LIMITS, allowed_hosts=LOOPBACK_HOST_HEADERS) as srv:
         yield srv
 
 
@@ -139,7 +139,7 @@ def test_a_loopback_server_answers_only_to_its_own_names(server):
 
 
 def _hold(server, prompt="a b c d", max_tokens=40):
-    """Start a streamed generation in a thread (the slot is held while it runs)."""
+    """Start a streamed generation in a thread (its turn is held while it runs: clear the fake's gate first)."""
     def run():
         with httpx.stream("POST", server.url + "/v1/chat/completions", headers=auth(), timeout=60,
                           json={"messages": _user(prompt), "max_tokens": max_tokens, "stream": True}) as r:
@@ -155,7 +155,8 @@ def _health(server):
 
 
 def test_a_full_queue_answers_429_with_retry_after():
-    fake = FakeGuard(delay=0.05)
+    fake = FakeGuard(delay=0)
+    fake.gate.clear()  # the holder's answer waits until the test lets it go
     with served(fake, api_key=API_KEY, queue_size=1) as srv, openai_client(srv) as client:
         holder = _hold(srv)
         assert wait_for(lambda: _health(srv)["busy"])
@@ -168,6 +169,7 @@ def test_a_full_queue_answers_429_with_retry_after():
         assert int(r.headers["Retry-After"]) >= 1
         with pytest.raises(openai.RateLimitError):
             client.chat.completions.create(model="m", messages=_user("one too many"))
+        fake.gate.set()
         holder.join(30)
         waiter.join(30)
         health = _health(srv)
@@ -175,7 +177,8 @@ def test_a_full_queue_answers_429_with_retry_after():
 
 
 def test_a_request_waiting_past_the_queue_timeout_gets_429():
-    fake = FakeGuard(delay=0.05)
+    fake = FakeGuard(delay=0)
+    fake.gate.clear()  # the holder's answer waits until the test lets it go
     with served(fake, api_key=API_KEY, queue_timeout_s=0.3) as srv:
         holder = _hold(srv)
         assert wait_for(lambda: _health(srv)["busy"])
@@ -183,18 +186,21 @@ def test_a_request_waiting_past_the_queue_timeout_gets_429():
         r = post(srv, "/v1/chat/completions", {"messages": _user("late")})
         assert r.status_code == 429 and error_of(r)["code"] == "queue_timeout" and "Retry-After" in r.headers
         assert time.monotonic() - t0 < 1.5 + 0.3
+        fake.gate.set()
         holder.join(30)
 
 
 def test_a_request_whose_client_left_before_its_turn_never_runs():
-    fake = FakeGuard(delay=0.05)
+    fake = FakeGuard(delay=0)
+    fake.gate.clear()  # the holder's answer waits until the test lets it go
     with served(fake, api_key=API_KEY) as srv:
         holder = _hold(srv)
-        assert wait_for(lambda: _health(srv)["busy"])
+        assert wait_for(lambda: fake.started == 1)  # the holder's generation runs (busy alone may come first)
         started = fake.started
         with pytest.raises(httpx.ReadTimeout):
             post(srv, "/v1/chat/completions", {"messages": _user("impatient")}, timeout=0.5)
         assert wait_for(lambda: _health(srv)["left_while_waiting"] == 1)
+        fake.gate.set()
         holder.join(30)
         assert wait_for(lambda: not _health(srv)["busy"])
         assert fake.started == started  # the holder's generation only

@@ -1,74 +1,45 @@
-"""The server's guard interface binds the real Guard and the test double alike, and the stop-string
-hold-back sends exactly the text before the first stop string."""
+"""The server's guard interface binds the real Guard and the test double alike (the type checker holds
+the signatures; these tests call each member as the server does), and the stop-string hold-back sends
+exactly the text before the first stop string."""
 
 from __future__ import annotations
 
-import inspect
-import typing
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from fake_guard import FakeGuard
 
+from guardrail.runtime.engine import DEFAULT_MAX_TOKENS, SamplingParams
+from guardrail.runtime.events import DoneEvent, Event
+from guardrail.runtime.options import ResolvedOptions
 from guardrail.serve.protocol import GuardLike
 from guardrail.serve.stream import StopHoldBack
 
-_KINDS = inspect.Parameter
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLING = SamplingParams()
+# every keyword the server passes (body.sampling plus a request's guard options)
+SERVER_CALL = dict(max_tokens=3, temperature=SAMPLING.temperature, top_p=SAMPLING.top_p, top_k=SAMPLING.top_k,
+                   min_p=SAMPLING.min_p, seed=1, repeat_penalty=SAMPLING.repeat_penalty, stop=["zz"], policy="halt")
 
 
-def _members(protocol) -> set[str]:
-    attrs = getattr(protocol, "__protocol_attrs__", None)
-    return set(attrs) if attrs is not None else set(typing._get_protocol_attrs(protocol))  # type: ignore[attr-defined]
-
-
-def _signature_problems(name: str, wanted, given) -> list[str]:
-    want, have = inspect.signature(wanted), inspect.signature(given)
-    params = {n: p for n, p in have.parameters.items() if n != "self"}
-    takes_kwargs = any(p.kind is _KINDS.VAR_KEYWORD for p in params.values())
-    problems = []
-    for pname, p in want.parameters.items():
-        if pname == "self":
-            continue
-        if p.kind is _KINDS.VAR_KEYWORD:
-            if not takes_kwargs:
-                problems.append(f"{name}() takes no **{pname}")
-            continue
-        mine = params.get(pname)
-        if mine is None:  # named, not swallowed by **kwargs: a renamed argument would be
-            problems.append(f"{name}() has no parameter {pname!r}")
-            continue
-        positional = (_KINDS.POSITIONAL_ONLY, _KINDS.POSITIONAL_OR_KEYWORD)
-        if (p.kind in positional) != (mine.kind in positional):
-            problems.append(f"{name}() takes {pname!r} as {mine.kind.description}, not {p.kind.description}")
-        if p.default is not _KINDS.empty and mine.default is _KINDS.empty:
-            problems.append(f"{name}() requires {pname!r}")
-    for pname, mine in params.items():
-        required = mine.default is _KINDS.empty and mine.kind not in (_KINDS.VAR_KEYWORD, _KINDS.VAR_POSITIONAL)
-        if required and pname not in want.parameters:
-            problems.append(f"{name}() requires {pname!r}, which the server never passes")
-    return problems
-
-
-def conformance(guard) -> list[str]:
-    """How ``guard`` falls short of what the server calls ([] when it does not)."""
-    problems = []
-    for name in sorted(_members(GuardLike)):
-        if not hasattr(guard, name):
-            problems.append(f"no {name}")
-            continue
-        wanted = getattr(GuardLike, name, None)  # None: an annotated attribute
-        if callable(wanted) and not isinstance(inspect.getattr_static(GuardLike, name), property):
-            problems += _signature_problems(name, wanted, getattr(guard, name))
-    for name in ("threshold", "tau"):
-        if not hasattr(getattr(guard, "head", None), name):
-            problems.append(f"no head.{name}")
-    if not callable(getattr(getattr(guard, "options", None), "updated", None)):
-        problems.append("no options.updated()")
-    return problems
+def conforms_at_run_time(guard: GuardLike) -> None:
+    """Each member called the way the server calls it (the type checker holds the signatures)."""
+    assert isinstance(guard, GuardLike)
+    assert isinstance(guard.model_name, str) and guard.n_ctx > 0
+    resolved = guard.resolve_options(threshold=0.25)
+    assert isinstance(resolved, ResolvedOptions) and resolved.threshold == 0.25 and resolved.tau >= 1
+    messages = [{"role": "user", "content": "one two"}]
+    for events in (guard.chat(messages, **SERVER_CALL), guard.complete("one two", **SERVER_CALL)):
+        seen = list(events)
+        assert all(isinstance(e, Event) for e in seen) and isinstance(seen[-1], DoneEvent)
+    verdict = guard.score(messages, threshold=0.25)
+    assert isinstance(verdict.risk, float) and isinstance(verdict.malicious, bool) and verdict.threshold == 0.25
 
 
 def test_the_fake_guard_is_what_the_server_calls():
-    fake = FakeGuard()
-    assert conformance(fake) == [] and isinstance(fake, GuardLike)
+    conforms_at_run_time(FakeGuard(delay=0))
 
 
 @pytest.mark.slow
@@ -76,30 +47,66 @@ def test_the_real_guard_is_what_the_server_calls(model_path):
     from guardrail import Guard
 
     with Guard(str(model_path), n_ctx=256) as guard:
-        assert conformance(guard) == []
-        assert isinstance(guard, GuardLike)
+        conforms_at_run_time(guard)
 
 
-def test_the_conformance_check_sees_drift():
-    class Drifted:
-        model_name, n_ctx = "drifted", 64
-        head, options = FakeGuard().head, FakeGuard().options
+def test_the_sampling_defaults_are_the_librarys():
+    import inspect
 
-        def chat(self, messages, *, max_new_tokens=256, temperature=0.0, top_p=0.95, top_k=40, min_p=0.05,
-                 seed=None, repeat_penalty=1.0, stop=None, **guard):  # a renamed argument
-            raise AssertionError
+    params = inspect.signature(FakeGuard.chat).parameters
+    assert params["max_tokens"].default == DEFAULT_MAX_TOKENS
+    assert {k: params[k].default for k in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty")} == {
+        k: getattr(SAMPLING, k) for k in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty")}
 
-        def complete(self, prompt, context):  # a new required argument, and no **guard
-            raise AssertionError
 
-        def close(self):
-            pass
+DOUBLE = """
+class {name}:
+    model_name, n_ctx = "double", 64
 
-    problems = conformance(Drifted())
-    assert "no score" in problems
-    assert "chat() has no parameter 'max_tokens'" in problems
-    assert "complete() takes no **guard" in problems
-    assert "complete() requires 'context', which the server never passes" in problems
+    def resolve_options(self, **overrides: Any) -> Any:
+        raise NotImplementedError
+
+    def chat(self, messages: Sequence[Mapping[str, str]], *, max_tokens: int = 256, temperature: float = 0.0,
+             top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05, seed: int | None = None,
+             repeat_penalty: float = 1.0, stop: Sequence[str] | str | None = None, **guard: Any) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def complete(self, prompt: str, *, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 0.95,
+                 top_k: int = 40, min_p: float = 0.05, seed: int | None = None, repeat_penalty: float = 1.0,
+                 stop: Sequence[str] | str | None = None, **guard: Any) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def score(self, messages: Sequence[Mapping[str, str]], **guard: Any) -> Any:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def conforms_{name}(guard: {name}) -> GuardLike:
+    return guard
+"""
+DRIFTS = {"Renamed": ("def score(", "def rate("), "Retyped": ("prompt: str", "prompt: list[str]"),
+          "NewArgument": ("def close(self) -> None", "def close(self, now: bool) -> None")}
+
+
+def test_the_type_checker_sees_a_drifted_guard(tmp_path):
+    """The Protocol binds through the type checker: each drifted double (a renamed method, another type, a
+    new required argument) fails ``make typecheck``, the same double undrifted passes. An argument renamed
+    into ``**guard`` still type-checks; the runtime test above catches that one (the server's keyword
+    becomes an unknown guard option). mypy reads only the Protocol's module and the doubles: a second or two."""
+    pytest.importorskip("mypy")
+    source = ("from collections.abc import Iterator, Mapping, Sequence\nfrom typing import Any\n"
+              "from guardrail.serve.protocol import GuardLike\n" + DOUBLE.format(name="Fine"))
+    source += "".join(DOUBLE.format(name=name).replace(*drift) for name, drift in DRIFTS.items())
+    (tmp_path / "doubles.py").write_text(source)
+    result = subprocess.run([sys.executable, "-m", "mypy", "--follow-imports=skip", "--ignore-missing-imports",
+                             "--no-incremental", "--config-file=", str(ROOT / "guardrail" / "serve" / "protocol.py"),
+                             str(tmp_path / "doubles.py")], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                            env={"MYPYPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    failed = {name for name in ["Fine", *DRIFTS]
+              if f'Incompatible return value type (got "{name}", expected "GuardLike")' in result.stdout}
+    assert failed == set(DRIFTS), result.stdout + result.stderr
 
 
 HOLD_CASES = [

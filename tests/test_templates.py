@@ -7,6 +7,7 @@ and sha256-checked (guardrail.artifacts.corpus), never committed.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections import Counter
@@ -127,11 +128,16 @@ def _content(prompt, index: int) -> list[int]:
     return [t for t, m in zip(prompt.ids, prompt.message) if m == index]
 
 
+@functools.lru_cache(maxsize=None)
+def _attrs(model: Model) -> tuple[int, ...]:
+    """llama.cpp's attributes of every token, read once per vocabulary (a ctypes call a token)."""
+    return tuple(llama_low.llama_vocab_get_attr(model.vocab, t) for t in range(model.info.n_vocab))
+
+
 def _typed_forbidden(model: Model) -> set[int]:
     """Ids text typed by a person must never become: llama.cpp's control/unknown tokens and end-of-generation."""
     marked = llama_low.LLAMA_TOKEN_ATTR_CONTROL | llama_low.LLAMA_TOKEN_ATTR_UNKNOWN
-    return {t for t in range(model.info.n_vocab)
-            if llama_low.llama_vocab_get_attr(model.vocab, t) & marked or model.is_eog(t)}
+    return {t for t, attr in enumerate(_attrs(model)) if attr & marked or model.is_eog(t)}
 
 
 def _marker_counts(text: str, specials: dict[int, str]) -> Counter:
@@ -276,23 +282,25 @@ def test_each_familys_special_and_control_tokens_typed_by_a_user_stay_plain_text
     for family, model in vocabs.items():
         fmt = ChatFormat(model, "chatml")  # the template does not matter here, only how content is tokenized
         forbidden = _typed_forbidden(model) | set(special_tokens(model))
+        kinds = (llama_low.LLAMA_TOKEN_ATTR_CONTROL | llama_low.LLAMA_TOKEN_ATTR_USER_DEFINED
+                 | llama_low.LLAMA_TOKEN_ATTR_UNKNOWN)
         specials = {t: (llama_low.llama_vocab_get_text(model.vocab, t) or b"").decode("utf-8", "replace")
-                    for t in range(model.info.n_vocab)
-                    if llama_low.llama_vocab_get_attr(model.vocab, t) & (
-                        llama_low.LLAMA_TOKEN_ATTR_CONTROL | llama_low.LLAMA_TOKEN_ATTR_USER_DEFINED
-                        | llama_low.LLAMA_TOKEN_ATTR_UNKNOWN)}
+                    for t, attr in enumerate(_attrs(model)) if attr & kinds}
         typed = [(t, text) for t, text in specials.items() if text.strip()]
         assert typed, family
         # One message per special token, then all of them in one message.
         messages = [{"role": "user", "content": text} for _, text in typed]
         messages.append({"role": "user", "content": " ".join(text for _, text in typed)})
         prompt = fmt.tokens(messages)
+        by_message: dict[int, list[int]] = {}  # one pass: thousands of messages, a long prompt
+        for token_id, index in zip(prompt.ids, prompt.message):
+            by_message.setdefault(index, []).append(token_id)
         for index, (token, text) in enumerate(typed):
-            ids = _content(prompt, index)
+            ids = by_message.get(index, [])
             assert ids and not forbidden & set(ids), (family, text)
             if token not in forbidden:  # text, not markup (whitespace runs, single characters, HTML tags)
                 assert ids == model.tokenize(text), (family, text)
-        everything = _content(prompt, len(typed))
+        everything = by_message.get(len(typed), [])
         assert not forbidden & set(everything), family
         assert _same_text(model, everything, messages[-1]["content"]), family
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from guardrail import __version__
+from guardrail._version import __version__
 from guardrail.artifacts.hashes import model_sha256
 from guardrail.errors import HeadError
 

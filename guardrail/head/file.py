@@ -218,7 +218,7 @@ class _Fields:
 
     def text(self, key: str, default: str | None = None) -> str:
         value = self._value(key, {gguf.GGUFValueType.STRING}, "a string", None, default is None)
-        return default if value is None else value
+        return str(default if value is None else value)  # value is None only when a default was given
 
     def integer(self, key: str) -> int:
         return int(self._value(key, _INT_TYPES, "an integer", None, True))

@@ -37,7 +37,7 @@ def _splitmix64(h: np.ndarray) -> np.ndarray:
     h = h * _MIX1
     h = h ^ (h >> np.uint64(27))
     h = h * _MIX2
-    return h ^ (h >> np.uint64(31))
+    return np.asarray(h ^ (h >> np.uint64(31)))
 
 
 def ngram_buckets(text: str, n_buckets: int, ngram_range: tuple[int, int] = (3, 5)) -> np.ndarray:

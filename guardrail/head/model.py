@@ -15,7 +15,7 @@ import numpy as np
 def sigmoid(z: np.ndarray) -> np.ndarray:
     """Logistic function without overflow for large |z|."""
     e = np.exp(-np.abs(z))
-    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    return np.asarray(np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e)))
 
 
 @dataclass
@@ -46,7 +46,7 @@ class LinearModel:
         return int(self.w.shape[0])
 
     def logits(self, X: np.ndarray) -> np.ndarray:
-        return np.asarray(X, dtype=np.float32) @ self.w + np.float32(self.b)
+        return np.asarray(np.asarray(X, dtype=np.float32) @ self.w + np.float32(self.b))
 
 
 @dataclass(eq=False)
@@ -70,7 +70,7 @@ class MLPModel:
 
     def logits(self, X: np.ndarray) -> np.ndarray:
         h = np.maximum(np.asarray(X, dtype=np.float32) @ self.w1 + self.b1, np.float32(0.0))
-        return h @ self.w2 + np.float32(self.b2)
+        return np.asarray(h @ self.w2 + np.float32(self.b2))
 
 
 @dataclass(eq=False)
@@ -94,4 +94,4 @@ class Standardizer:
         return cls(np.zeros(dim, dtype=np.float32), np.ones(dim, dtype=np.float32))
 
     def transform(self, X: np.ndarray) -> np.ndarray:
-        return ((np.asarray(X, dtype=np.float32) - self.mean) / self.std).astype(np.float32, copy=False)
+        return np.asarray((np.asarray(X, dtype=np.float32) - self.mean) / self.std, dtype=np.float32)

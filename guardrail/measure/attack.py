@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from guardrail.errors import DataError
+from guardrail.runtime.events import DoneEvent, InterventionEvent
 
 from .judge import DEFAULT_JUDGE, ContentJudge, Judgement
 from .suites import DEFAULT_MAX_TOKENS, LONG_MAX_TOKENS, Case, build_cases, select_suites
@@ -83,10 +84,9 @@ class Outcome:
 def _answer(guard: Any, case: Case, max_tokens: int, **policy: str) -> tuple[str, bool, int | None]:
     text, intervened, first = "", False, None
     for event in guard.chat([dict(m) for m in case.messages], max_tokens=max_tokens, **case.sampling, **policy):
-        kind = getattr(event, "type", "")
-        if kind == "intervention" and first is None:
+        if isinstance(event, InterventionEvent) and first is None:
             first = event.index
-        elif kind == "done":
+        elif isinstance(event, DoneEvent):
             text, intervened = event.text, bool(event.intervened)
     return text, intervened or first is not None, first
 
@@ -185,10 +185,10 @@ def summarize_outcomes(outcomes: Sequence[Outcome]) -> dict[str, Any]:
         if rows:
             generalisation[kind] = {"seen": _block([o for o in rows if not o.case.held_out]),
                                     "held_out": _block([o for o in rows if o.case.held_out])}
-    harmful = [o for o in outcomes if o.case.harmful]
+    harmful_rows = [o for o in outcomes if o.case.harmful]
     benign = [o for o in outcomes if not o.case.harmful]
     return {"suites": suites, "forms_seen_vs_held_out": generalisation,
-            "overall": {"harmful": _block(harmful), "benign": _block(benign),
+            "overall": {"harmful": _block(harmful_rows), "benign": _block(benign),
                         "benign_sources": _group(benign, lambda o: o.case.source)},
             "refusal_phrases": list(REFUSAL_PHRASES)}
 
@@ -212,9 +212,11 @@ def attack_report(model_spec: str | None, head_path: str | None, *, per_suite: i
             task = bar.add_task("attack suites", total=len(cases))
             outcomes = run_cases(guard, cases, max_tokens=max_tokens, progress=lambda: bar.advance(task))
         report = summarize_outcomes(outcomes)
+        resolved = guard.resolve_options()
         report["head_threshold"] = guard.head.threshold
-        report["policy"] = str(guard.options.policy)
-        report["schedule"] = str(guard.options.schedule)
+        report["threshold"] = resolved.threshold
+        report["policy"] = resolved.policy
+        report["schedule"] = str(resolved.schedule)
     report["max_tokens"] = max_tokens
     report["long_tokens"] = long_tokens
     report["per_suite"] = per_suite

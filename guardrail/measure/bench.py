@@ -11,14 +11,15 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import llama_cpp
 
 from guardrail.runtime.capture import layer_name
-from guardrail.runtime.engine import Context, Entry, Model, Sampler, prefill
+from guardrail.runtime.engine import Context, Entry, Model, Sampler, SamplingParams, prefill
+from guardrail.runtime.events import DoneEvent, TokenEvent
 
 _TEXT = ("The history of the printing press begins in the fifteenth century, when movable type "
          "changed how knowledge travelled across Europe. Scholars, merchants and clergy ")
@@ -47,7 +48,7 @@ def _engine_runner(model: Model, hooks: Sequence[str], n_ctx: int, threads: int,
         t2 = time.perf_counter()
         return t1 - t0, t2 - t1
 
-    run.context = context  # type: ignore[attr-defined]  (kept alive with the runner)
+    run.context = context  # type: ignore[attr-defined]  # kept alive with the runner
     return run
 
 
@@ -144,14 +145,14 @@ def guard_overhead(guard: Any, prompts: Sequence[str] = OVERHEAD_PROMPTS, *, max
         for messages in conversations:
             guard.reset()
             for event in guard.chat(messages, max_tokens=max_tokens, policy="monitor", schedule=schedule):
-                if event.type == "done":
+                if isinstance(event, DoneEvent):
                     n += event.completion_tokens
         return n, time.perf_counter() - start
 
     plain()
     for schedule in schedules:
         guarded(schedule)
-    results: dict[str, list[tuple[int, float]]] = {"plain": []} | {s: [] for s in schedules}
+    results: dict[str, list[tuple[int, float]]] = {name: [] for name in ("plain", *schedules)}
     for run in range(runs):
         sides = [("plain", plain)] + [(s, lambda s=s: guarded(s)) for s in schedules]
         for name, side in (sides if run % 2 == 0 else sides[::-1]):
@@ -200,17 +201,21 @@ def chat_benchmark(guard: Any, path: Path, *, turns: Sequence[str] = CHAT_TURNS,
     def guarded(messages: list[dict[str, str]]) -> tuple[float, float, str]:
         t0, first, text = time.perf_counter(), None, ""
         for event in guard.chat(messages, max_tokens=max_tokens, policy="monitor"):
-            if event.type == "token" and first is None:
+            if isinstance(event, TokenEvent) and first is None:
                 first = time.perf_counter()
-            if event.type == "done":
+            if isinstance(event, DoneEvent):
                 text = event.text
         end = time.perf_counter()
         return (first or end) - t0, end - t0, text
 
     def plain(messages: list[dict[str, str]]) -> tuple[float, float, str]:
-        t0, first, pieces = time.perf_counter(), None, []
-        for chunk in llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.0,
-                                                top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0, stream=True):
+        t0, first, pieces = time.perf_counter(), None, cast(list[str], [])
+        sampling = SamplingParams()  # the guard's defaults, greedy
+        stream = llm.create_chat_completion(messages=cast(Any, messages), max_tokens=max_tokens,
+                                            temperature=sampling.temperature, top_k=sampling.top_k,
+                                            top_p=sampling.top_p, min_p=sampling.min_p,
+                                            repeat_penalty=sampling.repeat_penalty, stream=True)
+        for chunk in cast(Iterator[dict[str, Any]], stream):
             piece = chunk["choices"][0]["delta"].get("content")
             if piece:
                 first = first or time.perf_counter()
@@ -273,7 +278,8 @@ def extraction_benchmark(model: Model, conversations: Sequence[Sequence[dict[str
                         n_seq_max=config.n_parallel, n_threads=threads)
 
     def plain() -> tuple[int, float]:
-        n, start, group, used = 0, time.perf_counter(), [], 0
+        n, start, used = 0, time.perf_counter(), 0
+        group: list[list[int]] = []
         for ids in [*prompts, None]:
             if group and (ids is None or len(group) == config.n_parallel or used + len(ids) > config.n_batch):
                 plain_ctx.clear()

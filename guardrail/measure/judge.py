@@ -53,6 +53,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from typing import cast
 from dataclasses import dataclass, field
 
 _APOSTROPHES = str.maketrans({"’": "'", "‘": "'", "`": "'"})
@@ -193,7 +195,7 @@ def _words(text: str) -> set[str]:
     return {w.lower() for w in _WORD.findall(text)}
 
 
-def _kinds(parts: Sequence[str], asked: set[str] = frozenset()) -> tuple[str, ...]:
+def _kinds(parts: Sequence[str], asked: AbstractSet[str] = frozenset()) -> tuple[str, ...]:
     """Each unit's kind. Content whose words nearly all come from the request is an echo; after a
     refusal, a redirect to something safe turns what follows into an alternative."""
     kinds = []
@@ -305,8 +307,8 @@ def validate(rows: Sequence[Mapping[str, object]], judge: ContentJudge = DEFAULT
     """
     groups: dict[str, list[tuple[bool, bool]]] = {}
     for row in rows:
-        messages = row["messages"]
-        request = row.get("request") or request_of(messages)  # type: ignore[arg-type]
+        messages = cast(Sequence[Mapping[str, str]], row["messages"])
+        request = row.get("request") or request_of(messages)
         pair = (bool(row["label"]), judge.judge(str(request), str(row["answer"]), request_of(messages)).complied)
         for key in ("all", f"half:{row.get('half', '-')}", f"policy:{row.get('policy', '-')}"):
             groups.setdefault(key, []).append(pair)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import llama_cpp  # noqa: F401  (load llama.cpp before numpy: see README, import order)
 import llama_cpp.llama_cpp as llama_low
@@ -85,15 +86,23 @@ def _ggml_addresses() -> list[int]:
     dlsym on libllama's handle also searches the libraries it depends on, so
     these are exactly the functions of the loaded ggml, whatever its version.
     """
-    addresses = []
+    addresses: list[int] = []
     for symbol in _GGML_FUNCTIONS:
         try:
-            addresses.append(ctypes.cast(getattr(llama_low._lib, symbol), ctypes.c_void_p).value)
+            addresses.append(_address(getattr(llama_low._lib, symbol)))
         except AttributeError:
             raise CaptureError(
                 f"the loaded llama.cpp does not export {symbol}; this llama-cpp-python build "
                 "is not supported by the native capture") from None
     return addresses
+
+
+def _address(function: Any) -> int:
+    """A C function's address (a NULL one is a build that cannot serve the capture)."""
+    address = ctypes.cast(function, ctypes.c_void_p).value
+    if not address:
+        raise CaptureError("a function the native capture needs has no address in the loaded libraries")
+    return address
 
 
 def check_bindings() -> None:
@@ -122,7 +131,7 @@ class BatchStates:
         where = np.flatnonzero(self.token_index[name] == batch_index)
         if where.size == 0:
             raise KeyError(f"{name} holds no row for batch token {batch_index}")
-        return self.rows[name][where[0]]
+        return np.asarray(self.rows[name][where[0]])
 
 
 class NativeCapture:
@@ -149,8 +158,7 @@ class NativeCapture:
             if slot < 0:
                 raise CaptureError(f"could not register a buffer for layer {layer}")
         self._info = (ctypes.c_int64 * 4)()
-        address = ctypes.cast(self._lib.gr_eval_callback, ctypes.c_void_p).value
-        self.callback = ctypes.cast(address, llama_low.ggml_backend_sched_eval_callback)
+        self.callback = ctypes.cast(_address(self._lib.gr_eval_callback), llama_low.ggml_backend_sched_eval_callback)
 
     @property
     def user_data(self) -> ctypes.c_void_p:
@@ -165,7 +173,8 @@ class NativeCapture:
 
     def _slot(self, i: int) -> tuple[int, int, int, int]:
         self._lib.gr_capture_slot_info(self._handle, i, self._info)
-        return tuple(int(v) for v in self._info)  # rows, tensors, dropped, error
+        rows, tensors, dropped, error = (int(v) for v in self._info)
+        return rows, tensors, dropped, error
 
     def collect(self, n_tokens: int, output_index: np.ndarray) -> BatchStates:
         """States of the decode just run: ``n_tokens`` in the batch, ``output_index`` those marked for output."""
@@ -196,7 +205,7 @@ class NativeCapture:
     def close(self) -> None:
         if getattr(self, "_handle", None):
             self._lib.gr_capture_free(self._handle)
-            self._handle = None
+            self._handle = ctypes.c_void_p()  # NULL: closed
 
     def __del__(self) -> None:
         self.close()

@@ -121,6 +121,40 @@ def special_tokens(model: Model) -> dict[int, str]:
     return dict(out)
 
 
+_UNWRITABLE: weakref.WeakKeyDictionary[Model, bytes] = weakref.WeakKeyDictionary()
+
+
+def _byte_samples() -> dict[int, str]:
+    """One character per byte value UTF-8 can hold, the byte in its encoding (0xc0, 0xc1, 0xf5-0xff never are)."""
+    samples = {b: chr(b) for b in range(0x80)} | {0x80 + i: chr(0x80 + i) for i in range(0x40)}  # c2 80..bf
+    for code in range(0x80, 0x110000, 0x40):
+        if not 0xD800 <= code <= 0xDFFF:
+            samples.setdefault(chr(code).encode("utf-8")[0], chr(code))
+    return samples
+
+
+_BYTE_SAMPLES = _byte_samples()
+
+
+def unwritable_bytes(model: Model) -> bytes:
+    """The bytes a byte-level BPE vocabulary has no token for (SmolLM2's has none for 0x04, 0x06, 0x13,
+    0x14, 0x16, 0x1d, 0xf1 and 0xf2): llama.cpp drops them from text without a word, so text holding one
+    would reach the model altered. Found by tokenizing one character per byte value (256 calls, once per
+    model); empty for other vocabularies (they fall back to their unknown token, which plain text never
+    becomes)."""
+    cached = _UNWRITABLE.get(model)
+    if cached is not None:
+        return cached
+    missing = bytearray()
+    if llama_low.llama_vocab_type(model.vocab) == llama_low.LLAMA_VOCAB_TYPE_BPE:
+        for byte, char in sorted(_BYTE_SAMPLES.items()):
+            got = b"".join(model.piece(t) for t in model.tokenize(char))
+            if got != char.encode("utf-8") and byte not in got:
+                missing.append(byte)
+    _UNWRITABLE[model] = bytes(missing)
+    return bytes(missing)
+
+
 class PlainText:
     """Tokenizes text a person wrote so that no special token comes out of it.
 
@@ -138,13 +172,27 @@ class PlainText:
         texts = {text for token, text in specials.items()
                  if text and llama_low.llama_vocab_get_attr(model.vocab, token) & user}
         self._pattern = _trie_pattern(texts) if texts else None
+        self._unwritable = unwritable_bytes(model)
 
     def tokenize(self, text: str) -> list[int]:
+        """The text's tokens; a ContextError when the model cannot read it as written."""
+        self._check(text)
         ids = self._tokenize(text)
         if self.special_ids.isdisjoint(ids):
             return ids
         # Not seen in any of llama.cpp's tokenizer families; kept so the promise holds for any vocabulary.
         return [token for char in text for token in self.model.tokenize(char, special=False)]
+
+    def _check(self, text: str) -> None:
+        """Text the vocabulary can hold as written: valid Unicode, no byte it would drop."""
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ContextError(f"the text is not valid Unicode ({exc.reason} at character {exc.start})") from None
+        if self._unwritable and len(data.translate(None, self._unwritable)) != len(data):
+            char = next(c for c in text if not set(c.encode("utf-8")).isdisjoint(self._unwritable))
+            raise ContextError(f"the text holds U+{ord(char):04X}, which this model's vocabulary has no token "
+                               "for (llama.cpp would drop it without a word)")
 
     def _tokenize(self, text: str) -> list[int]:
         if self._pattern is None or self._pattern.search(text) is None:
@@ -290,8 +338,9 @@ class ChatFormat:
     def render(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool) -> str:
         """The template's text for these messages; a template's refusal is a ContextError naming it."""
         try:
-            return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                         bos_token=self._bos_text, eos_token=self._eos_text, tools=None)
+            rendered: str = self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                                  bos_token=self._bos_text, eos_token=self._eos_text, tools=None)
+            return rendered
         except Exception as exc:  # the template's own error (raise_exception, roles out of order, ...)
             raise ContextError(f"the chat template {self.name} could not render this conversation: "
                                f"{_reason(exc)}") from None
@@ -317,7 +366,10 @@ class ChatFormat:
             self._add_markup(out, markup)
             text = msgs[index].content
             if text not in contents:
-                contents[text] = self.plain.tokenize(text)
+                try:
+                    contents[text] = self.plain.tokenize(text)
+                except ContextError as exc:
+                    raise ContextError(f"message {index} ({msgs[index].role}): {exc}") from None
             out.extend(contents[text], index)
         if not prefill:
             self._add_markup(out, pieces[-1][0])

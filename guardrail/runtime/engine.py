@@ -287,9 +287,14 @@ def default_n_ctx(model: Model, slots: int = 1) -> int:
 # Sampling
 
 
+#: answer tokens when a caller sets no limit (every surface's default: library, CLI, server, llm plugin)
+DEFAULT_MAX_TOKENS = 256
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """llama.cpp's sampler chain settings. ``temperature <= 0`` means greedy."""
+    """llama.cpp's sampler chain settings. ``temperature <= 0`` means greedy. Its defaults are every
+    surface's sampling defaults (the CLI's flags, the llm plugin's, the tests' fake guard)."""
 
     temperature: float = 0.0
     top_k: int = 40

@@ -1,29 +1,36 @@
 """The events a guarded generation yields; every surface renders exactly these.
 
-Each event has a ``type`` and plain fields; ``to_dict()`` is its JSON form (the
-``--json`` stream is one such object per line).
+Each event has a ``type`` (a class constant, the JSON name) and plain fields;
+``to_dict()`` is its JSON form (the ``--json`` stream is one such object per line).
+Code that consumes events tells them apart by their class (``isinstance``, ``match``),
+never by the ``type`` string, so a renamed or new event is a type error, not a silent miss.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, Literal
+
+#: what a check read: the [CLS] probe over the window, or the window's own states (no decode)
+Signal = Literal["probe", "window"]
 
 
 @dataclass(frozen=True)
 class Event:
+    type: ClassVar[str]
+
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.type, **asdict(self)}  # type: ignore[attr-defined]
+        return {"type": self.type, **asdict(self)}
 
 
 @dataclass(frozen=True)
 class QueryEvent(Event):
     """The conversation as decoded: its size, and the first check's window."""
 
+    type: ClassVar[str] = "query"
     prompt_tokens: int
     prefill: str
     cached_tokens: int = 0      # prompt tokens the KV cache already held from the previous call
-    type: str = field(default="query", init=False)
 
 
 @dataclass(frozen=True)
@@ -31,46 +38,47 @@ class TokenEvent(Event):
     """One answer token. ``risk``: the token signal on its own state (None if no token head).
     ``forced``: written by the policy (the opener), not sampled."""
 
+    type: ClassVar[str] = "token"
     index: int
     token: int
     text: str
     risk: float | None
     forced: bool = False
-    type: str = field(default="token", init=False)
 
 
 @dataclass(frozen=True)
 class CheckEvent(Event):
     """A check: a probability over a window of the conversation, and its verdict.
 
-    ``index``: answer tokens written when it ran (0 = on the query);
-    ``window``: the positions it read, as [start, end) runs; ``signal``: ``probe``
-    (the [CLS] probe read the window) or ``window`` (the head read the window's own
-    states, no decode)."""
+    ``index``: answer tokens written when it ran (0 = on the query); ``window``: the
+    conversation positions it read, as sorted, disjoint ``(start, end)`` runs (end
+    excluded); ``signal``: ``window`` (the head read the window's own states, no decode:
+    the default head) or ``probe`` (the [CLS] probe re-read the window)."""
 
+    type: ClassVar[str] = "check"
     index: int
     risk: float
     malicious: bool
     window: list[tuple[int, int]]
-    signal: str = "probe"
-    type: str = field(default="check", init=False)
+    signal: Signal
 
 
 @dataclass(frozen=True)
 class InterventionEvent(Event):
     """The policy acted: ``action`` refuse (the refusal follows) or halt; ``text`` is what it starts with."""
 
+    type: ClassVar[str] = "intervention"
     index: int
     action: str
     text: str
     reason: str
-    type: str = field(default="intervention", init=False)
 
 
 @dataclass(frozen=True)
 class DoneEvent(Event):
     """The last event: why the answer ended and what the guard cost."""
 
+    type: ClassVar[str] = "done"
     finish_reason: str          # stop | length | refuse | halt
     text: str
     completion_tokens: int
@@ -82,4 +90,3 @@ class DoneEvent(Event):
     elapsed_s: float
     tokens_per_s: float
     guard_s: float              # time spent on probes and heads
-    type: str = field(default="done", init=False)

@@ -49,7 +49,7 @@ from .chat import ChatFormat, Message, PromptTokens
 from .engine import Context, Detokenizer, Entry, Model, Sampler, SamplingParams, default_n_ctx
 from .events import CheckEvent, DoneEvent, Event, InterventionEvent, QueryEvent, TokenEvent
 from .features import HeadReader, StateHistory, Window, hooks_of, probe_tokens, split_conversation
-from .options import GuardOptions
+from .options import GuardOptions, ResolvedOptions
 from .policy import FIXED_REASON, MAX_REASON_TOKENS, Action, Policy, acceptable_reason, halt_text, lead_in
 from .probe import Probe, WindowState, runs, update_window_state, window_runs
 
@@ -152,6 +152,11 @@ class Guard:
     @property
     def busy(self) -> bool:
         return self._lock.locked()
+
+    def resolve_options(self, **overrides: Any) -> ResolvedOptions:
+        """This Guard's options with a call's ``overrides``, the head's threshold and tau filled in:
+        what such a call runs under, resolved once (one OptionsError line for a bad value)."""
+        return self.options.updated(**overrides).resolve(self.head)
 
     def reset(self) -> None:
         """Forget the cached conversations: the next call decodes its whole prompt."""

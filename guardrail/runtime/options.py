@@ -1,15 +1,21 @@
-"""How the guard decides: the options a caller may set, checked in one place.
+"""How the guard decides: the options a caller may set, checked in one place and resolved once.
 
 Every surface (library, CLI, server, llm plugin) validates through
 :meth:`GuardOptions.updated`, so a bad value fails before any decoding, with
 one :class:`~guardrail.errors.OptionsError` line, and the rules are written once.
+
+``threshold`` and ``tau`` left unset mean "the head file's". That fallback is the
+safety number, so it is written once too: :meth:`GuardOptions.resolve` turns options
+and a head's defaults into :class:`ResolvedOptions`, where both are concrete, and
+``Guard.resolve_options`` hands that object to every surface that shows or compares
+them (the server's rules, the moderation reply, the llm plugin's log, the CLI).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, Protocol
 
 from guardrail.errors import OptionsError
 
@@ -18,6 +24,40 @@ from .probe import WindowParams
 from .schedule import Schedule
 
 WINDOW_KEYS = ("r1", "r2", "r3")
+
+
+class HeadDefaults(Protocol):
+    """What a head decides when the caller does not: its threshold and its tau."""
+
+    @property
+    def threshold(self) -> float: ...
+
+    @property
+    def tau(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class ResolvedOptions:
+    """The options one answer runs under, nothing left to a fallback: what every surface shows.
+
+    Made only by :meth:`GuardOptions.resolve`, so the values are already valid."""
+
+    policy: str
+    schedule: Schedule
+    threshold: float
+    answer_threshold: float
+    tau: int
+    opener: str
+    reason: str
+    window: WindowParams
+
+    def value(self, name: str) -> Any:
+        """An option by the name a caller uses (``r1``/``r2``/``r3`` read the window)."""
+        if name in WINDOW_KEYS:
+            return getattr(self.window, name)
+        if name not in GuardOptions.names():
+            raise OptionsError(f"unknown guard option {name!r}; known: {', '.join(GuardOptions.names())}")
+        return getattr(self, name)
 
 
 @dataclass(frozen=True)
@@ -53,7 +93,7 @@ class GuardOptions:
         try:
             if "schedule" in changes and not isinstance(changes["schedule"], Schedule):
                 changes["schedule"] = Schedule.parse(changes["schedule"])
-            windows = {k: _whole(k, changes.pop(k)) for k in WINDOW_KEYS if k in changes}
+            windows: dict[str, Any] = {k: _whole(k, changes.pop(k)) for k in WINDOW_KEYS if k in changes}
             if windows:
                 changes["window"] = replace(self.window, **windows)
         except ValueError as exc:
@@ -61,6 +101,16 @@ class GuardOptions:
         options = replace(self, **changes)
         options._check()
         return options
+
+    def resolve(self, head: HeadDefaults) -> ResolvedOptions:
+        """These options with the head's threshold and tau wherever the caller gave none (the answer's
+        checks use the query's threshold unless ``answer_threshold`` is given)."""
+        threshold = float(self.threshold if self.threshold is not None else head.threshold)
+        return ResolvedOptions(
+            policy=self.policy, schedule=self.schedule, threshold=threshold,
+            answer_threshold=float(self.answer_threshold if self.answer_threshold is not None else threshold),
+            tau=int(self.tau if self.tau is not None else head.tau),
+            opener=self.opener, reason=self.reason, window=self.window)
 
     def _check(self) -> None:
         if self.policy not in POLICIES:

@@ -44,13 +44,12 @@ CONTINUE = Action("continue")
 
 
 class Policy:
-    """Turns the stream of verdicts of one answer into at most one action."""
+    """Turns the stream of verdicts of one answer into at most one action.
+
+    ``name`` and ``tau`` come from resolved options (``options.ResolvedOptions``), which
+    validated them: they are not checked again here."""
 
     def __init__(self, name: str = "refuse", tau: int = 3):
-        if name not in POLICIES:
-            raise ValueError(f"unknown policy {name!r}: use one of {', '.join(POLICIES)}")
-        if tau < 1:
-            raise ValueError("tau must be at least 1")
         self.name, self.tau = name, tau
         self._streak = 0
         self.triggered: str | None = None  # why it acted (or, for monitor, would have)

@@ -66,68 +66,125 @@ def _check_detail(detail: str) -> None:
 
 
 class Answer:
-    """What one answer's events add up to: its text, checks, interventions and summary."""
+    """What one answer's events add up to: the one accumulator every surface reads its numbers from.
+
+    The server's responses and chunks, the library's ``create_chat_completion``, the llm
+    plugin's log and the terminal's footer all read these fields and :meth:`summary`;
+    a surface keeps only how it draws them."""
 
     def __init__(self) -> None:
-        self.pieces: list[str] = []
-        self.token_risks: list[float | None] = []
-        self.forced = 0
-        self.checks: list[dict[str, Any]] = []
-        self.interventions: list[dict[str, Any]] = []
-        self.flagged = False
         self.query: QueryEvent | None = None
+        self.tokens: list[TokenEvent] = []
+        self.checks: list[CheckEvent] = []
+        self.interventions: list[InterventionEvent] = []
         self.done: DoneEvent | None = None
 
     def add(self, event: Event) -> None:
-        if isinstance(event, TokenEvent):
-            self.pieces.append(event.text)
-            self.token_risks.append(risk_value(event.risk))
-            self.forced += bool(event.forced)
-        elif isinstance(event, CheckEvent):
-            self.checks.append(event_dict(event))
-            self.flagged = self.flagged or is_malicious(event)
-        elif isinstance(event, InterventionEvent):
-            self.interventions.append(event_dict(event))
-        elif isinstance(event, QueryEvent):
-            self.query = event
-        elif isinstance(event, DoneEvent):
-            self.done = event
+        match event:
+            case TokenEvent():
+                self.tokens.append(event)
+            case CheckEvent():
+                self.checks.append(event)
+            case InterventionEvent():
+                self.interventions.append(event)
+            case QueryEvent():
+                self.query = event
+            case DoneEvent():
+                self.done = event
+
+    # -- what the events say --------------------------------------------------------------
 
     @property
     def written(self) -> str:
-        return "".join(self.pieces)
+        """The text of the token events so far."""
+        return "".join(t.text for t in self.tokens)
 
     @property
     def text(self) -> str:
+        """The answer's text: the guard's own at the end, else what the tokens wrote."""
         return self.done.text if self.done is not None else self.written
+
+    @property
+    def tail(self) -> str:
+        """Text the last event carries that no token event did (the detokenizer's held-back bytes)."""
+        if self.done is None:
+            return ""
+        written = self.written
+        return self.done.text[len(written):] if self.done.text.startswith(written) else ""
+
+    @property
+    def flagged(self) -> bool:
+        """Whether any check judged the conversation malicious (a non-finite risk counts)."""
+        return any(is_malicious(c) for c in self.checks)
+
+    @property
+    def query_check(self) -> CheckEvent | None:
+        """The first check, on the query (index 0), once it has run."""
+        return self.checks[0] if self.checks and self.checks[0].index == 0 else None
+
+    @property
+    def sampled_tokens(self) -> int:
+        """Tokens the model wrote (the guard's forced text not counted)."""
+        return sum(not t.forced for t in self.tokens)
+
+    @property
+    def forced_tokens(self) -> int:
+        return sum(bool(t.forced) for t in self.tokens)
+
+    @property
+    def token_risk(self) -> float | None:
+        """The latest token's own risk (the token signal), None before any."""
+        return next((t.risk for t in reversed(self.tokens) if t.risk is not None), None)
+
+    @property
+    def intervened(self) -> bool:
+        return bool(self.done.intervened) if self.done is not None else bool(self.interventions)
 
     def usage(self) -> dict[str, int]:
         done = self.done
         prompt = done.prompt_tokens if done else (self.query.prompt_tokens if self.query else 0)
-        completion = done.completion_tokens if done else len(self.pieces)
+        completion = done.completion_tokens if done else len(self.tokens)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
+    def length_end(self, elapsed_s: float) -> DoneEvent:
+        """The end of an answer that ran into the end of the context without the guard's own
+        ``length`` end (an overflow error): a done event from what was written, added here."""
+        risks = [risk_value(c.risk) for c in self.checks]
+        finite = [r for r in risks if r is not None]
+        n = len(self.tokens)
+        done = DoneEvent(finish_reason="length", text=self.written, completion_tokens=n,
+                         prompt_tokens=self.query.prompt_tokens if self.query else 0, checks=len(self.checks),
+                         intervened=bool(self.interventions), query_risk=risks[0] if risks else None,
+                         max_risk=(max(finite) if len(finite) == len(risks) else 1.0) if risks else None,
+                         elapsed_s=elapsed_s, tokens_per_s=n / elapsed_s if elapsed_s > 0 else 0.0, guard_s=0.0)
+        self.add(done)
+        return done
+
+    # -- what a client sees -----------------------------------------------------------------
+
     def summary(self, detail: str = "full") -> dict[str, Any]:
-        """The ``guardrail`` object of a whole answer (non-streamed, or the last chunk)."""
-        done = self.done
-        intervened = bool(done.intervened) if done is not None else bool(self.interventions)
+        """The ``guardrail`` object of a whole answer (non-streamed, or the last chunk); without
+        a done event (a stream cut short) its ``finish_reason`` is ``interrupted``."""
         if detail != "full":
-            return {"intervened": intervened}
+            return {"intervened": self.intervened}
+        verdicts = [event_dict(c) for c in self.checks]
         out: dict[str, Any] = {
-            "intervened": intervened,
+            "intervened": self.intervened,
             "flagged": self.flagged,
-            "query_risk": self.checks[0]["risk"] if self.checks else None,
+            "query_risk": verdicts[0]["risk"] if verdicts else None,
             "max_risk": None,
-            "checks": len(self.checks),
-            "verdicts": self.checks,
-            "interventions": self.interventions,
-            "token_risks": self.token_risks,
-            "forced_tokens": self.forced,
+            "checks": len(verdicts),
+            "verdicts": verdicts,
+            "interventions": [event_dict(i) for i in self.interventions],
+            "token_risks": [risk_value(t.risk) for t in self.tokens],
+            "forced_tokens": self.forced_tokens,
+            "finish_reason": "interrupted",
         }
+        done = self.done
         if done is not None:
-            finite = [c["risk"] for c in self.checks if c["risk"] is not None]
+            finite = [v["risk"] for v in verdicts if v["risk"] is not None]
             out.update(finish_reason=done.finish_reason, query_risk=risk_value(done.query_risk),
-                       max_risk=1.0 if len(finite) < len(self.checks) else risk_value(done.max_risk),
+                       max_risk=1.0 if len(finite) < len(verdicts) else risk_value(done.max_risk),
                        prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
                        elapsed_s=done.elapsed_s, tokens_per_s=done.tokens_per_s, guard_seconds=done.guard_s)
         return out
@@ -159,8 +216,8 @@ class Chunks:
             choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         else:
             choice = {"text": text or "", "index": 0, "logprobs": None, "finish_reason": finish}
-        out = {"id": self.ident, "object": "chat.completion.chunk" if self.chat else "text_completion",
-               "created": self.created, "model": self.model, "choices": [choice]}
+        out: dict[str, Any] = {"id": self.ident, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                               "created": self.created, "model": self.model, "choices": [choice]}
         if self.detail != "none" and guardrail is not None:
             out["guardrail"] = guardrail
         return out
@@ -181,11 +238,9 @@ class Chunks:
             self._pending = []
             return self._chunk(event.text, None, extra)
         if isinstance(event, DoneEvent):
-            written = self.answer.written
-            rest = event.text[len(written):] if event.text.startswith(written) else ""
             extra = self.answer.summary(self.detail) | ({"events": self._pending} if full else {})
             self._pending = []
-            last = self._chunk(rest, finish_reason(event), extra)
+            last = self._chunk(self.answer.tail, finish_reason(event), extra)
             last["usage"] = self.answer.usage()
             return last
         return None

@@ -9,7 +9,7 @@ its own module: :mod:`.gate` (host, key, content type, body size), :mod:`.comple
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -25,21 +25,22 @@ from .context import ServerContext
 from .errors import APIError, api_error_from, validation_error
 from .gate import AUTHORIZED, Gate
 from .moderation import moderate
-from .runner import Runner
-from .schemas import ChatCompletionRequest, CompletionRequest, ModerationRequest
+from .protocol import GuardLike
+from .runner import ClientGone, Runner
+from .schemas import ChatCompletionRequest, CompletionRequest, ModerationRequest, documented
 
 log = logging.getLogger("guardrail.server")
 
 
-def _resolve_guard(guard_or_factory: Any) -> Any:
-    if hasattr(guard_or_factory, "chat") and hasattr(guard_or_factory, "complete"):
+def _resolve_guard(guard_or_factory: GuardLike | Callable[[], GuardLike]) -> GuardLike:
+    if isinstance(guard_or_factory, GuardLike):
         return guard_or_factory
     if callable(guard_or_factory):
         return guard_or_factory()
     raise TypeError("create_app needs a Guard or a callable that returns one")
 
 
-def create_app(guard: Any, config: ServerConfig | None = None) -> FastAPI:
+def create_app(guard: GuardLike | Callable[[], GuardLike], config: ServerConfig | None = None) -> FastAPI:
     """The FastAPI app serving ``guard`` (a Guard, or a zero-argument factory called once, now)
     as the operator's ``config`` says."""
     config = config or ServerConfig()
@@ -61,7 +62,10 @@ def create_app(guard: Any, config: ServerConfig | None = None) -> FastAPI:
                        max_body_bytes=config.limits.max_body_bytes)
     _errors(app)
 
-    @app.get("/health")
+    gate = (401, 403)  # every route: the key and the Host header (Gate)
+    posted = (*gate, 400, 413, 415, 429, 500, 503)  # a body, a turn on the guard
+
+    @app.get("/health", responses=documented(403))
     async def health(request: Request) -> dict[str, Any]:
         if not request.scope.get(AUTHORIZED, False):
             return {"status": "ok"}  # liveness only: the rest is for key holders
@@ -76,26 +80,26 @@ def create_app(guard: Any, config: ServerConfig | None = None) -> FastAPI:
                               "client_options": dict(config.client_options),
                               "defaults": {k: v for k, v in config.defaults.items() if v is not None}}}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=documented(*gate))
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", responses=documented(*gate, 404))
     async def model(model_id: str) -> dict[str, Any]:
         if model_id != ctx.model_name:
             raise APIError(404, f"The model '{model_id}' does not exist; this server serves '{ctx.model_name}'.",
                            param="model", code="model_not_found")
         return model_card()
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=documented(*posted, 403, stream=True))
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await chat_completion(ctx, body, request)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=documented(*posted, stream=True))
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await text_completion(ctx, body, request)
 
-    @app.post("/v1/moderations")
+    @app.post("/v1/moderations", responses=documented(*posted))
     async def moderations(body: ModerationRequest, request: Request) -> Response:
         return await moderate(ctx, body, request)
 
@@ -108,6 +112,10 @@ def _errors(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return exc.response()
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)  # nobody is there to read it; the turn was released on the way
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -126,6 +134,6 @@ def _errors(app: FastAPI) -> None:
 
 
 def _version() -> str:
-    from guardrail import __version__
+    from guardrail._version import __version__
 
     return __version__

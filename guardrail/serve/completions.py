@@ -7,7 +7,6 @@ context ends with ``finish_reason: "length"`` and keeps what was written.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -16,17 +15,15 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from guardrail.runtime.events import DoneEvent, Event
-from guardrail.runtime.shapes import Answer, Chunks, response
+from guardrail.runtime.shapes import Answer, Chunks, response, risk_value
 
 from .config import Limits
-from .context import ServerContext, client_gone, request_id
+from .context import ServerContext, request_id
 from .errors import APIError, api_error_from, bad_request
 from .options import request_options
-from .runner import ClientGone
+from .runner import Turn
 from .schemas import ChatCompletionRequest, CommonRequest, CompletionRequest
 from .stream import GenerationStream, StopHoldBack, dumps, sse_chunks
-
-log = logging.getLogger("guardrail.server")
 
 
 def _check_common(body: CommonRequest, limits: Limits, n_ctx: int) -> None:
@@ -78,10 +75,10 @@ async def chat_completion(ctx: ServerContext, body: ChatCompletionRequest, reque
     limits = ctx.config.limits
     messages = chat_messages(body, limits)
     _check_common(body, limits, ctx.guard.n_ctx)
-    kwargs = body.sampling(ctx.max_tokens_default()) | request_options(body.guardrail, ctx.guard,
-                                                                        ctx.config.client_options)
+    kwargs = body.sampling(ctx.sampling_defaults()) | request_options(body.guardrail, ctx.guard,
+                                                                       ctx.config.client_options)
     return await _answer(ctx, request, body, lambda: ctx.guard.chat(messages, **kwargs), chat=True,
-                         shown={"messages": messages})
+                         audit_text={"messages": messages})
 
 
 async def text_completion(ctx: ServerContext, body: CompletionRequest, request: Request) -> Response:
@@ -90,69 +87,57 @@ async def text_completion(ctx: ServerContext, body: CompletionRequest, request: 
     if len(prompt) > limits.max_chars:
         raise _too_much_text(len(prompt), limits, "prompt")
     _check_common(body, limits, ctx.guard.n_ctx)
-    kwargs = body.sampling(ctx.max_tokens_default()) | request_options(body.guardrail, ctx.guard,
-                                                                        ctx.config.client_options)
+    kwargs = body.sampling(ctx.sampling_defaults()) | request_options(body.guardrail, ctx.guard,
+                                                                       ctx.config.client_options)
     return await _answer(ctx, request, body, lambda: ctx.guard.complete(prompt, **kwargs), chat=False,
-                         shown={"prompt": prompt})
+                         audit_text={"prompt": prompt})
 
 
-def _audit_hook(ctx: ServerContext, rid: str, endpoint: str, shown: dict[str, Any]) -> Callable[[Answer], None]:
-    """Writes one audit line per intervention once the answer is over (however it ended)."""
+def _audit_hook(ctx: ServerContext, rid: str, endpoint: str, audit_text: dict[str, Any]) -> Callable[[Answer], None]:
+    """Writes one audit line per intervention once the answer is over (however it ended);
+    ``audit_text`` is the request's text, kept in the line only if the operator asks for it."""
     def write(answer: Answer) -> None:
         if ctx.audit is None:
             return
         for intervention in answer.interventions:
-            before = [c for c in answer.checks if c["index"] <= intervention["index"]]
-            risk = before[-1]["risk"] if before else None
-            ctx.audit.write(rid, endpoint, risk=risk, verdict="malicious", action=intervention["action"],
-                            reason=intervention.get("reason"), index=intervention["index"],
-                            text=shown | {"answer": answer.text})
+            before = [c for c in answer.checks if c.index <= intervention.index]
+            risk = risk_value(before[-1].risk) if before else None
+            ctx.audit.write(rid, endpoint, risk=risk, verdict="malicious", action=intervention.action,
+                            reason=intervention.reason, index=intervention.index,
+                            text=audit_text | {"answer": answer.text})
     return write
 
 
 async def _answer(ctx: ServerContext, request: Request, body: CommonRequest, start: Callable[[], Iterator[Event]],
-                  *, chat: bool, shown: dict[str, Any]) -> Response:
+                  *, chat: bool, audit_text: dict[str, Any]) -> Response:
+    """One answer on a turn of the guard: whole, or streamed (the stream then owns the turn)."""
     rid = request_id("chatcmpl" if chat else "cmpl")
     created = int(time.time())
-    try:
-        slot = await ctx.runner.turn(lambda: client_gone(request))
-    except ClientGone:
-        log.info("%s: the client left while waiting for its turn; nothing was run", rid)
-        return Response(status_code=499)
-    slot.on_release.append(_audit_hook(ctx, rid, request.url.path, shown))
-    try:
-        await slot.start(start, StopHoldBack(body.stop) if body.stream and body.stop else None)
-    except BaseException as exc:
-        slot.release()
-        if isinstance(exc, Exception):  # the template, the options, the prompt's length: the request's fault
-            raise api_error_from(exc, preparing=True) from None
-        raise
-    # the first batch is read before answering, so a failure before the first token is a proper status
-    try:
-        first = await slot.next_batch()
-    except BaseException as exc:
-        slot.release()
-        if isinstance(exc, Exception):
-            raise api_error_from(exc) from None
-        raise
     config = ctx.config
-    if body.stream:
-        chunks = Chunks(ctx.model_name, chat=chat, detail=config.detail, ident=rid, created=created)
-        events = sse_chunks(slot, chunks, first, include_usage=body.include_usage())
-        return GenerationStream(events, slot, rid, send_timeout=config.send_timeout_s)
-    try:
-        batch = first
+    async with ctx.runner.turn(request, rid) as turn:
+        turn.on_release.append(_audit_hook(ctx, rid, request.url.path, audit_text))
+        try:
+            await turn.start(start, StopHoldBack(body.stop) if body.stream and body.stop else None)
+        except Exception as exc:  # the template, the options, the prompt's length: the request's fault
+            raise api_error_from(exc, preparing=True) from None
+        # the first batch is read before answering, so a failure before the first token is a proper status
+        batch = await _next(turn)
+        if body.stream:
+            chunks = Chunks(ctx.model_name, chat=chat, detail=config.detail, ident=rid, created=created)
+            events = sse_chunks(turn.hand_over(), chunks, batch, include_usage=body.include_usage())
+            return GenerationStream(events, turn, rid, send_timeout=config.send_timeout_s)
         while batch and not any(isinstance(e, DoneEvent) for e in batch):
-            if await request.is_disconnected():
-                log.info("%s: the client went away; its generation was stopped", rid)
-                return Response(status_code=499)
-            batch = await slot.next_batch()
-    except Exception as exc:
-        raise api_error_from(exc) from None
-    finally:
-        slot.release()
-    if slot.answer.done is None:
+            await turn.check_client()
+            batch = await _next(turn)
+    if turn.answer.done is None:
         raise APIError(500, "the guard ended without finishing the answer", type="server_error", code="internal_error")
-    reply = response(slot.answer, ctx.model_name, chat=chat, detail=config.detail, ident=rid, created=created)
+    reply = response(turn.answer, ctx.model_name, chat=chat, detail=config.detail, ident=rid, created=created)
     return Response(dumps(reply), media_type="application/json")
 
+
+async def _next(turn: Turn) -> list[Event]:
+    """The turn's next batch of events; a failure while the model runs is the server's (a 500)."""
+    try:
+        return await turn.next_batch()
+    except Exception as exc:
+        raise api_error_from(exc) from None

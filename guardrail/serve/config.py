@@ -96,14 +96,15 @@ class ServerConfig:
             raise OptionsError("queue size must be >= 0 and the timeouts positive")
 
 
-LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+#: the addresses a loopback server binds to (``--host``)
+LOOPBACK_ADDRESSES = ("127.0.0.1", "localhost", "::1")
+#: what a client sends in the ``Host`` header to reach a loopback server (IPv6 in brackets)
+LOOPBACK_HOST_HEADERS = ("127.0.0.1", "localhost", "[::1]")
 
 
-def is_loopback(host: str) -> bool:
-    return host in LOOPBACK_NAMES
-
-
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")  # the names a browser sends in Host for a loopback server
+def is_loopback(address: str) -> bool:
+    """Whether a bind address is loopback (only this machine can connect)."""
+    return address in LOOPBACK_ADDRESSES
 
 
 def read_settings(path: str) -> dict[str, Any]:

@@ -7,16 +7,15 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import Request
-
 from .audit import AuditLog
 from .config import ServerConfig
+from .protocol import GuardLike
 from .runner import Runner
 
 
 @dataclass
 class ServerContext:
-    guard: Any  # a GuardLike
+    guard: GuardLike
     config: ServerConfig
     runner: Runner
     audit: AuditLog | None = None
@@ -26,8 +25,9 @@ class ServerContext:
     def model_name(self) -> str:
         return str(self.guard.model_name)
 
-    def max_tokens_default(self) -> dict[str, Any]:
-        """The server's sampling defaults, ``max_tokens`` kept within the context."""
+    def sampling_defaults(self) -> dict[str, Any]:
+        """The operator's sampling defaults for a request that sets none, ``max_tokens`` kept within
+        the context (what neither sets is the guard's own default)."""
         defaults = dict(self.config.defaults)
         if defaults.get("max_tokens") is not None:
             defaults["max_tokens"] = min(int(defaults["max_tokens"]), int(self.guard.n_ctx))
@@ -37,8 +37,3 @@ class ServerContext:
 def request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
-
-async def client_gone(request: Request) -> None:
-    """Returns when the client disconnects (the body has been read by then)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass

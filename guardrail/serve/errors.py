@@ -8,13 +8,13 @@ raised while the model runs is the server's: a 500.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from guardrail import errors as guardrail_errors
 from guardrail._json import json_safe
-from guardrail.errors import ContextOverflowError, GuardrailError, OptionsError
+from guardrail.errors import ContextOverflowError, GuardBusyError, GuardrailError, OptionsError
 
 log = logging.getLogger("guardrail.server")
 
@@ -43,9 +43,6 @@ def bad_request(message: str, param: str | None = None, code: str = "invalid_val
     return APIError(400, message, param=param, code=code)
 
 
-_BUSY = getattr(guardrail_errors, "GuardBusyError", None)
-
-
 def api_error_from(exc: BaseException, *, preparing: bool = False) -> APIError:
     """A guard-side exception as the error the client sees. ``preparing``: raised before the
     model ran (rendering the template, checking options and length), so the request's fault."""
@@ -55,7 +52,7 @@ def api_error_from(exc: BaseException, *, preparing: bool = False) -> APIError:
         return APIError(400, str(exc), param="messages", code="context_length_exceeded")
     if isinstance(exc, OptionsError):
         return APIError(400, str(exc), param="guardrail", code="invalid_value")
-    if _BUSY is not None and isinstance(exc, _BUSY):
+    if isinstance(exc, GuardBusyError):
         return APIError(503, str(exc), type="server_error", code="guard_busy")
     if isinstance(exc, GuardrailError):
         if preparing:
@@ -72,7 +69,7 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "is-instanc
               "function-before", "function-plain", "function-wrap"}
 
 
-def validation_error(errors: list[dict[str, Any]] | tuple[Any, ...]) -> APIError:
+def validation_error(errors: Sequence[Any]) -> APIError:
     """pydantic's first complaint about a body as a 400 naming the field."""
     if not errors:
         return APIError(400, "invalid request")

@@ -59,9 +59,8 @@ class Gate:
         if scope["method"] in ("POST", "PUT", "PATCH"):
             kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
             if kind != b"application/json":
-                shown = kind.decode("latin-1") or "none"
-                return APIError(415, f"The body must be JSON sent as 'Content-Type: application/json' (got {shown}).",
-                                code="unsupported_media_type")
+                return APIError(415, "The body must be JSON sent as 'Content-Type: application/json' "
+                                     f"(got {kind.decode('latin-1') or 'none'}).", code="unsupported_media_type")
             length = headers.get(b"content-length")
             if length is not None and length.isdigit() and int(length) > self._max:
                 return self._too_large()

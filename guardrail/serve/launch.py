@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from .app import create_app
-from .config import LOOPBACK_HOSTS, ServerConfig, is_loopback
+from .config import LOOPBACK_HOST_HEADERS, ServerConfig, is_loopback
 
 log = logging.getLogger("guardrail.server")
 
@@ -26,15 +26,15 @@ def serve(model: Any = None, head: Any = None, *, host: str = "127.0.0.1", port:
 
     config = config or ServerConfig()
     if is_loopback(host) and not config.allowed_hosts:
-        config = dataclasses.replace(config, allowed_hosts=LOOPBACK_HOSTS)
+        config = dataclasses.replace(config, allowed_hosts=LOOPBACK_HOST_HEADERS)
     if not config.api_key and not is_loopback(host):
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
     guard = Guard(model, head, **{k: v for k, v in guard_options.items() if v is not None})
     try:
         app = create_app(guard, config)
-        shown = f"[{host}]" if ":" in host else host
+        url_host = f"[{host}]" if ":" in host else host
         print(f"guardrail serve: {guard.model_name} (n_ctx {guard.n_ctx}, detail {config.detail}) on "
-              f"http://{shown}:{port}/v1{'' if config.api_key else ', no API key'}", file=sys.stderr, flush=True)
+              f"http://{url_host}:{port}/v1{'' if config.api_key else ', no API key'}", file=sys.stderr, flush=True)
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
                     limit_concurrency=max(64, 4 * config.queue_size))
     finally:

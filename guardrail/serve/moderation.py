@@ -19,16 +19,17 @@ from fastapi.responses import Response
 
 from guardrail.errors import ContextOverflowError
 
-from .context import ServerContext, client_gone, request_id
+from .context import ServerContext, request_id
 from .errors import api_error_from, bad_request
-from .runner import ClientGone
+from .protocol import GuardLike
+from .runner import Turn
 from .schemas import ModerationRequest
 from .stream import dumps
 
 CATEGORIES = ("harmful",)
 
 
-def _verdict(guard: Any, text: str) -> tuple[float, bool]:
+def _verdict(guard: GuardLike, text: str) -> tuple[float, bool]:
     """(risk, flagged) of one text as a user's request; on the worker thread."""
     if not text.strip():
         return 0.0, False
@@ -38,6 +39,16 @@ def _verdict(guard: Any, text: str) -> tuple[float, bool]:
     if not math.isfinite(risk):
         return 1.0, True
     return risk, bool(verdict.malicious)
+
+
+async def _score(turn: Turn, guard: GuardLike, text: str) -> tuple[float, bool]:
+    """One text's verdict on the turn's worker; a text past the context is the request's fault (a 400)."""
+    try:
+        return await turn.call(_verdict, guard, text)
+    except ContextOverflowError as exc:
+        raise bad_request(f"Invalid request: input: {exc}", param="input", code="context_length_exceeded") from None
+    except Exception as exc:
+        raise api_error_from(exc) from None
 
 
 async def moderate(ctx: ServerContext, body: ModerationRequest, request: Request) -> Response:
@@ -51,22 +62,11 @@ async def moderate(ctx: ServerContext, body: ModerationRequest, request: Request
         raise bad_request(f"Invalid request: input holds {chars} characters of text; this server takes at most "
                           f"{limits.max_chars} per request (max_chars).", param="input", code="content_too_long")
     rid = request_id("modr")
-    try:
-        slot = await ctx.runner.turn(lambda: client_gone(request))
-    except ClientGone:
-        return Response(status_code=499)
-    try:
-        verdicts = []
+    verdicts = []
+    async with ctx.runner.turn(request, rid) as turn:
         for text in texts:
-            verdicts.append(await slot.call(_verdict, ctx.guard, text))
-            if await request.is_disconnected():
-                return Response(status_code=499)
-    except ContextOverflowError as exc:
-        raise bad_request(f"Invalid request: input: {exc}", param="input", code="context_length_exceeded") from None
-    except Exception as exc:
-        raise api_error_from(exc) from None
-    finally:
-        slot.release()
+            verdicts.append(await _score(turn, ctx.guard, text))
+            await turn.check_client()
     full = ctx.config.detail == "full"
     results = []
     for i, (risk, flagged) in enumerate(verdicts):
@@ -79,12 +79,6 @@ async def moderate(ctx: ServerContext, body: ModerationRequest, request: Request
                             text={"input": texts[i]})
     reply: dict[str, Any] = {"id": rid, "model": ctx.model_name, "results": results}
     if ctx.config.detail != "none":
-        reply["guardrail"] = {"categories": list(CATEGORIES), "threshold": _threshold(ctx) if full else None}
+        threshold = ctx.guard.resolve_options().threshold if full else None
+        reply["guardrail"] = {"categories": list(CATEGORIES), "threshold": threshold}
     return Response(dumps(reply), media_type="application/json")
-
-
-def _threshold(ctx: ServerContext) -> float | None:
-    options = ctx.guard.options
-    value = getattr(options, "threshold", None)
-    return float(value) if value is not None else float(ctx.guard.head.threshold)
-

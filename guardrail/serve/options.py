@@ -11,32 +11,24 @@ from collections.abc import Mapping
 from typing import Any
 
 from guardrail.errors import OptionsError
+from guardrail.runtime.options import ResolvedOptions
 from guardrail.runtime.policy import POLICIES
 
 from .config import OPTION_TYPES
 from .errors import APIError, bad_request
+from .protocol import GuardLike
 
 # policies from the most lenient to the strictest: monitor never acts, halt stops at once
 _POLICY_RANK = {"monitor": 0, "refuse": 1, "halt": 2}
 assert set(_POLICY_RANK) == set(POLICIES), "rank every policy the runtime knows"
 
 
-def _effective(options: Any, head: Any, key: str) -> Any:
-    """An option's value as the guard will use it (threshold and tau fall back to the head's)."""
-    if key in ("r1", "r2", "r3"):
-        return getattr(options.window, key)
-    value = getattr(options, key)
-    if value is None and key in ("threshold", "tau"):
-        return getattr(head, key)
-    return value
-
-
 def _stricter(key: str, wanted: Any, base: Any) -> bool:
     if key == "policy":
         return _POLICY_RANK[wanted] >= _POLICY_RANK[base]
     if key in ("threshold", "tau"):  # a lower threshold flags more; a lower tau acts sooner
-        return wanted <= base
-    return wanted == base  # no order: only the operator's own value
+        return bool(wanted <= base)
+    return bool(wanted == base)  # no order: only the operator's own value
 
 
 def _allowed(key: str, old: Any) -> str:
@@ -48,38 +40,50 @@ def _allowed(key: str, old: Any) -> str:
     return f"only its own value, {old!r}"
 
 
-def request_options(given: Mapping[str, Any] | None, guard: Any, rules: Mapping[str, str]) -> dict[str, Any]:
-    """The guard options of a request, checked; raises a 400 or 403 :class:`APIError`."""
+def request_options(given: Mapping[str, Any] | None, guard: GuardLike, rules: Mapping[str, str]) -> dict[str, Any]:
+    """The guard options of a request, checked; raises a 400 or 403 :class:`APIError`.
+
+    Both sides of a comparison are resolved options (``Guard.resolve_options``), so a
+    threshold or tau the operator left to the head is compared as the head's value."""
     if not given:
         return {}
-    base = guard.options
     for key, value in given.items():
-        types = OPTION_TYPES.get(key)
-        if types is None:
-            raise bad_request(f"Invalid request: guardrail.{key}: unknown guard option; a request may name "
-                              f"{', '.join(OPTION_TYPES)}", param=f"guardrail.{key}")
-        if isinstance(value, bool) or not isinstance(value, types):
-            raise bad_request(f"Invalid request: guardrail.{key}: expected {' or '.join(t.__name__ for t in types)}",
-                              param=f"guardrail.{key}", code="invalid_type")
-        try:
-            base.updated(**{key: value})
-        except OptionsError as exc:
-            raise bad_request(f"Invalid request: guardrail.{key}: {exc}", param=f"guardrail.{key}") from None
+        _check_value(guard, key, value)
     try:
-        wanted = base.updated(**given)
+        wanted = guard.resolve_options(**given)
     except OptionsError as exc:
         raise bad_request(f"Invalid request: guardrail: {exc}", param="guardrail") from None
+    base = guard.resolve_options()
     for key in given:
-        rule = rules.get(key, "none")
-        if rule == "any":
-            continue
-        new, old = _effective(wanted, guard.head, key), _effective(base, guard.head, key)
-        if new == old or (rule == "stricter" and _stricter(key, new, old)):
-            continue
-        if rule == "stricter":
-            why = f"this server lets clients only tighten the guard: {_allowed(key, old)}"
-        else:
-            why = f"this server does not let clients change it (it is {old!r})"
-        raise APIError(403, f"guardrail.{key} = {given[key]!r} refused: {why}.", type="permission_error",
-                       param=f"guardrail.{key}", code="guard_option_forbidden")
+        _check_rule(key, given[key], rules.get(key, "none"), wanted, base)
     return dict(given)
+
+
+def _check_value(guard: GuardLike, key: str, value: Any) -> None:
+    """One option's JSON type, then the runtime's own validation of it: a 400 naming the key."""
+    types = OPTION_TYPES.get(key)
+    if types is None:
+        raise bad_request(f"Invalid request: guardrail.{key}: unknown guard option; a request may name "
+                          f"{', '.join(OPTION_TYPES)}", param=f"guardrail.{key}")
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise bad_request(f"Invalid request: guardrail.{key}: expected {' or '.join(t.__name__ for t in types)}",
+                          param=f"guardrail.{key}", code="invalid_type")
+    try:
+        guard.resolve_options(**{key: value})
+    except OptionsError as exc:
+        raise bad_request(f"Invalid request: guardrail.{key}: {exc}", param=f"guardrail.{key}") from None
+
+
+def _check_rule(key: str, given: Any, rule: str, wanted: ResolvedOptions, base: ResolvedOptions) -> None:
+    """The operator's rule for one option: a 403 saying what is allowed when the request breaks it."""
+    if rule == "any":
+        return
+    new, old = wanted.value(key), base.value(key)
+    if new == old or (rule == "stricter" and _stricter(key, new, old)):
+        return
+    if rule == "stricter":
+        why = f"this server lets clients only tighten the guard: {_allowed(key, old)}"
+    else:
+        why = f"this server does not let clients change it (it is {old!r})"
+    raise APIError(403, f"guardrail.{key} = {given!r} refused: {why}.", type="permission_error",
+                   param=f"guardrail.{key}", code="guard_option_forbidden")

@@ -1,12 +1,27 @@
-"""One generation at a time, a bounded queue in front of it, every guard call on one thread.
+"""Turns on the guard: a bounded queue in front of it, every guard call on one worker thread.
 
-A Guard runs one generation at a time, so requests take turns: a FIFO lock gives the
-turn; at most ``queue_size`` requests wait for it (one more is refused at once with a
-429 and a Retry-After), none waits longer than ``queue_timeout_s`` (a 429 too), and a
-request whose client leaves while it waits gives up its place and never runs. Every
-call into the guard runs on one worker thread, one batch of events per call, so the
+A Guard runs one generation at a time, so requests take turns. A request leases one::
+
+    async with ctx.runner.turn(request) as turn:   # waits: a 429, or ClientGone, if it cannot
+        await turn.start(lambda: guard.chat(...))
+        batch = await turn.next_batch()
+        ...                                        # the turn is released however the block ends
+
+The lease owns the whole sequence the endpoints used to spell out themselves: at most
+``queue_size`` requests wait (one more is refused at once with a 429 and a Retry-After),
+none waits longer than ``queue_timeout_s`` (a 429 too), a request whose client leaves while
+it waits gives up its place and never runs (:class:`ClientGone`, answered 499), and the
+release, which stops the generation, runs the end-of-answer hooks and gives the guard to
+the next request. A streamed response takes the turn over (:meth:`Turn.hand_over`) and
+releases it when the stream ends.
+
+Every call into the guard runs on one worker thread, one batch of events per call, so the
 event loop stays free; the events pass through the transport's ``transform`` (the
 stop-string hold-back) on that thread too.
+
+The runner hands turns out as objects, so serving several answers at once (a guard with
+several slots) is a matter of admitting N turns instead of one: each :class:`Turn` already
+carries its own generation, answer and timing.
 """
 
 from __future__ import annotations
@@ -17,7 +32,10 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from types import TracebackType
+from typing import Any, TypeVar
+
+from starlette.requests import Request
 
 from guardrail.errors import ContextOverflowError
 from guardrail.runtime.events import DoneEvent, Event, TokenEvent
@@ -27,12 +45,23 @@ from .errors import APIError
 
 log = logging.getLogger("guardrail.server")
 
+T = TypeVar("T")
+
 
 class ClientGone(Exception):
-    """The client left before its request's turn came."""
+    """The client left: before its turn came (nothing ran), or while its answer was made (stopped).
+    The app answers it with a bare 499 that nobody reads."""
+
+
+async def client_gone(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 class Runner:
+    """Admits requests to the guard one turn at a time, behind a bounded queue."""
+
     def __init__(self, *, queue_size: int = 16, queue_timeout_s: float = 60.0):
         self.queue_size, self.queue_timeout_s = queue_size, queue_timeout_s
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guardrail-generate")
@@ -42,7 +71,13 @@ class Runner:
         self.refused = 0
         self.left = 0
         self._mean_turn_s = 5.0  # moving average of how long a turn holds the guard
-        self._turn_started = 0.0
+
+    def turn(self, request: Request, rid: str = "") -> Turn:
+        """A lease on the guard for ``request``: ``async with runner.turn(request) as turn``.
+
+        Entering waits for the guard; it raises a 429 :class:`APIError` when the queue is
+        full or the wait times out, and :class:`ClientGone` when the client leaves first."""
+        return Turn(self, request, rid)
 
     @property
     def lock(self) -> asyncio.Lock:
@@ -63,9 +98,11 @@ class Runner:
         return APIError(429, message, type="rate_limit_error", code=code,
                         headers={"Retry-After": str(self.retry_after())})
 
-    async def turn(self, gone: Callable[[], Awaitable[Any]] | None = None) -> Slot:
-        """Wait for the guard (boundedly). Raises a 429 :class:`APIError`, or :class:`ClientGone`
-        when ``gone()`` (the client's disconnect) finishes first."""
+    async def admit(self, gone: Callable[[], Awaitable[Any]] | None = None) -> None:
+        """Wait for the guard (boundedly); the caller then holds it until :meth:`finish`.
+
+        Raises a 429 :class:`APIError`, or :class:`ClientGone` when ``gone()`` (the
+        client's disconnect) finishes first."""
         lock = self.lock
         if lock.locked() and self.waiting >= self.queue_size:
             raise self._refuse(f"The server is busy: {self.waiting} requests are already waiting for the guard "
@@ -85,16 +122,15 @@ class Runner:
                 watch.cancel()
         left = watch is not None and watch.done() and not watch.cancelled() and watch.exception() is None
         if acquire.done() and not left:
-            self._turn_started = time.monotonic()
-            return Slot(self)
+            return
         self._abandon(acquire)
         if left:
             self.left += 1
-            raise ClientGone()
+            raise ClientGone("the client left while waiting for its turn; nothing was run")
         raise self._refuse(f"The request waited {self.queue_timeout_s:g} s for the guard without getting a turn "
                            f"(queue timeout). Retry later.", "queue_timeout")
 
-    def _abandon(self, acquire: asyncio.Future[bool]) -> None:
+    def _abandon(self, acquire: asyncio.Future[Any]) -> None:
         """Give up a place in the queue: a lock already granted is passed on."""
         if acquire.done():
             if not acquire.cancelled() and acquire.exception() is None:
@@ -102,40 +138,91 @@ class Runner:
         else:
             acquire.cancel()  # Lock.acquire wakes the next waiter if it was about to get the lock
 
-    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def finish(self, held_s: float) -> None:
+        """A turn admitted by :meth:`admit` is over: count it, give the guard to the next request."""
+        self.served += 1
+        self._mean_turn_s = 0.8 * self._mean_turn_s + 0.2 * held_s
+        self.lock.release()
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the worker thread (every guard call goes there, in order)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def submit(self, fn: Callable[[], Any]) -> None:
+        """Queue ``fn`` on the worker without waiting for it (a release's clean-up)."""
         try:
             self._executor.submit(fn)
         except RuntimeError:  # shut down: nothing left to clean
             pass
-
-    def _end_turn(self) -> None:
-        self.served += 1
-        held = time.monotonic() - self._turn_started
-        self._mean_turn_s = 0.8 * self._mean_turn_s + 0.2 * held
-        self.lock.release()
 
     async def drain(self) -> None:
         """Let the worker finish what is queued (closes), off the loop, so the guard can be closed."""
         await asyncio.to_thread(self._executor.shutdown, wait=True)
 
 
-class Slot:
-    """The turn of one request: guard calls through it run on the worker, in order."""
+class Turn:
+    """One request's lease on the guard: its generation, what it has yielded, and its release.
 
-    def __init__(self, runner: Runner):
-        self.runner = runner
-        self._released = False
+    Made by :meth:`Runner.turn`; entered with ``async with`` (which waits for the guard) and
+    released when the block ends, unless a streamed response took it over."""
+
+    def __init__(self, runner: Runner, request: Request, rid: str = ""):
+        self.runner, self.request, self.rid = runner, request, rid
+        self.answer = Answer()  # what the generation has yielded so far
+        self.on_release: list[Callable[[Answer], None]] = []  # run on the worker once the generation is closed
         self._events: Iterator[Event] | None = None
         self._transform: Callable[[Event], Event] | None = None
-        self.answer = Answer()  # what the generation has yielded so far (for an end synthesised here)
+        self._admitted = False
+        self._released = False
+        self._handed_over = False
+        self._held_since = 0.0
         self._started = 0.0
         self._finished = False
-        self.on_release: list[Callable[[Answer], None]] = []  # run on the worker once the generation is closed
 
-    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+    # -- the lease ------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Turn:
+        try:
+            await self.runner.admit(lambda: client_gone(self.request))
+        except ClientGone:
+            log.info("%s: the client left while waiting for its turn; nothing was run", self.rid or "a request")
+            raise
+        self._admitted = True
+        self._held_since = time.monotonic()
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if not self._handed_over:
+            self.release()
+
+    def hand_over(self) -> Turn:
+        """The response takes the turn over: leaving the ``async with`` block no longer releases it,
+        the response must (a stream does, however it ends)."""
+        self._handed_over = True
+        return self
+
+    def release(self) -> None:
+        """Stop the generation (if any is running) and give the guard to the next request.
+
+        Idempotent and synchronous, so it is safe in ``finally`` under cancellation: the
+        close is queued on the worker ahead of anyone else's calls."""
+        if self._released or not self._admitted:
+            return
+        self._released = True
+        if self._events is not None or self.on_release:
+            self.runner.submit(self._close)
+        self.runner.finish(time.monotonic() - self._held_since)
+
+    async def check_client(self) -> None:
+        """Raise :class:`ClientGone` when the client has disconnected (the release then stops its work)."""
+        if await self.request.is_disconnected():
+            log.info("%s: the client went away; its work was stopped", self.rid or "a request")
+            raise ClientGone("the client went away")
+
+    # -- the guard's calls, on the worker ---------------------------------------------------------
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
         return await self.runner.call(fn, *args)
 
     async def start(self, start: Callable[[], Iterator[Event]],
@@ -171,24 +258,9 @@ class Slot:
         except ContextOverflowError:
             if self.answer.query is None:
                 raise  # the prompt itself does not fit: the request's fault
-            out.append(self._length_end())  # the answer ran into the end of the context: keep it
+            out.append(self.answer.length_end(time.perf_counter() - self._started))  # the answer keeps its text
         self._finished = True
         return out
-
-    def _length_end(self) -> DoneEvent:
-        """The end of an answer the guard stopped with an overflow instead of a ``length`` end."""
-        a = self.answer
-        risks = [c["risk"] for c in a.checks]
-        finite = [r for r in risks if r is not None]
-        elapsed = time.perf_counter() - self._started
-        n = len(a.pieces)
-        done = DoneEvent(finish_reason="length", text=a.written, completion_tokens=n,
-                         prompt_tokens=a.query.prompt_tokens if a.query else 0, checks=len(a.checks),
-                         intervened=bool(a.interventions), query_risk=risks[0] if risks else None,
-                         max_risk=(max(finite) if len(finite) == len(risks) else 1.0) if risks else None,
-                         elapsed_s=elapsed, tokens_per_s=n / elapsed if elapsed > 0 else 0.0, guard_s=0.0)
-        self.answer.add(done)
-        return done
 
     def _close(self) -> None:
         close = getattr(self._events, "close", None)
@@ -202,15 +274,3 @@ class Slot:
                 hook(self.answer)
             except Exception:
                 log.exception("an end-of-answer hook failed")
-
-    def release(self) -> None:
-        """Stop the generation (if any is running) and give the guard to the next request.
-
-        Idempotent and synchronous, so it is safe in ``finally`` under cancellation: the
-        close is queued on the worker ahead of anyone else's calls."""
-        if self._released:
-            return
-        self._released = True
-        if self._events is not None or self.on_release:
-            self.runner.submit(self._close)
-        self.runner._end_turn()

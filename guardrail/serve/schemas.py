@@ -182,3 +182,37 @@ class ModerationRequest(BaseModel):
         if isinstance(self.input, str):
             return [self.input]
         return [item if isinstance(item, str) else item.text for item in self.input]
+
+
+# -- what the API documents about its answers (the OpenAPI schema clients and fuzzers read) --------------
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error object: every refusal this server gives, whatever the status."""
+
+    error: ErrorDetail
+
+
+_WHY = {400: "the request breaks a bound, a field's rules or the guard's options", 401: "no or a wrong API key",
+        403: "a Host that is not the server's, or a guard option the operator does not let clients change",
+        404: "no such model or path", 413: "the body is larger than max_body_bytes",
+        415: "the body is not sent as application/json", 429: "the queue is full or the wait timed out",
+        500: "the guard failed while answering", 503: "the guard was busy"}
+
+
+def documented(*statuses: int, stream: bool = False) -> dict[int | str, dict[str, Any]]:
+    """FastAPI ``responses=`` for a route: the error statuses it may answer (as OpenAI's error object) and,
+    with ``stream``, a 200 that is JSON or server-sent events."""
+    out: dict[int | str, dict[str, Any]] = {
+        status: {"model": ErrorBody, "description": _WHY[status]} for status in statuses}
+    if stream:
+        out[200] = {"description": "the answer: JSON, or server-sent events with stream=true",
+                    "content": {"application/json": {}, "text/event-stream": {}}}
+    return out

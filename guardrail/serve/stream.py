@@ -25,7 +25,7 @@ from guardrail.runtime.events import DoneEvent, Event, TokenEvent
 from guardrail.runtime.shapes import Chunks
 
 from .errors import api_error_from, safe
-from .runner import Slot
+from .runner import Turn
 
 log = logging.getLogger("guardrail.server")
 
@@ -82,12 +82,12 @@ def dumps(obj: Any) -> str:
         return json.dumps(safe(obj), separators=(",", ":"), allow_nan=False)
 
 
-async def sse_chunks(slot: Slot, chunks: Chunks, first: list[Event], *,
+async def sse_chunks(turn: Turn, chunks: Chunks, first: list[Event], *,
                      include_usage: bool) -> AsyncIterator[dict[str, str]]:
-    """The SSE events of one streamed answer; the generation is released however it ends."""
+    """The SSE events of one streamed answer; its turn is released however it ends."""
     try:
-        for chunk in chunks.start():
-            yield {"data": dumps(chunk)}
+        for opening in chunks.start():
+            yield {"data": dumps(opening)}
         batch = first
         while batch:
             for event in batch:
@@ -96,7 +96,7 @@ async def sse_chunks(slot: Slot, chunks: Chunks, first: list[Event], *,
                     yield {"data": dumps(chunk)}
             if any(isinstance(e, DoneEvent) for e in batch):
                 break
-            batch = await slot.next_batch()
+            batch = await turn.next_batch()
         if include_usage:
             yield {"data": dumps(chunks.usage_chunk())}
         yield {"data": "[DONE]"}
@@ -104,16 +104,16 @@ async def sse_chunks(slot: Slot, chunks: Chunks, first: list[Event], *,
         yield {"data": dumps(api_error_from(exc).body())}
         yield {"data": "[DONE]"}
     finally:
-        slot.release()
+        turn.release()
 
 
 class GenerationStream(EventSourceResponse):
-    """An SSE response that frees its generation however the response ends (even if its body
-    never started), and ends it when the client reads nothing for ``send_timeout`` seconds."""
+    """An SSE response that owns its turn: it releases it however the response ends (even if its
+    body never started), and ends it when the client reads nothing for ``send_timeout`` seconds."""
 
-    def __init__(self, content: Any, slot: Slot, rid: str, **kwargs: Any):
+    def __init__(self, content: Any, turn: Turn, rid: str, **kwargs: Any):
         super().__init__(content, sep="\n", ping=15, **kwargs)
-        self._slot, self._rid = slot, rid
+        self._turn, self._rid = turn, rid
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
@@ -121,4 +121,4 @@ class GenerationStream(EventSourceResponse):
         except SendTimeoutError:
             log.warning("%s: the client read nothing for %s s; its answer was stopped", self._rid, self.send_timeout)
         finally:
-            self._slot.release()
+            self._turn.release()

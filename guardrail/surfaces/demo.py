@@ -70,8 +70,9 @@ def guard_tour(model_spec: str | None, head: str | None, *, max_tokens: int = 40
     console = console or Console()
     with Guard(model_spec, head) as guard:
         console.print(Rule(f"guardrail on {guard.model.info.name}"))
-        console.print(f"policy [bold]{guard.options.policy}[/], schedule [bold]{guard.options.schedule}[/], "
-                      f"threshold {guard.head.threshold:.3f}; colours show each token's risk, "
+        options = guard.resolve_options()
+        console.print(f"policy [bold]{options.policy}[/], schedule [bold]{options.schedule}[/], "
+                      f"threshold {options.threshold:.3f}; colours show each token's risk, "
                       "▏ marks a [CLS] check (green benign, red malicious)\n")
         for title, prompt in (("1. a benign question", TOUR_BENIGN), ("2. a harmful request", TOUR_HARMFUL)):
             console.print(Rule(title, align="left"))

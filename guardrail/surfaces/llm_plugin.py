@@ -5,7 +5,9 @@ model with a shipped head, plus any GGUF registered with ``llm guardrail
 register-model``. It only consumes the Guard API: a prompt's conversation becomes
 ``Guard.chat`` messages, the answer's token events are streamed as text, and the
 guard's outcome (query risk, checks, interventions) is the response's
-``response_json``, which llm logs.
+``response_json``, which llm logs: the options the answer ran under (resolved by the
+Guard, threshold and tau included) and the summary of the runtime's own answer
+accumulator (``runtime.shapes.Answer``), the same object the server returns.
 
 Nothing is loaded when llm starts: a model's Guard is built on its first prompt
 and kept for the process (``llm chat`` reuses it every turn); per-prompt options
@@ -20,11 +22,13 @@ import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import click
 import llm
 from pydantic import Field
+
+from guardrail.runtime.engine import DEFAULT_MAX_TOKENS, SamplingParams
 
 # The known models a head ships for: llm model id -> guardrail's model name.
 KNOWN = {
@@ -51,7 +55,7 @@ def guard_for(model: str, head: str | None = None, n_ctx: int = 2048) -> Any:
     key = (model, head, n_ctx)
     with _lock:
         if key not in _guards:
-            from guardrail import Guard
+            from guardrail.runtime.guard import Guard
 
             _guards[key] = Guard(model, head, n_ctx=n_ctx)
         return _guards[key]
@@ -93,49 +97,9 @@ def build_messages(prompt: llm.Prompt, conversation: llm.Conversation | None) ->
     for previous in (conversation.responses if conversation else []):
         system = system or previous.prompt.system
         messages += [{"role": "user", "content": previous.prompt.prompt},
-                     {"role": "assistant", "content": previous.text_or_raise()}]
+                     {"role": "assistant", "content": cast(llm.Response, previous).text_or_raise()}]
     messages.append({"role": "user", "content": prompt.prompt})
     return ([{"role": "system", "content": system}] if system else []) + messages
-
-
-# -- the guard's outcome, for llm's log ----------------------------------------------------
-
-
-class Outcome:
-    """What response_json records of one guarded answer, accumulated from its events."""
-
-    def __init__(self, model: str, policy: str, schedule: str, threshold: float):
-        self.data: dict[str, Any] = {"guardrail": {"model": model, "policy": policy, "schedule": schedule,
-                                                   "threshold": threshold}}
-        self.verdicts: list[dict[str, Any]] = []
-        self.interventions: list[dict[str, Any]] = []
-        self.done: Any = None
-
-    def add(self, event: Any) -> None:
-        if event.type == "check":
-            self.verdicts.append({"index": event.index, "risk": round(event.risk, 4),
-                                  "malicious": event.malicious, "signal": getattr(event, "signal", "probe")})
-        elif event.type == "intervention":
-            self.interventions.append({"index": event.index, "action": event.action, "text": event.text,
-                                       "reason": event.reason})
-        elif event.type == "done":
-            self.done = event
-
-    def to_dict(self) -> dict[str, Any]:
-        d = self.done
-        summary = self.data["guardrail"] | {
-            "intervened": bool(d and d.intervened),
-            "query_risk": d.query_risk if d else None,
-            "max_risk": d.max_risk if d else None,
-            "checks": len(self.verdicts),
-            "verdicts": self.verdicts,
-            "interventions": self.interventions,
-            "finish_reason": d.finish_reason if d else "interrupted",
-        }
-        if d is not None:
-            summary |= {"prompt_tokens": d.prompt_tokens, "completion_tokens": d.completion_tokens,
-                        "tokens_per_s": round(d.tokens_per_s, 2), "guard_seconds": round(d.guard_s, 4)}
-        return {"guardrail": summary}
 
 
 # -- the model -----------------------------------------------------------------------------
@@ -154,9 +118,11 @@ class GuardedModel(llm.Model):
         threshold: float | None = Field(None, ge=0.0, le=1.0,
                                            description="malicious above this risk (default: the head's)")
         tau: int | None = Field(None, ge=1, description="consecutive malicious checks before acting mid-answer")
-        max_tokens: int | None = Field(None, ge=1, description="answer length limit (default 256)")
-        temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 (default) is greedy")
-        top_p: float | None = Field(None, gt=0.0, le=1.0, description="nucleus sampling (default 0.95)")
+        max_tokens: int | None = Field(None, ge=1, description=f"answer length limit (default {DEFAULT_MAX_TOKENS})")
+        temperature: float | None = Field(
+            None, ge=0.0, le=2.0, description=f"{SamplingParams.temperature:g} (default) is greedy")
+        top_p: float | None = Field(
+            None, gt=0.0, le=1.0, description=f"nucleus sampling (default {SamplingParams.top_p:g})")
         seed: int | None = Field(None, description="sampling seed")
 
     def __init__(self, model_id: str, model: str, head: str | None = None):
@@ -170,36 +136,42 @@ class GuardedModel(llm.Model):
     def execute(self, prompt: llm.Prompt, stream: bool, response: llm.Response,
                 conversation: llm.Conversation | None) -> Iterator[str]:
         from guardrail.errors import GuardrailError
+        from guardrail.runtime.events import DoneEvent, TokenEvent
+        from guardrail.runtime.shapes import Answer
 
-        o = prompt.options
+        chosen = cast(GuardedModel.Options, prompt.options)
         messages = build_messages(prompt, conversation)
-        guard_opts = {"policy": o.policy, "schedule": o.schedule, "threshold": o.threshold, "tau": o.tau}
-        sampling = {k: v for k, v in (("max_tokens", o.max_tokens), ("temperature", o.temperature),
-                                      ("top_p", o.top_p), ("seed", o.seed)) if v is not None}
+        overrides = _given(policy=chosen.policy, schedule=chosen.schedule, threshold=chosen.threshold, tau=chosen.tau)
+        sampling = _given(max_tokens=chosen.max_tokens, temperature=chosen.temperature, top_p=chosen.top_p,
+                          seed=chosen.seed)
         try:
             guard = guard_for(self.model, self.head)
-            events = guard.chat(messages, **sampling, **{k: v for k, v in guard_opts.items() if v is not None})
+            resolved = guard.resolve_options(**overrides)
+            events = guard.chat(messages, **sampling, **overrides)
         except GuardrailError as exc:
             raise llm.ModelError(str(exc)) from None
-        threshold = next(t for t in (o.threshold, guard.options.threshold, guard.head.threshold) if t is not None)
-        outcome = Outcome(guard.model_name, o.policy or guard.options.policy,
-                          o.schedule or str(guard.options.schedule), threshold)
-        streamed = ""
+        answer = Answer()
         try:
             for event in events:
-                outcome.add(event)
-                if event.type == "token" and event.text:
-                    streamed += event.text
+                answer.add(event)
+                if isinstance(event, TokenEvent) and event.text:
                     yield event.text
-                elif event.type == "done" and event.text.startswith(streamed) and len(event.text) > len(streamed):
-                    yield event.text[len(streamed):]  # what the detokenizer held back until the end
+                elif isinstance(event, DoneEvent) and answer.tail:
+                    yield answer.tail  # what the detokenizer held back until the end
         except GuardrailError as exc:
             raise llm.ModelError(str(exc)) from None
         finally:
-            getattr(events, "close", lambda: None)()
-            response.response_json = outcome.to_dict()
-            if outcome.done is not None:
-                response.set_usage(input=outcome.done.prompt_tokens, output=outcome.done.completion_tokens)
+            events.close()
+            response.response_json = {"guardrail": {
+                "model": guard.model_name, "policy": resolved.policy, "schedule": str(resolved.schedule),
+                "threshold": resolved.threshold, "tau": resolved.tau} | answer.summary()}
+            if answer.done is not None:
+                response.set_usage(input=answer.done.prompt_tokens, output=answer.done.completion_tokens)
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    """The options a prompt set (llm passes None for the rest, which the guard decides)."""
+    return {k: v for k, v in values.items() if v is not None}
 
 
 # -- registration --------------------------------------------------------------------------

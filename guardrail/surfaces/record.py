@@ -25,16 +25,16 @@ def record_chat(out: str | Path, *, model: str | None = None, head: str | None =
                 turns: Sequence[str] = TURNS, max_tokens: int = 48, width: int = 110,
                 title: str = "guardrail chat") -> Path:
     """Run ``turns`` as one guarded chat and save the terminal as an SVG at ``out``."""
-    from guardrail import Guard
+    from guardrail.runtime.guard import Guard
 
     console = Console(record=True, width=width, file=io.StringIO(), force_terminal=True,
                       color_system="truecolor", legacy_windows=False)
     history: list[dict[str, str]] = []
     with Guard(model, head) as guard:
-        options = guard.options
+        options = guard.resolve_options()
         console.print(Rule(f"guardrail chat on {guard.model_name}"))
         console.print(f"policy [bold]{options.policy}[/] · schedule [bold]{options.schedule}[/] · "
-                      f"threshold {guard.head.threshold:.2f} · colour: each token's risk, green → red · "
+                      f"threshold {options.threshold:.2f} · colour: each token's risk, green → red · "
                       "▏ a re-check", style="dim")
         for turn in turns:
             console.print(f"\n[bold]you>[/] {turn}")

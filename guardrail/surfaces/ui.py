@@ -10,6 +10,8 @@ from rich.table import Table
 from rich.text import Text
 
 from guardrail.runtime.engine import ModelInfo
+from guardrail.runtime.events import CheckEvent, DoneEvent, Event, TokenEvent
+from guardrail.runtime.shapes import Answer, is_malicious
 
 console = Console()
 
@@ -50,7 +52,7 @@ def heat_style(value: float) -> str:
 
 
 class TokenStrip:
-    """Tokens coloured by a per-token value in [0, 1] (a norm now, a risk once the head exists)."""
+    """Tokens coloured by a per-token value in [0, 1] (``guardrail capture-demo``: a scaled hidden-state norm)."""
 
     def __init__(self, pieces: Sequence[str], values: Sequence[float]):
         self.pieces = pieces
@@ -111,39 +113,28 @@ def render_lines(lines: Iterable[str], out: Console | None = None) -> None:
 
 
 class StreamState:
-    """What the screen shows of one guarded answer; updated only by events."""
+    """What the screen shows of one guarded answer, updated only by events.
 
-    def __init__(self, threshold: float | None = None):
-        self.threshold = threshold
+    The numbers (query verdict, risk, checks, tokens, the end) are the runtime's answer
+    accumulator's, the same the server and the llm plugin report; this keeps only how
+    each piece of text is drawn."""
+
+    def __init__(self) -> None:
+        self.answer = Answer()
         self.pieces: list[tuple[str, str]] = []  # (text, style)
-        self.query_risk: float | None = None
-        self.query_malicious: bool | None = None
-        self.risk: float | None = None
-        self.checks = 0
-        self.tokens = 0
-        self.intervention: str | None = None
-        self.done: Any = None
-        self._forced = False
 
-    def apply(self, event: Any) -> None:
-        kind = event.type
-        if kind == "token":
-            self.tokens += 0 if event.forced else 1
-            if event.risk is not None:
-                self.risk = event.risk
+    @property
+    def done(self) -> DoneEvent | None:
+        return self.answer.done
+
+    def apply(self, event: Event) -> None:
+        self.answer.add(event)
+        if isinstance(event, TokenEvent):
             style = "bold white on red3" if event.forced else (
                 heat_style(event.risk) if event.risk is not None else "")
             self.pieces.append((event.text, style))
-        elif kind == "check":
-            self.checks += 1
-            if event.index == 0:
-                self.query_risk, self.query_malicious = event.risk, event.malicious
-            if event.index and (event.signal == "probe" or event.malicious):  # every-step checks: only alarms
-                self.pieces.append(("▏", "bold red" if event.malicious else "green"))
-        elif kind == "intervention":
-            self.intervention = f"{event.action} at token {event.index}: {event.reason}"
-        elif kind == "done":
-            self.done = event
+        elif isinstance(event, CheckEvent) and event.index and (event.signal == "probe" or event.malicious):
+            self.pieces.append(("▏", "bold red" if event.malicious else "green"))  # every-step checks: only alarms
 
 
 class AnswerView:
@@ -166,23 +157,26 @@ class Footer:
         self.state = state
 
     def __rich__(self) -> Text:
-        s = self.state
+        answer = self.state.answer
         text = Text()
-        if s.query_malicious is None:
+        query = answer.query_check
+        if query is None:
             text.append("query: …", style="dim")
         else:
-            verdict = "MALICIOUS" if s.query_malicious else "benign"
-            text.append(f"query: {verdict} ({s.query_risk:.2f})",
-                        style="bold red" if s.query_malicious else "green")
-        risk = "-" if s.risk is None else f"{s.risk:.2f}"
-        text.append(f"  risk now: {risk}  checks: {s.checks}  tokens: {s.tokens}")
-        if s.done is not None:
-            d = s.done
-            share = d.guard_s / d.elapsed_s if d.elapsed_s else 0.0
-            text.append(f"  {d.tokens_per_s:.1f} tok/s  guard: {d.guard_s * 1000:.0f} ms ({share:.0%})"
-                        f"  end: {d.finish_reason}")
-        if s.intervention:
-            text.append(f"\nintervened — {s.intervention}", style="bold red")
+            malicious = is_malicious(query)
+            text.append(f"query: {'MALICIOUS' if malicious else 'benign'} ({query.risk:.2f})",
+                        style="bold red" if malicious else "green")
+        risk = answer.token_risk
+        text.append(f"  risk now: {'-' if risk is None else f'{risk:.2f}'}  checks: {len(answer.checks)}  "
+                    f"tokens: {answer.sampled_tokens}")
+        done = answer.done
+        if done is not None:
+            share = done.guard_s / done.elapsed_s if done.elapsed_s else 0.0
+            text.append(f"  {done.tokens_per_s:.1f} tok/s  guard: {done.guard_s * 1000:.0f} ms ({share:.0%})"
+                        f"  end: {done.finish_reason}")
+        if answer.interventions:
+            last = answer.interventions[-1]
+            text.append(f"\nintervened — {last.action} at token {last.index}: {last.reason}", style="bold red")
         return text
 
 
@@ -194,7 +188,7 @@ def stream_view(state: StreamState, title: str = "assistant") -> Any:
     return Group(Panel(AnswerView(state), title=title, border_style="blue"), Footer(state))
 
 
-def render_stream(events: Iterable[Any], *, mode: str = "rich", out: Console | None = None,
+def render_stream(events: Iterable[Event], *, mode: str = "rich", out: Console | None = None,
                   title: str = "assistant") -> StreamState:
     """Show one guarded answer: ``rich`` (live, coloured), ``plain`` (text only) or ``json`` (events)."""
     import json
@@ -214,7 +208,7 @@ def render_stream(events: Iterable[Any], *, mode: str = "rich", out: Console | N
     if mode == "plain":
         for event in events:
             state.apply(event)
-            if event.type == "token":
+            if isinstance(event, TokenEvent):
                 out.file.write(event.text)
                 out.file.flush()
         out.file.write("\n")
@@ -229,7 +223,8 @@ def render_stream(events: Iterable[Any], *, mode: str = "rich", out: Console | N
 # Reports
 
 
-def _f(value: Any, digits: int = 3) -> str:
+def _number(value: Any, digits: int = 3) -> str:
+    """A report's number to ``digits`` places, or "-" where the report has none."""
     return "-" if value is None else f"{value:.{digits}f}"
 
 
@@ -242,11 +237,11 @@ def render_loso(report: Mapping[str, Any], baseline: Mapping[str, Any] | None = 
                          no_wrap=column == "held-out source")
     for name, row in report["sources"].items():
         base = (baseline or {}).get("sources", {}).get(name, {})
-        table.add_row(name, str(row["n"]), "/".join(map(str, row["label"])), _f(row["auroc"]),
-                      _f(base.get("auroc")), _f(row["flagged"], 2))
-    table.add_row("mean", "", "", _f(report["mean_auroc"]), _f((baseline or {}).get("mean_auroc")), "",
+        table.add_row(name, str(row["n"]), "/".join(map(str, row["label"])), _number(row["auroc"]),
+                      _number(base.get("auroc")), _number(row["flagged"], 2))
+    table.add_row("mean", "", "", _number(report["mean_auroc"]), _number((baseline or {}).get("mean_auroc")), "",
                   style="bold")
-    table.add_row("min", "", "", _f(report["min_auroc"]), _f((baseline or {}).get("min_auroc")), "", style="bold")
+    table.add_row("min", "", "", _number(report["min_auroc"]), _number((baseline or {}).get("min_auroc")), "", style="bold")
     (out or console).print(table)
 
 
@@ -255,18 +250,18 @@ def render_eval(report: Mapping[str, Any], out: Console | None = None) -> None:
     if "loso" in report:
         render_loso(report["loso"], report.get("loso_baseline"), out)
         return
-    table = Table(title=f"{report.get('data', '')}  (threshold {_f(report.get('threshold'))})")
+    table = Table(title=f"{report.get('data', '')}  (threshold {_number(report.get('threshold'))})")
     for column in ("source", "n", "AUROC", "vs pool", "TPR@1%FPR", "TPR@5%FPR", "flagged", "baseline AUROC"):
         table.add_column(column, justify="left" if column == "source" else "right", no_wrap=column == "source")
     base = report.get("baseline", {}).get("sources", {})
     for name, row in report["sources"].items():
-        table.add_row(name, str(row["n"]), _f(row.get("auroc")), _f(row.get("auroc_vs_pool")),
-                      _f(row.get("tpr@1%fpr"), 2), _f(row.get("tpr@5%fpr"), 2), _f(row.get("flagged"), 2),
-                      _f(base.get(name, {}).get("auroc_vs_pool")))
+        table.add_row(name, str(row["n"]), _number(row.get("auroc")), _number(row.get("auroc_vs_pool")),
+                      _number(row.get("tpr@1%fpr"), 2), _number(row.get("tpr@5%fpr"), 2), _number(row.get("flagged"), 2),
+                      _number(base.get(name, {}).get("auroc_vs_pool")))
     overall = report["overall"]
-    table.add_row("overall", str(overall["n"]), _f(overall.get("auroc")), "", _f(overall.get("tpr@1%fpr"), 2),
-                  _f(overall.get("tpr@5%fpr"), 2), _f(overall.get("flagged"), 2),
-                  _f(report.get("baseline", {}).get("overall", {}).get("auroc")), style="bold")
+    table.add_row("overall", str(overall["n"]), _number(overall.get("auroc")), "", _number(overall.get("tpr@1%fpr"), 2),
+                  _number(overall.get("tpr@5%fpr"), 2), _number(overall.get("flagged"), 2),
+                  _number(report.get("baseline", {}).get("overall", {}).get("auroc")), style="bold")
     out.print(table)
 
 
@@ -280,8 +275,8 @@ def render_training(head: Any, out: Console | None = None) -> None:
                      "baseline": metrics.get("test_baseline", {})}, out)
     q = metrics.get("quantization", {})
     secs = metrics.get("seconds", {})
-    out.print(f"int8 vs float: max |Δp| {_f(q.get('max_abs_diff'), 4)}, AUROC {_f(q.get('auroc_float'))} vs "
-              f"{_f(q.get('auroc_quant'))}; extraction {secs.get('extraction', 0):.0f} s, "
+    out.print(f"int8 vs float: max |Δp| {_number(q.get('max_abs_diff'), 4)}, AUROC {_number(q.get('auroc_float'))} vs "
+              f"{_number(q.get('auroc_quant'))}; extraction {secs.get('extraction', 0):.0f} s, "
               f"training {secs.get('training', 0):.0f} s")
 
 
@@ -299,9 +294,9 @@ def render_attack(report: Mapping[str, Any], out: Console | None = None, *, sour
         table.add_column(column, justify="left" if column == "suite" else "right")
 
     def row(name: str, block: Mapping[str, Any]) -> None:
-        table.add_row(name, str(block["n"]), _f(block.get("asr_unguarded"), 2), _f(block.get("asr_guarded_old"), 2),
-                      _f(block.get("asr_guarded"), 2), _f(block.get("intervened_but_complied"), 2),
-                      _f(block.get("intervention_rate"), 2), _f(block.get("over_refusal"), 2),
+        table.add_row(name, str(block["n"]), _number(block.get("asr_unguarded"), 2), _number(block.get("asr_guarded_old"), 2),
+                      _number(block.get("asr_guarded"), 2), _number(block.get("intervened_but_complied"), 2),
+                      _number(block.get("intervention_rate"), 2), _number(block.get("over_refusal"), 2),
                       "-" if "served_guarded" not in block else
                       f"{block['served_unguarded']:.2f} / {block['served_guarded']:.2f}")
 
@@ -323,9 +318,9 @@ def render_attack(report: Mapping[str, Any], out: Console | None = None, *, sour
             forms.add_column(column, justify="left" if column in ("requests", "forms") else "right")
         for kind, blocks in pooled.items():
             for which, block in blocks.items():
-                forms.add_row(kind, which, str(block["n"]), _f(block.get("asr_unguarded"), 2),
-                              _f(block.get("intervened"), 2), _f(block.get("asr_guarded"), 2),
-                              _f(block.get("intervention_rate"), 2))
+                forms.add_row(kind, which, str(block["n"]), _number(block.get("asr_unguarded"), 2),
+                              _number(block.get("intervened"), 2), _number(block.get("asr_guarded"), 2),
+                              _number(block.get("intervention_rate"), 2))
         out.print(forms)
 
 
@@ -374,6 +369,6 @@ def render_heads(rows: Sequence[Mapping[str, Any]], out: Console | None = None) 
             table.add_row("-", "-", "-", "-", "-", "-", f"{row['path']}: {row['error']}")
             continue
         table.add_row(row["model_sha256"][:12], row["architecture"], str(row["created"]), str(row["examples"] or "-"),
-                      f"{_f(row['loso_mean_auroc'])} / {_f(row['loso_min_auroc'])}", _f(row["test_auroc"]),
+                      f"{_number(row['loso_mean_auroc'])} / {_number(row['loso_min_auroc'])}", _number(row["test_auroc"]),
                       row["path"])
     out.print(table)

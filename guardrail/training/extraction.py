@@ -17,13 +17,15 @@ import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from guardrail.artifacts.wheels import cache_dir
 from guardrail.runtime.capture import layer_name
 from guardrail.runtime.chat import ChatFormat, PromptTokens
-from guardrail.runtime.engine import Context, Entry, Model
+from guardrail.errors import CaptureError
+from guardrail.runtime.engine import Context, DecodeResult, Entry, Model
 from guardrail.runtime.features import (
     POOLINGS,
     StateHistory,
@@ -157,7 +159,7 @@ class FeatureExtractor:
         prefix_rows = {}
         if shared:
             first = ctx.decode([Entry(t, p, everyone) for p, t in enumerate(prompts[0][:shared])])
-            prefix_rows = {h: first.states.rows[h].copy() for h in self.hooks}
+            prefix_rows = {h: _rows(first)[h].copy() for h in self.hooks}
         entries: list[Entry] = []
         spans = []
         for seq, ids in enumerate(prompts):
@@ -171,7 +173,7 @@ class FeatureExtractor:
             prompt, window = prepared[i]
             start, n_own = spans[seq], len(prompt) - shared
             history = StateHistory(self.hooks, self.model.info.n_embd, capacity=len(prompt))
-            own = {h: result.states.rows[h][start:start + n_own] for h in self.hooks}
+            own = {h: _rows(result)[h][start:start + n_own] for h in self.hooks}
             if shared:
                 history.append(prefix_rows)
             history.append(own)
@@ -190,7 +192,7 @@ class FeatureExtractor:
             probed = ctx.decode(probe_entries)
             for seq, i in enumerate(group):
                 for h in self.hooks:
-                    blocks[f"{h}/{kind}"][i] = probed.states.rows[h][probe_last[seq]]
+                    blocks[f"{h}/{kind}"][i] = _rows(probed)[h][probe_last[seq]]
                 ctx.seq_rm(self.config.n_parallel + seq, -1, -1)
 
 
@@ -227,12 +229,19 @@ def store_dir(model_sha: str, config: FeatureConfig) -> Path:
     return cache_dir() / "features" / f"{model_sha[:12]}-{digest.hexdigest()[:16]}"
 
 
+def _rows(result: DecodeResult) -> dict[str, np.ndarray]:
+    """The captured states of a decode (the extractor's context always captures its hooks)."""
+    if result.states is None:
+        raise CaptureError("the extraction context captured nothing; it was built without hooks")
+    return result.states.rows
+
+
 def _save(path: Path, features: Features, keys: Sequence[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".part.npz")
     # float32: some models' residual streams (Gemma 3's) exceed float16's range
-    np.savez(partial, __texts__=np.array(json.dumps(features.texts)), __keys__=np.array(list(keys)),
-             **features.blocks)
+    blocks: dict[str, Any] = dict(features.blocks)
+    np.savez(partial, __texts__=np.array(json.dumps(features.texts)), __keys__=np.array(list(keys)), **blocks)
     partial.replace(path)
 
 

@@ -78,7 +78,7 @@ def rates_at_threshold(y: Sequence[int] | np.ndarray, p: Sequence[float] | np.nd
             "flagged": _mean_or_nan(flagged)}
 
 
-def loso_pairs(sources: Sequence[str], labels: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
+def loso_pairs(sources: Sequence[str] | np.ndarray, labels: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
     """Per source, row indices for scoring it against the pool of the other sources.
 
     A harmful-only source is paired with every other source's benign rows, a

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -71,7 +73,8 @@ def ensure_dataset(data_dir: Path | None, progress: bool = True, max_per_source:
     data_dir = data_dir or default_data_dir()
     if not all((data_dir / f"{s}.jsonl").is_file() for s in SPLITS):
         scale = max_per_source / DEFAULT_MAX_PER_SOURCE
-        plan = AugmentPlan(**{k: max(1, round(v * scale)) for k, v in DEFAULT_PLAN.items()})
+        scaled: dict[str, Any] = {k: max(1, round(v * scale)) for k, v in DEFAULT_PLAN.items()}
+        plan = AugmentPlan(**scaled)
         build_dataset(data_dir, max_per_source=max_per_source, plan=plan, progress=progress)
     return data_dir
 
@@ -97,7 +100,7 @@ def train_head(model: Model, model_sha: str, data_dir: Path, config: FeatureConf
         with progress_bar(progress) as bar:
             for key, rec in (("loso", recipe), ("loso_baseline", HeadRecipe(blocks=(), lexical=True))):
                 task = bar.add_task(f"leave-one-source-out: {rec.describe()}", total=n_sources)
-                metrics[key] = loso(data, rec, fingerprint, progress=lambda _, task=task: bar.advance(task))
+                metrics[key] = loso(data, rec, fingerprint, progress=partial(_advance, bar, task))
     train = np.flatnonzero(data.splits == "train")
     val = np.flatnonzero(data.splits == "val")
     test = np.flatnonzero(data.splits == "test")
@@ -272,11 +275,17 @@ def evaluate_file(model_spec: str | None, head_path: str | None, data_file: Path
     return report
 
 
+def _advance(bar: Any, task: Any, *_: Any) -> None:
+    """A progress callback: one step of ``task`` on ``bar``, whatever the caller reports."""
+    bar.advance(task)
+
+
 def config_for(head: Head, stored: FeatureConfig) -> FeatureConfig:
     """The extraction a head needs and nothing more: its layers and, if it reads one, its probe."""
     from guardrail.runtime.features import block_layer
 
-    layers = tuple(sorted({block_layer(b.name) for h in (head, head.token_head) if h for b in h.blocks} - {None}))
+    found = {block_layer(b.name) for h in (head, head.token_head) if h for b in h.blocks}
+    layers = tuple(sorted(layer for layer in found if layer is not None))
     needs_probe = any(b.name.endswith("/probe") for b in head.blocks)
     return replace(stored, layers=layers, probes=(head.probe_text,) if needs_probe else ())
 

@@ -184,7 +184,8 @@ def action_phrase(request: str) -> str | None:
     text = request.strip().rstrip("?.! ")
     if "\n" in text:
         return None
-    text = text[_POLITE.match(text).end():]
+    polite = _POLITE.match(text)
+    text = text[polite.end():] if polite else text
     lead = _LEAD.match(text)
     if lead:
         text = text[lead.end():]

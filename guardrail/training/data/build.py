@@ -50,7 +50,7 @@ class Preset:
         return source_names(self.generation)
 
 
-_V1_PLAN = dict(jailbreak=400, rephrase_harmful=400, rephrase_benign=200, answer_prefixes=360,
+_V1_PLAN: dict[str, Any] = dict(jailbreak=400, rephrase_harmful=400, rephrase_benign=200, answer_prefixes=360,
                 compliant_prefixes=320, safe_prefixes=160, refusals=200, prefills=400)
 _CAPPED_PLAN = AugmentPlan(**_V1_PLAN, forms=800, long_prefixes=240, drift=200)
 _QUICK_PLAN = AugmentPlan(**{k: round(v * 0.3) for k, v in _V1_PLAN.items()}, forms=240, long_prefixes=72, drift=60)

@@ -432,9 +432,10 @@ def _python_literal(wheel: WheelSource, member: str, name: str) -> Any:
     """The literal assigned to ``name`` in a Python file, read without importing it."""
     tree = ast.parse(_text(wheel, member))
     for node in tree.body:
-        targets = (node.targets if isinstance(node, ast.Assign)
-                   else [node.target] if isinstance(node, ast.AnnAssign) else [])
-        if any(isinstance(t, ast.Name) and t.id == name for t in targets) and node.value is not None:
+        if not isinstance(node, (ast.Assign, ast.AnnAssign)) or node.value is None:
+            continue
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        if any(isinstance(t, ast.Name) and t.id == name for t in targets):
             return ast.literal_eval(node.value)
     raise DataError(f"{member} in {wheel.pin} has no literal {name}; its layout changed")
 

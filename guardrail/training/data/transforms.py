@@ -231,11 +231,17 @@ class Form:
         return self.render(request, seed)
 
 
+def _with_arg(transform: Callable[[str, str, str], tuple[Message, ...]],
+              arg: str) -> Callable[[str, str], tuple[Message, ...]]:
+    """``transform(request, arg, seed)`` as a form's ``render(request, seed)``."""
+    return lambda request, seed: transform(request, arg, seed)
+
+
 def _forms() -> dict[str, Form]:
-    forms = [Form("obfuscation", f"obfuscation:{kind}", kind in ("base64", "reversed"),
-                  lambda r, s, k=kind: obfuscate(r, k, s)) for kind in _OBFUSCATIONS]
-    forms += [Form("persona", f"persona:{name}", name in ("sage", "dialogue", "manual"),
-                   lambda r, s, n=name: persona(r, n, s)) for name in PERSONAS]
+    forms = [Form("obfuscation", f"obfuscation:{kind}", kind in ("base64", "reversed"), _with_arg(obfuscate, kind))
+             for kind in _OBFUSCATIONS]
+    forms += [Form("persona", f"persona:{name}", name in ("sage", "dialogue", "manual"), _with_arg(persona, name))
+              for name in PERSONAS]
     forms += [Form("multiturn", "multiturn:2", False, lambda r, s: multiturn(r, 2, s)),
               Form("multiturn", "multiturn:3", False, lambda r, s: multiturn(r, 3, s)),
               Form("multiturn", "multiturn:late", True, lambda r, s: multiturn(r, 3, s, HELD_OUT_FILLER))]
