@@ -70,7 +70,7 @@ class Decoded:
         return self.seconds * n / max(1, self.batch_size)
 
 
-Run = Generator[Any, "Decoded | None", Any]
+Run = Generator[Any, Decoded, Any]
 
 
 def share(states: BatchStates | None, offset: int, n: int, batch_size: int) -> BatchStates | None:
@@ -130,7 +130,7 @@ def drive_alone(context: Context, run: Run) -> Generator[Any, None, Any]:
     value: Decoded | None = None
     while True:
         try:
-            item = run.send(value)
+            item = next(run) if value is None else run.send(value)
         except StopIteration as stop:
             return stop.value
         if isinstance(item, Decode):
@@ -216,7 +216,7 @@ class Batcher:
         value, job.value = job.value, None
         try:
             while True:
-                item = job.run.send(value)
+                item = next(job.run) if value is None else job.run.send(value)
                 if isinstance(item, Decode):
                     job.pending = item
                     return

@@ -46,12 +46,15 @@ from guardrail.head import Head, fingerprint_file, load_head
 from .batch import Batcher, Decode, Decoded, Job, drive_alone
 from .cache import CachePool, ConversationCache, Slot
 from .chat import ChatFormat, Message, PromptTokens
-from .engine import Context, Detokenizer, Entry, Model, Sampler, SamplingParams, default_n_ctx
+from .engine import DEFAULT_MAX_TOKENS, Context, Detokenizer, Entry, Model, Sampler, SamplingParams, default_n_ctx
 from .events import CheckEvent, DoneEvent, Event, InterventionEvent, QueryEvent, TokenEvent
 from .features import HeadReader, StateHistory, Window, hooks_of, probe_tokens, split_conversation
 from .options import GuardOptions, ResolvedOptions
 from .policy import FIXED_REASON, MAX_REASON_TOKENS, Action, Policy, acceptable_reason, halt_text, lead_in
 from .probe import Probe, WindowState, runs, update_window_state, window_runs
+
+
+_S = SamplingParams()  # the sampling defaults, spelled once
 
 
 @dataclass(frozen=True)
@@ -175,22 +178,23 @@ class Guard:
 
     # -- the public calls ---------------------------------------------------------------
 
-    def chat(self, messages: Sequence[Mapping[str, str] | Message], *, max_tokens: int = 256,
-             temperature: float = 0.0, top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05,
-             seed: int | None = None, repeat_penalty: float = 1.0, stop: Sequence[str] | str | None = None,
-             **guard: Any) -> Iterator[Event]:
+    def chat(self, messages: Sequence[Mapping[str, str] | Message], *, max_tokens: int = DEFAULT_MAX_TOKENS,
+             temperature: float = _S.temperature, top_p: float = _S.top_p, top_k: int = _S.top_k,
+             min_p: float = _S.min_p, seed: int | None = None, repeat_penalty: float = _S.repeat_penalty,
+             stop: Sequence[str] | str | None = None, **guard: Any) -> Iterator[Event]:
         """Events of one guarded answer to a conversation. A final assistant message is a prefill."""
-        request = self._chat_request(messages, guard)
-        sampling = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, 64, seed)
-        return self._alone(_sampled(request, sampling, max_tokens, stop))
+        return self._alone(self.chat_request(messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                             top_k=top_k, min_p=min_p, seed=seed, repeat_penalty=repeat_penalty,
+                                             stop=stop, **guard))
 
-    def complete(self, prompt: str, *, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 0.95,
-                 top_k: int = 40, min_p: float = 0.05, seed: int | None = None, repeat_penalty: float = 1.0,
-                 stop: Sequence[str] | str | None = None, **guard: Any) -> Iterator[Event]:
+    def complete(self, prompt: str, *, max_tokens: int = DEFAULT_MAX_TOKENS, temperature: float = _S.temperature,
+                 top_p: float = _S.top_p, top_k: int = _S.top_k, min_p: float = _S.min_p, seed: int | None = None,
+                 repeat_penalty: float = _S.repeat_penalty, stop: Sequence[str] | str | None = None,
+                 **guard: Any) -> Iterator[Event]:
         """Events of a guarded continuation of raw text (no chat template)."""
-        request = self._text_request(prompt, guard)
-        sampling = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, 64, seed)
-        return self._alone(_sampled(request, sampling, max_tokens, stop))
+        return self._alone(self.text_request(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                             top_k=top_k, min_p=min_p, seed=seed, repeat_penalty=repeat_penalty,
+                                             stop=stop, **guard))
 
     def chat_many(self, conversations: Sequence[Sequence[Mapping[str, str] | Message] | ChatCall],
                   **common: Any) -> Iterator[tuple[int, Event]]:
@@ -204,21 +208,22 @@ class Guard:
         requests = [self.chat_request(c.messages, **{**common, **c.options}) for c in calls]
         return self._many(requests)
 
-    def chat_request(self, messages: Sequence[Mapping[str, str] | Message], *, max_tokens: int = 256,
-                     temperature: float = 0.0, top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05,
-                     seed: int | None = None, repeat_penalty: float = 1.0,
+    def chat_request(self, messages: Sequence[Mapping[str, str] | Message], *,
+                     max_tokens: int = DEFAULT_MAX_TOKENS, temperature: float = _S.temperature,
+                     top_p: float = _S.top_p, top_k: int = _S.top_k, min_p: float = _S.min_p,
+                     seed: int | None = None, repeat_penalty: float = _S.repeat_penalty,
                      stop: Sequence[str] | str | None = None, **guard: Any) -> GuardRequest:
-        """A conversation checked and tokenized for ``batch().start`` (the template, options and length
-        are checked here, before it takes a slot)."""
-        request = self._chat_request(messages, guard)
-        sampling = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, 64, seed)
-        return _sampled(request, sampling, max_tokens, stop)
+        """A conversation checked and tokenized (the template, options and length are checked here,
+        before it takes a slot): what ``chat`` runs, and what ``batch().start`` takes."""
+        sampling = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, _S.repeat_last_n, seed)
+        return _sampled(self._chat_request(messages, guard), sampling, max_tokens, stop)
 
-    def text_request(self, prompt: str, *, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 0.95,
-                     top_k: int = 40, min_p: float = 0.05, seed: int | None = None, repeat_penalty: float = 1.0,
+    def text_request(self, prompt: str, *, max_tokens: int = DEFAULT_MAX_TOKENS, temperature: float = _S.temperature,
+                     top_p: float = _S.top_p, top_k: int = _S.top_k, min_p: float = _S.min_p,
+                     seed: int | None = None, repeat_penalty: float = _S.repeat_penalty,
                      stop: Sequence[str] | str | None = None, **guard: Any) -> GuardRequest:
-        """Raw text for ``batch().start`` (no chat template)."""
-        sampling = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, 64, seed)
+        """Raw text (no chat template): what ``complete`` runs, and what ``batch().start`` takes."""
+        sampling = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, _S.repeat_last_n, seed)
         return _sampled(self._text_request(prompt, guard), sampling, max_tokens, stop)
 
     def score(self, messages: Sequence[Mapping[str, str] | Message], **guard: Any) -> Verdict:
@@ -236,8 +241,8 @@ class Guard:
         """Several answers stepped together by the caller (the server's slots): holds the Guard until closed."""
         return GuardBatch(self)
 
-    def create_chat_completion(self, messages: Sequence[Mapping[str, str]], *, max_tokens: int = 256,
-                               temperature: float = 0.0, top_p: float = 0.95, seed: int | None = None,
+    def create_chat_completion(self, messages: Sequence[Mapping[str, str]], *, max_tokens: int = DEFAULT_MAX_TOKENS,
+                               temperature: float = _S.temperature, top_p: float = _S.top_p, seed: int | None = None,
                                stop: Sequence[str] | str | None = None, stream: bool = False,
                                guard: Mapping[str, Any] | None = None, **sampling: Any) -> Any:
         """A drop-in for ``Llama.create_chat_completion``: same shapes, plus a ``guardrail`` object."""
@@ -247,8 +252,8 @@ class Guard:
                            stop=stop, **sampling, **dict(guard or {}))
         return chat_chunks(events, self.model_name) if stream else chat_response(events, self.model_name)
 
-    def create_completion(self, prompt: str, *, max_tokens: int = 256, temperature: float = 0.0,
-                          top_p: float = 0.95, seed: int | None = None, stop: Sequence[str] | str | None = None,
+    def create_completion(self, prompt: str, *, max_tokens: int = DEFAULT_MAX_TOKENS, temperature: float = _S.temperature,
+                          top_p: float = _S.top_p, seed: int | None = None, stop: Sequence[str] | str | None = None,
                           stream: bool = False, guard: Mapping[str, Any] | None = None, **sampling: Any) -> Any:
         """A drop-in for ``Llama.create_completion`` (raw text), with a ``guardrail`` object."""
         from .shapes import completion_chunks, completion_response
@@ -272,7 +277,7 @@ class Guard:
         tokens = PromptTokens()
         if self.model.info.add_bos:
             tokens.extend([self.model.bos], -1)
-        tokens.extend(self.model.tokenize(prompt, special=False), 0)
+        tokens.extend(self.format.plain.tokenize(prompt), 0)  # a person's text: never a special token
         query = [i for i, m in enumerate(tokens.message) if m >= 0]
         return GuardRequest(tokens, query, [], "", SamplingParams(), 0, (), self.options.updated(**guard))
 
@@ -370,11 +375,11 @@ class GuardBatch:
         run = _Run(self.guard, request, slot)
         result: list[Verdict] = []
 
-        def scored() -> Generator[Any, Decoded | None, None]:
+        def scored() -> Generator[Any, Decoded, None]:
             result.append((yield from run.score()))
         return self._add(scored(), slot, lambda e: None, lambda exc: on_end(result[0] if result else None, exc))
 
-    def _add(self, run: Generator[Any, Decoded | None, Any], slot: Slot, sink: Callable[[Event], None],
+    def _add(self, run: Generator[Any, Decoded, Any], slot: Slot, sink: Callable[[Event], None],
              on_end: Callable[[BaseException | None], None]) -> Job:
         def ended(exc: BaseException | None) -> None:
             self.guard._pool.release(slot)
@@ -492,12 +497,11 @@ class _Run:
         self.context = guard.context
         self.model = guard.model
         self.signals = guard._signals[slot.index]
-        options = request.options
-        head = guard.head
-        self.threshold = options.threshold if options.threshold is not None else head.threshold
-        self.answer_threshold = options.answer_threshold if options.answer_threshold is not None else self.threshold
+        options = request.options.resolve(guard.head)
+        self.threshold = options.threshold
+        self.answer_threshold = options.answer_threshold
         self.schedule = options.schedule.resolve(guard.checks_are_free)
-        self.policy = Policy(options.policy, options.tau if options.tau is not None else head.tau)
+        self.policy = Policy(options.policy, options.tau)
         self.mode: _WindowCheck | _ProbeCheck = (
             _ProbeCheck(Probe(self.context, guard._probe_tokens, seq=slot.probe_seq, src=slot.cache.seq,
                               free=guard._pool.free), guard.hooks)
@@ -519,7 +523,7 @@ class _Run:
 
     # -- decoding through the driver ----------------------------------------------------------
 
-    def _decode(self, request: Decode, n_own: int) -> Generator[Decode, Decoded | None, Decoded]:
+    def _decode(self, request: Decode, n_own: int) -> Generator[Decode, Decoded, Decoded]:
         """Yield a Decode; record the conversation's own entries that went in (the first ``n_own``)."""
         try:
             got = yield request
@@ -532,7 +536,7 @@ class _Run:
 
     # -- 1. start ---------------------------------------------------------------------------
 
-    def start(self) -> Generator[Decode, Decoded | None, None]:
+    def start(self) -> Generator[Decode, Decoded, None]:
         self.reused, pending = self.cache.prepare(self.request.prompt.ids)
         self.mode.release()
         while pending:
@@ -562,7 +566,7 @@ class _Run:
 
     # -- 3. decode, 4. read the check -------------------------------------------------------
 
-    def _step(self, plan: _Planned) -> Generator[Decode, Decoded | None, CheckEvent | None]:
+    def _step(self, plan: _Planned) -> Generator[Decode, Decoded, CheckEvent | None]:
         n_own = 1 if plan.token is not None else 0
         got = yield from self._decode(Decode(plan.entries), n_own)
         self.guard_s += got.share_of(len(plan.entries) - n_own)
@@ -587,7 +591,7 @@ class _Run:
         update_window_state(self.window_state, malicious, len(self.answer))
         return CheckEvent(index, risk, malicious, list(window), signal="window" if probe is None else "probe")
 
-    def first_check_alone(self) -> Generator[Decode, Decoded | None, CheckEvent]:
+    def first_check_alone(self) -> Generator[Decode, Decoded, CheckEvent]:
         """The query check on its own: free for a probe-less head, one probe-only decode otherwise."""
         if self.mode.free:
             return self._verdict(0, self._window(None), len(self.cache) - 1, None)
@@ -595,7 +599,7 @@ class _Run:
         assert check is not None
         return check
 
-    def score(self) -> Generator[Decode, Decoded | None, Verdict]:
+    def score(self) -> Generator[Decode, Decoded, Verdict]:
         try:
             yield from self.start()
             check = yield from self.first_check_alone()
@@ -608,7 +612,7 @@ class _Run:
     def _act(self, check: CheckEvent) -> Action:
         return self.policy.on_verdict(check.index, check.malicious)
 
-    def _intervene(self, action: Action, index: int) -> Generator[Any, Decoded | None, None]:
+    def _intervene(self, action: Action, index: int) -> Generator[Any, Decoded, None]:
         """Write the end of the answer the guard now owns; the answer ends with it."""
         self.intervened = True
         prefix = self.request.prefill_text + self.text
@@ -622,7 +626,7 @@ class _Run:
         reason = (yield from self._model_reason(opener)) if self.request.options.reason == "model" else None
         yield self._forced(opener + (reason if reason is not None else FIXED_REASON))
 
-    def _model_reason(self, opener: str) -> Generator[Decode, Decoded | None, str | None]:
+    def _model_reason(self, opener: str) -> Generator[Decode, Decoded, str | None]:
         """The model's own continuation of the opener, kept only when it is one plain reason.
 
         The opener is decoded into the cache, the reason sampled greedily and held back
@@ -677,7 +681,7 @@ class _Run:
 
     # -- the loop ---------------------------------------------------------------------------
 
-    def steps(self) -> Generator[Any, Decoded | None, None]:
+    def steps(self) -> Generator[Any, Decoded, None]:
         """The events of the answer, and the Decodes it needs, in order."""
         try:
             started = time.perf_counter()
@@ -693,7 +697,7 @@ class _Run:
         finally:
             self.mode.release()
 
-    def _checked(self, check: CheckEvent, held: int | None) -> Generator[Any, Decoded | None, str | None]:
+    def _checked(self, check: CheckEvent, held: int | None) -> Generator[Any, Decoded, str | None]:
         """The one place a check becomes an action: the check's event, then, if the policy acts,
         the held-back token dropped unseen and the end of the answer written. Returns the
         finish reason when the answer ends here."""
@@ -706,7 +710,7 @@ class _Run:
         yield from self._intervene(action, check.index)
         return action.kind
 
-    def _answer(self) -> Generator[Any, Decoded | None, str]:
+    def _answer(self) -> Generator[Any, Decoded, str]:
         """The steps, until the answer ends; returns the finish reason."""
         first_done = False
         if self.mode.free:  # a free query check: before any token

@@ -531,7 +531,7 @@ def load_wsr() -> list[Example]:
         if kind not in _WSR_LABELS:
             raise DataError(f"{_WSR} in {WSR.pin}: unknown type {kind!r}; its layout changed")
         label = _WSR_LABELS[kind]
-        extra = {} if label else {"hard_negative": True}
+        extra: dict[str, Any] = {} if label else {"hard_negative": True}
         out.append(_root("wsr", str(_field(row, "id", WSR, _WSR)), label, _user(_field(row, "input", WSR, _WSR)),
                          WSR, _WSR, "MIT", topic=_field(meta, "category", WSR, _WSR),
                          expected=row.get("target"), **extra))
