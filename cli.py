@@ -298,17 +298,21 @@ def data_build(preset: str, out: str | None, max_per_source: int | None) -> None
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="where to write the head (default: your cache, where guardrail finds it for this model)")
 @click.option("--no-loso", is_flag=True, help="skip the leave-one-source-out report (faster)")
-def train(model, preset, data_dir, out, no_loso) -> None:
+@click.option("--no-answers", is_flag=True,
+              help="skip the answer stage (the model's own answers and the head the checks during an answer read)")
+def train(model, preset, data_dir, out, no_loso, no_answers) -> None:
     """Train a safety head for a model (any GGUF chat model) and save it where guardrail finds it.
 
-    Feature extraction is saved as it goes: an interrupted run continues where it stopped."""
+    Feature extraction and the model's own answers are saved as they go: an interrupted run
+    continues where it stopped."""
     from pathlib import Path
 
     from guardrail.surfaces.ui import render_training
     from guardrail.training.pipeline import train_for_model
 
     head, path = train_for_model(model, preset=preset, data_dir=Path(data_dir) if data_dir else None,
-                                 out=Path(out) if out else None, loso_sources=not no_loso)
+                                 out=Path(out) if out else None, loso_sources=not no_loso,
+                                 answers=not no_answers)
     render_training(head)
     from guardrail.artifacts.heads import find_head
     from guardrail.errors import HeadError
@@ -346,14 +350,36 @@ def heads(as_json: bool) -> None:
 @click.option("--data", "data_file", type=click.Path(dir_okay=False, exists=True), default=None,
               help="labelled JSONL to score (default: the test split of the default dataset)")
 @click.option("--loso", is_flag=True, help="leave-one-source-out over the training sources instead")
+@click.option("--answers", is_flag=True,
+              help="the guard over whole answers instead: the model answers held-out requests (256 tokens, stored), "
+              "each replayed through the query check and the answer stage, per answer and per source, with the "
+              "answer stage's trade-off curve")
+@click.option("--curve", "curve_out", type=click.Path(dir_okay=False), default=None,
+              help="with --answers: write the curve as an SVG image here")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def evaluate(model, head, data_file, loso, as_json) -> None:
+def evaluate(model, head, data_file, loso, answers, curve_out, as_json) -> None:
     """AUROC, TPR at 1%/5% FPR and flagged share at the head's threshold, per source, beside the text baseline."""
     from pathlib import Path
 
-    from guardrail.surfaces.ui import render_eval
+    from guardrail.surfaces.ui import render_answer_eval, render_eval
     from guardrail.training.pipeline import evaluate_file, loso_report
 
+    if answers:
+        from guardrail.measure.answer_eval import answer_report
+
+        report = answer_report(model, head, progress=not as_json)
+        if curve_out:
+            from guardrail.surfaces.plot import answer_curve_svg
+
+            Path(curve_out).write_text(answer_curve_svg(report), encoding="utf-8")
+            report["curve_file"] = curve_out
+        if as_json:
+            import json
+
+            click.echo(json.dumps(report, indent=2))
+        else:
+            render_answer_eval(report)
+        return
     report = loso_report(model, head) if loso else evaluate_file(model, head, Path(data_file) if data_file else None)
     if as_json:
         import json

@@ -51,6 +51,11 @@ class FakeGuard:
         yield TokenEvent(0, 1, text, None)
         yield DoneEvent("length", text, 5, 10, 1, at is not None, 0.9, 0.9, 0.1, 50.0, 0.01)
 
+    def chat_many(self, calls, **common):
+        for i, call in enumerate(calls):
+            for event in self.chat(call.messages, **{**common, **call.options}):
+                yield i, event
+
 
 def case(request: str, harmful: bool = True, suite: str = "direct", **kw) -> Case:
     return Case(suite, "src", harmful, ({"role": "user", "content": request},), request=request, **kw)

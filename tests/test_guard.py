@@ -62,7 +62,9 @@ def test_checking_every_step_never_changes_the_answer(guard):
     last = done.completion_tokens + (1 if guard.checks_are_free else 0)
     assert [e.index for e in events if e.type == "check"] == list(range(last))
     assert done.text == _plain(guard, messages, 30)
-    assert all(e.risk is not None for e in events if e.type == "token")  # the token signal, every token
+    tokens = [e for e in events if e.type == "token"]
+    # the token signal on every token but the first, which is shown before it is decoded
+    assert tokens[0].risk is None and all(e.risk is not None for e in tokens[1:])
 
 
 def test_checks_never_stop_before_the_answer_does(guard):
@@ -296,3 +298,12 @@ def test_raw_text_is_read_as_plain_text_and_text_the_model_cannot_hold_is_refuse
     assert events[0].type == "query"
     with pytest.raises(ContextError, match="U\\+0004"):
         list(guard.complete("a\x04b", max_tokens=1))
+
+
+def test_the_first_token_is_shown_before_its_own_check_when_that_check_cannot_end_the_answer(guard):
+    events = list(guard.chat([{"role": "user", "content": BENIGN}], max_tokens=4))
+    kinds = [(e.type, getattr(e, "index", None)) for e in events]
+    # the query check, then the first token at once (a streak rule cannot act on one check), then its check
+    assert kinds[1:4] == [("check", 0), ("token", 0), ("check", 1)]
+    later = kinds[4:]
+    assert later[:2] == [("check", 2), ("token", 1)]  # later tokens wait for their check

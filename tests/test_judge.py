@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from guardrail.measure.judge import (
+from guardrail.training.judge import (
     ALTERNATIVE,
     CONTENT,
     DEFLECTION,

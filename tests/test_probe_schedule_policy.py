@@ -8,7 +8,7 @@ import pytest
 
 from guardrail.errors import OptionsError
 from guardrail.runtime.options import GuardOptions
-from guardrail.runtime.policy import HALT_MESSAGE, Policy, acceptable_reason, halt_text, lead_in
+from guardrail.runtime.policy import HALT_MESSAGE, AnswerRule, Policy, acceptable_reason, halt_text, lead_in
 from guardrail.runtime.probe import WindowParams, WindowState, choose_window, runs, update_window_state
 from guardrail.runtime.schedule import Schedule
 
@@ -88,23 +88,42 @@ def test_unknown_schedules_are_refused(spec):
 
 def test_refuse_acts_on_a_malicious_first_verdict():
     policy = Policy("refuse")
-    action = policy.on_verdict(0, True)
+    action = policy.on_query(True)
     assert action.kind == "refuse" and action.acts and policy.triggered
 
 
-def test_refuse_needs_tau_consecutive_malicious_verdicts_after_a_benign_start():
-    policy = Policy("refuse", tau=3)
-    assert not policy.on_verdict(0, False).acts
-    kinds = [policy.on_verdict(i, v).kind for i, v in enumerate([True, True, False, True, True, True], start=1)]
+def test_refuse_needs_tau_consecutive_malicious_checks_after_a_benign_start():
+    policy = Policy("refuse", AnswerRule("streak", tau=3))
+    assert not policy.on_query(False).acts
+    kinds = [policy.on_answer(r, 0.5)[1].kind for r in (0.9, 0.8, 0.1, 0.7, 0.6, 0.9)]
     assert kinds == ["continue"] * 5 + ["refuse"]
-    assert not policy.on_verdict(8, True).acts  # acts once
+    assert not policy.on_answer(0.99, 0.5)[1].acts  # acts once
+
+
+def test_a_moving_average_rule_is_not_cut_by_one_spike_but_by_a_sustained_rise():
+    rule = AnswerRule("ema", alpha=0.8)
+    spike = Policy("refuse", rule)
+    assert not any(spike.on_answer(r, 0.5)[1].acts for r in [0.01] * 10 + [0.99] + [0.01] * 10)
+    sustained = Policy("refuse", rule)
+    acts = [sustained.on_answer(r, 0.5)[1].acts for r in [0.01] * 5 + [0.95] * 10]
+    assert acts.index(True) > 5  # after a few high checks, not at the first
+    assert rule.statistic([0.5, float("nan")])[-1] > 0.5  # a broken risk counts as harmful
 
 
 def test_halt_stops_and_monitor_never_acts_but_records_what_it_saw():
-    assert Policy("halt").on_verdict(0, True).kind == "halt"
-    monitor = Policy("monitor", tau=1)
-    assert all(not monitor.on_verdict(i, True).acts for i in range(5))
+    assert Policy("halt").on_query(True).kind == "halt"
+    monitor = Policy("monitor", AnswerRule("streak", tau=1))
+    assert not monitor.on_query(True).acts
+    assert all(not monitor.on_answer(0.9, 0.5)[1].acts for _ in range(5))
     assert monitor.triggered == "the query was judged malicious"
+
+
+@pytest.mark.parametrize("spec", ["ema", "ema:0.8", "streak:4"])
+def test_answer_rules_parse_and_describe_themselves(spec):
+    rule = AnswerRule.parse(spec)
+    assert AnswerRule.parse(rule.describe()) == rule
+    with pytest.raises(ValueError):
+        AnswerRule.parse("median:3")
 
 
 @pytest.mark.parametrize("options", [{"policy": "maybe"}, {"tau": 0}, {"tau": True}, {"threshold": 1.5}])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from guardrail.measure.judge import judge_answer
+from guardrail.training.judge import judge_answer
 from guardrail.measure.suites import DEMO_HARMFUL, DEMO_PREFILL, HANDWRITTEN_BENIGN, HANDWRITTEN_HARMFUL
 from guardrail.runtime.guard import Guard
 from guardrail.runtime.policy import DEFAULT_OPENER, HALT_MESSAGE

@@ -80,7 +80,10 @@ class Head:
     ``baseline`` is the text-only rival it was measured against (n-grams + logistic
     regression, fitted on the same rows), shipped so evaluation needs no training data.
     ``token_head`` is an optional companion that scores single generated tokens
-    (while this head scores the probe); it is stored in the same file.
+    (while this head scores the probe); it is stored in the same file. ``answer_head``
+    is the answer stage's own head, trained on the model's own answers: the checks during
+    an answer read it (its ``extra["answer_stage"]`` holds its window, its rule and how
+    its threshold was chosen), while this head decides the query check.
     """
 
     fingerprint: ModelFingerprint
@@ -101,6 +104,7 @@ class Head:
     created_by: str = f"guardrail {__version__}"
     token_head: Head | None = None
     baseline: Head | None = None
+    answer_head: Head | None = None
 
     def __post_init__(self) -> None:
         problem = _inconsistency(self)
@@ -228,10 +232,11 @@ def _inconsistency(head: Head) -> str:
 
 def _companion_inconsistency(head: Head) -> str:
     """A companion is stored beside the main head, so it can be neither nested nor for another model."""
-    for what, companion in (("token head", head.token_head), ("text baseline", head.baseline)):
+    for what, companion in (("token head", head.token_head), ("text baseline", head.baseline),
+                            ("answer-stage head", head.answer_head)):
         if companion is None:
             continue
-        if companion.token_head is not None or companion.baseline is not None:
+        if companion.token_head is not None or companion.baseline is not None or companion.answer_head is not None:
             return f"the companion {what} has a companion of its own"
         if companion.fingerprint != head.fingerprint:
             return (f"the companion {what} was trained for {companion.fingerprint.describe()}, "
@@ -276,7 +281,9 @@ def quantized(head: Head) -> Head:
     """The head (and its companion) exactly as ``load_head`` will see it after ``save_head``: weights through int8."""
     token = None if head.token_head is None else quantized(head.token_head)
     baseline = None if head.baseline is None else quantized(head.baseline)
-    return dataclasses.replace(head, model=_quantized_model(head.model), token_head=token, baseline=baseline)
+    answer = None if head.answer_head is None else quantized(head.answer_head)
+    return dataclasses.replace(head, model=_quantized_model(head.model), token_head=token, baseline=baseline,
+                               answer_head=answer)
 
 
 # ---- base-model fingerprint ------------------------------------------------------------------

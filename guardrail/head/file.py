@@ -4,8 +4,10 @@ Weights are int8 in blocks of 32 along each row with one float32 scale per
 block; biases, standardisation and idf are float32. Metadata records the format
 version, the base model's fingerprint, the feature blocks, the probe text,
 threshold, temperature, tau, the training manifest and the metrics. The
-companion per-token head is stored in the same file, metadata under
-``guardrail.token.`` and tensors under ``token.``. Every fault in a file
+companions are stored in the same file, each under its own prefix: the per-token
+head (metadata ``guardrail.token.``, tensors ``token.``), the text baseline
+(``baseline.``) and the answer-stage head (``answer.``, its rule, window and how its
+threshold was chosen in its ``extra["answer_stage"]``). Every fault in a file
 becomes a one-line :class:`~guardrail.errors.HeadError`.
 """
 
@@ -33,7 +35,9 @@ ARCHITECTURE = "guardrail.head"
 FORMAT_VERSION = 1
 TOKEN_PREFIX = "token."  # the companion head: tensors "token.*", metadata "guardrail.token.*"
 BASELINE_PREFIX = "baseline."  # the text baseline: tensors "baseline.*", metadata "guardrail.baseline.*"
-COMPANIONS = (("token_head", TOKEN_PREFIX, "per-token companion head"), ("baseline", BASELINE_PREFIX, "text baseline"))
+ANSWER_PREFIX = "answer."  # the answer-stage head: tensors "answer.*", metadata "guardrail.answer.*"
+COMPANIONS = (("token_head", TOKEN_PREFIX, "per-token companion head"), ("baseline", BASELINE_PREFIX, "text baseline"),
+              ("answer_head", ANSWER_PREFIX, "answer-stage head"))
 MAX_QUANT_BLOCK = 4096
 MAX_LEXICAL_DIM = 1 << 22
 _STATE_BLOCK = re.compile(r"l_out-(\d+)/([a-z_]+)")

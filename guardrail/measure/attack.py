@@ -25,7 +25,7 @@ from typing import Any
 from guardrail.errors import DataError
 from guardrail.runtime.events import DoneEvent, InterventionEvent
 
-from .judge import DEFAULT_JUDGE, ContentJudge, Judgement
+from guardrail.training.judge import DEFAULT_JUDGE, ContentJudge, Judgement
 from .suites import DEFAULT_MAX_TOKENS, LONG_MAX_TOKENS, Case, build_cases, select_suites
 
 REFUSAL_PHRASES = (
@@ -37,6 +37,7 @@ REFUSAL_PHRASES = (
     "can't help", "not appropriate", "against my", "i must refuse", "sorry,",
 )
 _WS = re.compile(r"\s+")
+ATTACK_PARALLEL = 8  # answers decoded together (see README, "Several answers at once")
 
 
 def is_refusal(text: str) -> bool:
@@ -81,29 +82,36 @@ class Outcome:
                 "guarded_over_refused": self.guarded.over_refused, "guarded_signs": list(self.guarded.signs)}
 
 
-def _answer(guard: Any, case: Case, max_tokens: int, **policy: str) -> tuple[str, bool, int | None]:
-    text, intervened, first = "", False, None
-    for event in guard.chat([dict(m) for m in case.messages], max_tokens=max_tokens, **case.sampling, **policy):
-        if isinstance(event, InterventionEvent) and first is None:
-            first = event.index
-        elif isinstance(event, DoneEvent):
-            text, intervened = event.text, bool(event.intervened)
-    return text, intervened or first is not None, first
-
-
-def run_cases(guard: Any, cases: Iterable[Case], *, max_tokens: int = DEFAULT_MAX_TOKENS,
+def run_cases(guard: Any, cases: Sequence[Case], *, max_tokens: int = DEFAULT_MAX_TOKENS,
               judge: ContentJudge = DEFAULT_JUDGE, progress: Callable[[], None] | None = None) -> list[Outcome]:
-    """Answer every case unguarded (policy monitor) and guarded (the guard's own policy), and judge both."""
-    outcomes = []
+    """Answer every case unguarded (policy monitor) and guarded (the guard's own policy), and judge both.
+
+    All answers go through ``guard.chat_many``, so as many decode together as the Guard has slots."""
+    from guardrail.runtime.guard import ChatCall
+
+    calls = []
     for case in cases:
-        tokens = case.max_tokens or max_tokens
-        unguarded, _, _ = _answer(guard, case, tokens, policy="monitor")
-        guarded, intervened, first = _answer(guard, case, tokens)
+        options = {"max_tokens": case.max_tokens or max_tokens, **case.sampling}
+        messages = [dict(m) for m in case.messages]
+        calls += [ChatCall(messages, {**options, "policy": "monitor"}), ChatCall(messages, options)]
+    text: dict[int, str] = {}
+    first: dict[int, int] = {}
+    for i, event in guard.chat_many(calls):
+        if isinstance(event, InterventionEvent):
+            first.setdefault(i, event.index)
+        elif isinstance(event, DoneEvent):
+            text[i] = event.text
+            if event.intervened:
+                first.setdefault(i, first.get(i, -1))
+            if progress and (i ^ 1) in text:
+                progress()
+    outcomes = []
+    for k, case in enumerate(cases):
+        unguarded, guarded = text[2 * k], text[2 * k + 1]
+        at = first.get(2 * k + 1)
         request = case.request or "\n".join(m["content"] for m in case.messages if m["role"] == "user")
-        outcomes.append(Outcome(case, unguarded, guarded, intervened, first,
+        outcomes.append(Outcome(case, unguarded, guarded, at is not None, at if at is None or at >= 0 else None,
                                 judge.judge(request, unguarded), judge.judge(request, guarded)))
-        if progress:
-            progress()
     return outcomes
 
 
@@ -207,7 +215,8 @@ def attack_report(model_spec: str | None, head_path: str | None, *, per_suite: i
     examples = read_jsonl(ensure_dataset(data_dir) / "test.jsonl")
     cases = build_cases(examples, per_suite=per_suite, suites=suites, max_tokens=max_tokens,
                         long_tokens=long_tokens)
-    with Guard(model_spec, head_path, **{k: v for k, v in guard_options.items() if v is not None}) as guard:
+    options = {k: v for k, v in guard_options.items() if v is not None}
+    with Guard(model_spec, head_path, n_parallel=ATTACK_PARALLEL, **options) as guard:
         with progress_bar(progress) as bar:
             task = bar.add_task("attack suites", total=len(cases))
             outcomes = run_cases(guard, cases, max_tokens=max_tokens, progress=lambda: bar.advance(task))

@@ -17,7 +17,7 @@ import json
 import os
 import re
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -57,10 +57,10 @@ class Message:
     content: str
 
     @classmethod
-    def coerce(cls, value: Message | dict[str, Any]) -> Message:
+    def coerce(cls, value: Message | Mapping[str, Any]) -> Message:
         if isinstance(value, Message):
             return value
-        if not isinstance(value, dict):
+        if not isinstance(value, Mapping):
             raise ContextError(f"a message is an object with a role and content, not {type(value).__name__}")
         role, content = value.get("role"), value.get("content")
         if role not in ("system", "user", "assistant") or not isinstance(content, str):

@@ -43,13 +43,15 @@ _log_verbose = bool(os.environ.get("GUARDRAIL_VERBOSE"))
 _backend_ready = False
 
 
-@llama_low.llama_log_callback
-def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+def _log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     message = text.decode("utf-8", errors="replace")
     with _log_lock:
         _log_tail.append(message)
     if _log_verbose:
         print(message, end="", file=__import__("sys").stderr, flush=True)
+
+
+_log_callback = llama_low.llama_log_callback(_log)  # kept alive here: llama.cpp holds the pointer
 
 
 def set_verbose(verbose: bool) -> None:
@@ -163,7 +165,8 @@ class Model:
         self._eog = {t for t in range(self.info.n_vocab) if llama_low.llama_vocab_is_eog(self.vocab, t)}
 
     @property
-    def handle(self) -> llama_low.llama_model_p:
+    def handle(self) -> Any:
+        """The llama_model pointer (llama-cpp-python's ctypes handle)."""
         if not self._handle:
             raise ModelError("the model was closed")
         return self._handle
@@ -230,7 +233,7 @@ class Model:
 
     @property
     def bos(self) -> int:
-        return llama_low.llama_vocab_bos(self.vocab)
+        return int(llama_low.llama_vocab_bos(self.vocab))
 
     def is_control(self, token: int) -> bool:
         return bool(llama_low.llama_vocab_is_control(self.vocab, token))
@@ -313,9 +316,10 @@ class Sampler:
         self.params = params
         chain_params = llama_low.llama_sampler_chain_default_params()
         self._chain = llama_low.llama_sampler_chain_init(chain_params)
-        add = lambda s: llama_low.llama_sampler_chain_add(self._chain, s)  # noqa: E731
+        def add(sampler: Any) -> None:
+            llama_low.llama_sampler_chain_add(self._chain, sampler)
         if params.repeat_penalty != 1.0:
-            penalties = (params.repeat_last_n, params.repeat_penalty, 0.0, 0.0)
+            penalties: tuple[float, ...] = (params.repeat_last_n, params.repeat_penalty, 0.0, 0.0)
             if len(llama_low.llama_sampler_init_penalties.argtypes) == 5:  # llama-cpp-python >= 0.3.35
                 penalties = (model.info.n_vocab, *penalties)
             add(llama_low.llama_sampler_init_penalties(*penalties))
@@ -394,7 +398,7 @@ class Context:
 
     def __init__(self, model: Model, *, n_ctx: int = 2048, n_batch: int = 512, n_ubatch: int | None = None,
                  n_seq_max: int = 2, hooks: Sequence[str] = (), embeddings: bool = False,
-                 n_threads: int | None = None, flash_attn: bool | None = None):
+                 n_threads: int | None = None, flash_attn: bool | None = None, kv_unified: bool = True):
         self.model = model
         info = model.info
         if model.vocab_only:  # llama.cpp would make the context and crash on the first decode
@@ -408,7 +412,10 @@ class Context:
         params.n_batch = n_batch
         params.n_ubatch = min(n_ubatch or n_batch, n_batch)
         params.n_seq_max = n_seq_max
-        params.kv_unified = True  # probe cells are shared; micro-batches keep batch order
+        # Unified: probe cells are shared across sequences and micro-batches keep batch order (the
+        # capture relies on it). Split (one KV stream per sequence), attention reads only a
+        # sequence's own cells, but llama.cpp regroups a batch by sequence.
+        params.kv_unified = kv_unified
         if flash_attn is not None and hasattr(params, "flash_attn_type"):  # None: llama.cpp's own choice
             params.flash_attn_type = int(flash_attn)
         elif flash_attn is not None and hasattr(params, "flash_attn"):  # llama-cpp-python < 0.3.16
@@ -427,16 +434,17 @@ class Context:
         if not handle:
             raise ContextError(f"llama.cpp could not create a context (n_ctx={n_ctx}): {_last_llama_error()}")
         self._handle = handle
-        self.n_ctx = llama_low.llama_n_ctx(handle)
+        self.n_ctx = int(llama_low.llama_n_ctx(handle))
         # Never more than asked: the capture holds n_batch rows, and llama.cpp before 0.3.16 raised a
         # small n_batch to 64 (GGML_KQ_MASK_PAD).
-        self.n_batch = min(n_batch, llama_low.llama_n_batch(handle))
+        self.n_batch = min(n_batch, int(llama_low.llama_n_batch(handle)))
         self.n_seq_max = n_seq_max
         self._memory = llama_low.llama_get_memory(handle)
         self._batch = llama_low.llama_batch_init(self.n_batch, 0, n_seq_max)
 
     @property
-    def handle(self) -> llama_low.llama_context_p:
+    def handle(self) -> Any:
+        """The llama_context pointer (llama-cpp-python's ctypes handle)."""
         if not self._handle:
             raise ContextError("the context was closed")
         return self._handle
@@ -474,14 +482,14 @@ class Context:
     def logits(self, batch_index: int) -> np.ndarray:
         """Logits of one output token of the last decode (a copy)."""
         ptr = llama_low.llama_get_logits_ith(self.handle, batch_index)
-        return np.ctypeslib.as_array(ptr, shape=(self.model.info.n_vocab,)).copy()
+        return np.array(np.ctypeslib.as_array(ptr, shape=(self.model.info.n_vocab,)), np.float32)
 
     def embedding(self, batch_index: int) -> np.ndarray:
         """The final normed state of one output token (contexts made with embeddings=True)."""
         ptr = llama_low.llama_get_embeddings_ith(self.handle, batch_index)
         if not ptr:
             raise ContextError("no embedding for that token (was the context made with embeddings=True?)")
-        return np.ctypeslib.as_array(ptr, shape=(self.model.info.n_embd,)).copy()
+        return np.array(np.ctypeslib.as_array(ptr, shape=(self.model.info.n_embd,)), np.float32)
 
     # -- KV sequences -----------------------------------------------------------
 
@@ -507,8 +515,9 @@ class Context:
         if getattr(self, "_handle", None):
             llama_low.llama_free(self._handle)
             self._handle = None
-        if getattr(self, "capture", None) is not None:
-            self.capture.close()
+        capture = getattr(self, "capture", None)
+        if capture is not None:
+            capture.close()
 
     def __enter__(self) -> Context:
         return self

@@ -53,7 +53,11 @@ class CheckEvent(Event):
     ``index``: answer tokens written when it ran (0 = on the query); ``window``: the
     conversation positions it read, as sorted, disjoint ``(start, end)`` runs (end
     excluded); ``signal``: ``window`` (the head read the window's own states, no decode:
-    the default head) or ``probe`` (the [CLS] probe re-read the window)."""
+    the default head) or ``probe`` (the [CLS] probe re-read the window). ``stage``:
+    ``query`` (the first check, on the request) or ``answer`` (a check during the
+    answer, by the answer stage's head and rule); ``malicious`` is this check's own
+    verdict at its stage's threshold, and for an answer check ``score`` is the answer
+    stage's running statistic after it (what makes the guard act)."""
 
     type: ClassVar[str] = "check"
     index: int
@@ -61,6 +65,8 @@ class CheckEvent(Event):
     malicious: bool
     window: list[tuple[int, int]]
     signal: Signal
+    stage: str = "query"
+    score: float | None = None
 
 
 @dataclass(frozen=True)

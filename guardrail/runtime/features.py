@@ -147,10 +147,10 @@ class StateHistory:
             grown = np.zeros((capacity + 1, self.n_embd), np.float64)
             grown[: self.n + 1] = cum[: self.n + 1]
             self._vectors[h] = grown
-        for key, cum in self._scalars.items():
-            grown = np.zeros(capacity + 1, np.float64)
-            grown[: self.n + 1] = cum[: self.n + 1]
-            self._scalars[key] = grown
+        for key, sums in self._scalars.items():
+            longer = np.zeros(capacity + 1, np.float64)
+            longer[: self.n + 1] = sums[: self.n + 1]
+            self._scalars[key] = longer
         self._capacity = capacity
 
     def append(self, rows: Mapping[str, np.ndarray], first: int = 0, count: int | None = None) -> None:

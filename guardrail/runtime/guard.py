@@ -51,7 +51,7 @@ from .events import CheckEvent, DoneEvent, Event, InterventionEvent, QueryEvent,
 from .features import HeadReader, StateHistory, Window, hooks_of, probe_tokens, split_conversation
 from .options import GuardOptions, ResolvedOptions
 from .policy import FIXED_REASON, MAX_REASON_TOKENS, Action, Policy, acceptable_reason, halt_text, lead_in
-from .probe import Probe, WindowState, runs, update_window_state, window_runs
+from .probe import AnswerWindow, Probe, WindowState, runs, update_window_state, window_runs
 
 
 _S = SamplingParams()  # the sampling defaults, spelled once
@@ -232,7 +232,7 @@ class Guard:
         with self._turn():
             slot = self._acquire(request)
             try:
-                verdict = _result(drive_alone(self.context, _Run(self, request, slot).score()))
+                verdict: Verdict = _result(drive_alone(self.context, _Run(self, request, slot).score()))
             finally:
                 self._pool.release(slot)
         return verdict
@@ -414,7 +414,9 @@ def _sampled(request: GuardRequest, sampling: SamplingParams, max_tokens: int,
 
 
 class _Signals:
-    """The heads as one slot reads them: the check head, and the token head (free, decides nothing)."""
+    """The heads as one slot reads them: the check head (the query check, and the answer's checks
+    when the head has no answer stage of its own), the answer-stage head and its window, and the
+    token head (free, decides nothing)."""
 
     def __init__(self, guard: Guard, cache: ConversationCache):
         def text_of(window: Window) -> str:
@@ -422,6 +424,11 @@ class _Signals:
             return guard.model.detokenize([ids[p] for a, b in window.runs for p in range(a, b)])
         self.check = HeadReader(guard.head, cache.history, text_of)
         self.token = HeadReader(guard.token_head, cache.history, text_of) if guard.token_head else None
+        answer_head = guard.head.answer_head
+        self.answer = HeadReader(answer_head, cache.history, text_of) if answer_head else None
+        stage = (answer_head.extra.get("answer_stage") or {}) if answer_head else {}
+        self.answer_window = (AnswerWindow(int(stage.get("recent", 32)), bool(stage.get("query", False)))
+                              if answer_head else None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -501,11 +508,15 @@ class _Run:
         self.threshold = options.threshold
         self.answer_threshold = options.answer_threshold
         self.schedule = options.schedule.resolve(guard.checks_are_free)
-        self.policy = Policy(options.policy, options.tau)
-        self.mode: _WindowCheck | _ProbeCheck = (
+        self.policy = Policy(options.policy, options.answer_rule)
+        # The query check reads the check head (through the probe when it has a probe block); the
+        # answer's checks read the answer-stage head, which is always free, else the check head.
+        self.query_mode: _WindowCheck | _ProbeCheck = (
             _ProbeCheck(Probe(self.context, guard._probe_tokens, seq=slot.probe_seq, src=slot.cache.seq,
                               free=guard._pool.free), guard.hooks)
             if self.signals.check.needs_probe else _WindowCheck())
+        self.answer_mode = _WindowCheck() if self.signals.answer is not None else self.query_mode
+        self.first_done = False
         self.window_state = WindowState()
         self.query_runs = runs(request.query)
         self.sampler = Sampler(self.model, request.sampling)
@@ -538,7 +549,7 @@ class _Run:
 
     def start(self) -> Generator[Decode, Decoded, None]:
         self.reused, pending = self.cache.prepare(self.request.prompt.ids)
-        self.mode.release()
+        self.query_mode.release()
         while pending:
             got = yield from self._decode(Decode(pending, split=True), len(pending))
             if pending[got.taken - 1].output:
@@ -552,21 +563,26 @@ class _Run:
         that token. A free check runs after the token is decoded and reads it too."""
         pos = len(self.cache)
         entries = [self.cache.entry(token)] if token is not None else []
-        index = self.mode.index(self.written)
-        if (token is None and self.mode.free) or not self.schedule.due(index):
+        mode = self.answer_mode if self.first_done else self.query_mode
+        index = mode.index(self.written)
+        if (token is None and mode.free) or not self.schedule.due(index):
             return _Planned(token, pos, None, [], entries)
-        held = pos if (self.mode.free and token is not None) else None
-        window = self._window(held)
-        return _Planned(token, pos, index, window, entries + self.mode.entries(window))
+        held = pos if (mode.free and token is not None) else None
+        window = self._window(held, answer_stage=self.first_done)
+        return _Planned(token, pos, index, window, entries + mode.entries(window))
 
-    def _window(self, held: int | None) -> list[tuple[int, int]]:
+    def _window(self, held: int | None, answer_stage: bool = False) -> list[tuple[int, int]]:
+        end = (held + 1) if held is not None else len(self.cache)
+        if answer_stage and self.signals.answer_window is not None:
+            start = self.answer[0] if self.answer else (held if held is not None else len(self.request.prompt))
+            return self.signals.answer_window.runs(self.query_runs, start, end) or [(end - 1, end)]
         answer = self.answer + [held] if held is not None else self.answer
         spans = window_runs(self.query_runs, answer, self.window_state, self.request.options.window)
-        return spans or [(len(self.cache) - 1, len(self.cache))]
+        return spans or [(end - 1, end)]
 
     # -- 3. decode, 4. read the check -------------------------------------------------------
 
-    def _step(self, plan: _Planned) -> Generator[Decode, Decoded, CheckEvent | None]:
+    def _step(self, plan: _Planned) -> Generator[Decode, Decoded, tuple[CheckEvent, Action] | None]:
         n_own = 1 if plan.token is not None else 0
         got = yield from self._decode(Decode(plan.entries), n_own)
         self.guard_s += got.share_of(len(plan.entries) - n_own)
@@ -574,43 +590,53 @@ class _Run:
             self.out = got.index(0)
         if plan.check is None:
             return None
-        probe = self.mode.probe_states(got, len(plan.entries))
+        mode = self.answer_mode if self.first_done else self.query_mode
+        probe = mode.probe_states(got, len(plan.entries))
         last = plan.pos if probe is None else plan.pos - 1  # a free check reads the new token
         return self._verdict(plan.check, plan.window, last, probe)
 
-    def _verdict(self, index: int, window: list[tuple[int, int]], last: int, probe: Any) -> CheckEvent:
-        """Score the window; ``signal`` says what was read: the [CLS] probe or the window's own states."""
+    def _verdict(self, index: int, window: list[tuple[int, int]], last: int,
+                 probe: Any) -> tuple[CheckEvent, Action]:
+        """Score the window and decide: the query check on its own verdict, the answer's checks by the
+        answer stage's rule. ``signal`` says what was read: the [CLS] probe or the window's own states."""
         start = time.perf_counter()
-        risk = self.signals.check.risk(Window(tuple(window), last), probe)
+        query = not self.first_done
+        reader = self.signals.check if (query or self.signals.answer is None) else self.signals.answer
+        risk = reader.risk(Window(tuple(window), last), probe)
         self.guard_s += time.perf_counter() - start
-        malicious = not risk < (self.threshold if index == 0 else self.answer_threshold)  # NaN fails closed
         self.checks += 1
         self.max_risk = risk if self.max_risk is None else max(self.max_risk, risk)
-        if index == 0:
+        score = None
+        if query:
+            self.first_done = True
             self.query_risk = risk
+            malicious = not risk < self.threshold  # NaN fails closed
+            action = self.policy.on_query(malicious, risk)
+        else:
+            malicious = not risk < self.answer_threshold
+            score, action = self.policy.on_answer(risk, self.answer_threshold)
         update_window_state(self.window_state, malicious, len(self.answer))
-        return CheckEvent(index, risk, malicious, list(window), signal="window" if probe is None else "probe")
+        event = CheckEvent(index, risk, malicious, list(window), signal="window" if probe is None else "probe",
+                           stage="query" if query else "answer", score=score)
+        return event, action
 
-    def first_check_alone(self) -> Generator[Decode, Decoded, CheckEvent]:
+    def first_check_alone(self) -> Generator[Decode, Decoded, tuple[CheckEvent, Action]]:
         """The query check on its own: free for a probe-less head, one probe-only decode otherwise."""
-        if self.mode.free:
+        if self.query_mode.free:
             return self._verdict(0, self._window(None), len(self.cache) - 1, None)
-        check = yield from self._step(self._plan(None))
-        assert check is not None
-        return check
+        checked = yield from self._step(self._plan(None))
+        assert checked is not None
+        return checked
 
     def score(self) -> Generator[Decode, Decoded, Verdict]:
         try:
             yield from self.start()
-            check = yield from self.first_check_alone()
+            check, _ = yield from self.first_check_alone()
         finally:
-            self.mode.release()
+            self.query_mode.release()
         return Verdict(check.risk, check.malicious, self.threshold)
 
     # -- 5. apply the policy ----------------------------------------------------------------
-
-    def _act(self, check: CheckEvent) -> Action:
-        return self.policy.on_verdict(check.index, check.malicious)
 
     def _intervene(self, action: Action, index: int) -> Generator[Any, Decoded, None]:
         """Write the end of the answer the guard now owns; the answer ends with it."""
@@ -656,10 +682,11 @@ class _Run:
 
     # -- 6. emit ----------------------------------------------------------------------------
 
-    def _emit(self, token: int, pos: int) -> TokenEvent:
+    def _emit(self, token: int, pos: int, piece: str | None = None) -> TokenEvent:
+        """Record a written token (``piece``: its text, when it was already shown) and its event."""
         self.answer.append(pos)
         self.written += 1
-        piece = self.detok.push(token)
+        piece = self.detok.push(token) if piece is None else piece
         self.text += piece
         risk = None
         if self.signals.token is not None:
@@ -695,14 +722,14 @@ class _Run:
                             self.intervened, self.query_risk, self.max_risk, elapsed,
                             self.written / elapsed if elapsed > 0 else 0.0, self.guard_s)
         finally:
-            self.mode.release()
+            self.query_mode.release()
 
-    def _checked(self, check: CheckEvent, held: int | None) -> Generator[Any, Decoded, str | None]:
+    def _checked(self, checked: tuple[CheckEvent, Action], held: int | None) -> Generator[Any, Decoded, str | None]:
         """The one place a check becomes an action: the check's event, then, if the policy acts,
         the held-back token dropped unseen and the end of the answer written. Returns the
         finish reason when the answer ends here."""
+        check, action = checked
         yield check
-        action = self._act(check)
         if not action.acts:
             return None
         if held is not None:
@@ -712,31 +739,38 @@ class _Run:
 
     def _answer(self) -> Generator[Any, Decoded, str]:
         """The steps, until the answer ends; returns the finish reason."""
-        first_done = False
-        if self.mode.free:  # a free query check: before any token
-            check = yield from self.first_check_alone()
-            first_done = True
-            finish = yield from self._checked(check, None)
+        if self.query_mode.free:  # a free query check: before any token
+            checked = yield from self.first_check_alone()
+            finish = yield from self._checked(checked, None)
             if finish:
                 return finish
         while True:
-            if self.written >= self.request.max_tokens and first_done:
+            if self.written >= self.request.max_tokens and self.first_done:
                 return "length"
             token = self.sampler.sample(self.context, self.out)
             ends = self.model.is_eog(token) or self.written >= self.request.max_tokens
-            if ends and first_done:
+            if ends and self.first_done:
                 return "stop" if self.model.is_eog(token) else "length"
             if len(self.cache) + 1 + len(self.guard._probe_tokens) >= self.context.n_ctx:
                 return "length"  # the context is full: keep what was written
             plan = self._plan(None if ends else token)
-            check = yield from self._step(plan)
-            first_done = True
-            if check is not None:
-                finish = yield from self._checked(check, plan.pos if plan.token is not None else None)
+            # The first token, when its own check cannot end the answer (the rule needs more checks),
+            # is shown before it is decoded, as plain llama.cpp shows it: the time to first token
+            # loses a decode. Its token-signal colour is not known yet (risk None).
+            early = None
+            if (plan.token is not None and self.written == 0 and self.first_done and self.answer_mode.free
+                    and not self.policy.next_answer_check_may_act()):
+                early = self.detok.push(token)
+                yield TokenEvent(self.written, token, early, None)
+            stepped = yield from self._step(plan)
+            if stepped is not None:
+                finish = yield from self._checked(stepped, plan.pos if plan.token is not None else None)
                 if finish:
                     return finish
             if plan.token is None:
                 return "stop" if self.model.is_eog(token) else "length"
-            yield self._emit(token, plan.pos)
+            event = self._emit(token, plan.pos, early)
+            if early is None:
+                yield event
             if self._stopped():
                 return "stop"

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from guardrail.errors import OptionsError
 
-from .policy import DEFAULT_OPENER, POLICIES, REASONS
+from .policy import DEFAULT_OPENER, POLICIES, REASONS, AnswerRule
 from .probe import WindowParams
 from .schedule import Schedule
 
@@ -50,6 +50,7 @@ class ResolvedOptions:
     opener: str
     reason: str
     window: WindowParams
+    answer_rule: AnswerRule = field(default_factory=AnswerRule)
 
     def value(self, name: str) -> Any:
         """An option by the name a caller uses (``r1``/``r2``/``r3`` read the window)."""
@@ -103,14 +104,27 @@ class GuardOptions:
         return options
 
     def resolve(self, head: HeadDefaults) -> ResolvedOptions:
-        """These options with the head's threshold and tau wherever the caller gave none (the answer's
-        checks use the query's threshold unless ``answer_threshold`` is given)."""
+        """These options with the head's operating points wherever the caller gave none.
+
+        The query check uses ``threshold``; the checks during the answer use the answer stage's
+        own operating point and rule when the head has an answer-stage head (``answer_threshold``,
+        and ``tau`` for a streak rule, override them), else the query's threshold with ``tau``
+        checks in a row."""
         threshold = float(self.threshold if self.threshold is not None else head.threshold)
+        answer_head = getattr(head, "answer_head", None)
+        if answer_head is not None:
+            stage = answer_head.extra.get("answer_stage") or {}
+            rule = AnswerRule.parse(str(stage.get("rule", f"streak:{answer_head.tau}")))
+            answer_default = float(answer_head.threshold)
+        else:
+            rule, answer_default = AnswerRule("streak", tau=int(head.tau)), threshold
+        if self.tau is not None and rule.kind == "streak":
+            rule = replace(rule, tau=self.tau)
         return ResolvedOptions(
             policy=self.policy, schedule=self.schedule, threshold=threshold,
-            answer_threshold=float(self.answer_threshold if self.answer_threshold is not None else threshold),
-            tau=int(self.tau if self.tau is not None else head.tau),
-            opener=self.opener, reason=self.reason, window=self.window)
+            answer_threshold=float(self.answer_threshold if self.answer_threshold is not None else answer_default),
+            tau=int(self.tau if self.tau is not None else (rule.tau if rule.kind == "streak" else head.tau)),
+            opener=self.opener, reason=self.reason, window=self.window, answer_rule=rule)
 
     def _check(self) -> None:
         if self.policy not in POLICIES:

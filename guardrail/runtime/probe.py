@@ -81,6 +81,27 @@ def window_runs(query_runs: Sequence[tuple[int, int]], answer: Sequence[int], st
     return out
 
 
+@dataclass(frozen=True)
+class AnswerWindow:
+    """What an answer-stage head reads: the latest ``recent`` answer tokens (a prefill counts as
+    answer), and the query's content tokens too when ``query``. An answer check reads the answer
+    it is judging, not the request the query check already judged."""
+
+    recent: int = 32
+    query: bool = False
+
+    def runs(self, query_runs: Sequence[tuple[int, int]], answer_start: int, end: int) -> list[tuple[int, int]]:
+        """The window when the answer holds positions [answer_start, end)."""
+        lo = max(answer_start, end - self.recent)
+        own = [(lo, end)] if end > lo else []
+        if not self.query:
+            return own
+        out = list(query_runs)
+        if out and own and out[-1][1] == own[0][0]:
+            return out[:-1] + [(out[-1][0], own[0][1])]
+        return out + own
+
+
 def update_window_state(state: WindowState, malicious: bool, answer_len: int) -> None:
     """Record a check's verdict: the first sets the branch; later ones open or close a switch."""
     if state.query_malicious is None:
@@ -121,17 +142,16 @@ class Probe:
         if self.seq >= self.context.n_seq_max:
             raise ValueError(f"probe sequence {self.seq} needs n_seq_max > {self.seq}")
 
-    def attach(self, window: Sequence[int] | Sequence[tuple[int, int]]) -> list[Entry]:
-        """Share the window's cells with the probe sequence; return the probe's batch entries.
+    def attach(self, spans: Sequence[tuple[int, int]]) -> list[Entry]:
+        """Share the window's cells (sorted [start, end) runs) with the probe sequence; return the
+        probe's batch entries.
 
-        ``window``: positions, or sorted [start, end) runs. The probe's positions continue
-        right after the window's last cell, as llama.cpp requires of each sequence; the
-        last probe token has output on.
+        The probe's positions continue right after the window's last cell, as llama.cpp
+        requires of each sequence; the last probe token has output on.
         """
         self.release()
-        if not window:
+        if not spans:
             raise ValueError("an empty window")
-        spans = list(window) if isinstance(window[0], tuple) else runs(window)  # type: ignore[arg-type]
         for a, b in spans:
             self.context.seq_cp(self.src, self.seq, a, b)
         self._active = True

@@ -265,6 +265,37 @@ def render_eval(report: Mapping[str, Any], out: Console | None = None) -> None:
     out.print(table)
 
 
+def _pct(value: Any) -> str:
+    return "—" if value is None else f"{100 * float(value):.1f}%"
+
+
+def render_answer_eval(report: Mapping[str, Any], out: Console | None = None) -> None:
+    """The guard over whole answers, per answer: benign answers cut, harmful answers stopped (and
+    stopped before they serve the request), overall and per source."""
+    out = out or console
+    table = Table(title=f"{report['answers']} held-out answers of {report['max_tokens']} tokens: query threshold "
+                        f"{_number(report['query_threshold'])}, answer stage {report['rule']} at "
+                        f"{_number(report['answer_threshold'])}")
+    for column in ("source", "n", "cut", "by query", "mid-answer", "served unguarded", "served guarded",
+                   "let through: stopped", "... before serving"):
+        table.add_column(column, justify="left" if column == "source" else "right", no_wrap=column == "source")
+    rows = list(report["sources"].items()) + [("overall", report["overall"])]
+    for name, r in rows:
+        harmful = name.endswith(":harmful") or (name == "overall")
+        table.add_row(name, str(r["benign"] + r["harmful"] if name == "overall" else (r["harmful"] or r["benign"])),
+                      _pct(r["benign_cut"] if not name.endswith(":harmful") else r["harmful_stopped"]),
+                      _pct(r["benign_cut_by_query"] if not name.endswith(":harmful") else r["harmful_stopped_by_query"]),
+                      _pct(r["benign_cut_mid_answer"]) if not name.endswith(":harmful") else "",
+                      _pct(r["harmful_served_unguarded"]) if harmful else "",
+                      _pct(r["harmful_served_guarded"]) if harmful else "",
+                      _pct(r["passed_stopped_mid_answer"]) if harmful else "",
+                      _pct(r["passed_served_stopped_before"]) if harmful else "",
+                      style="bold" if name == "overall" else None)
+    out.print(table)
+    if report.get("curve_file"):
+        out.print(f"curve: {report['curve_file']}")
+
+
 def render_training(head: Any, out: Console | None = None) -> None:
     out = out or console
     metrics = head.metrics
@@ -273,6 +304,15 @@ def render_training(head: Any, out: Console | None = None) -> None:
     if "test" in metrics:
         render_eval({"data": "test split", "threshold": head.threshold, **metrics["test"],
                      "baseline": metrics.get("test_baseline", {})}, out)
+    answer = getattr(head, "answer_head", None)
+    if answer is not None:
+        a = answer.metrics
+        for split in ("val", "test"):
+            r = a.get(split) or {}
+            out.print(f"answer stage ({a.get('rule')} at {_number(a.get('threshold'))}), {split} answers: benign cut "
+                      f"mid-answer {_pct(r.get('benign_cut_mid_answer'))} of {r.get('benign')}; harmful let through "
+                      f"by the query check stopped {_pct(r.get('passed_stopped_mid_answer'))} of "
+                      f"{r.get('passed_query')}, before serving {_pct(r.get('passed_served_stopped_before'))}")
     q = metrics.get("quantization", {})
     secs = metrics.get("seconds", {})
     out.print(f"int8 vs float: max |Δp| {_number(q.get('max_abs_diff'), 4)}, AUROC {_number(q.get('auroc_float'))} vs "

@@ -35,7 +35,7 @@ from guardrail.runtime.features import (
     probe_tokens,
     split_conversation,
 )
-from guardrail.runtime.probe import DEFAULT_PROBE_TEXT, Probe, WindowParams
+from guardrail.runtime.probe import DEFAULT_PROBE_TEXT, Probe, WindowParams, runs
 
 from .data.format import Example
 
@@ -187,7 +187,7 @@ class FeatureExtractor:
             probe_last = []
             for seq, i in enumerate(group):
                 probe = Probe(ctx, tokens, seq=self.config.n_parallel + seq, src=seq)
-                probe_entries.extend(probe.attach(prepared[i][1]))
+                probe_entries.extend(probe.attach(runs(prepared[i][1])))
                 probe_last.append(len(probe_entries) - 1)
             probed = ctx.decode(probe_entries)
             for seq, i in enumerate(group):

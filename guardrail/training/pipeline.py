@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,10 @@ from guardrail.artifacts.wheels import cache_dir
 from guardrail.errors import DataError, HeadError
 from guardrail.head import Head
 from guardrail.runtime.engine import Model
+from guardrail.runtime.policy import AnswerRule
+from guardrail.runtime.probe import AnswerWindow
 
+from .answer_stage import AnswerRecipe
 from .data.format import Example
 from .evaluate import HeadRecipe, Labelled
 from .extraction import FeatureConfig, Features, extract_features
@@ -135,10 +138,14 @@ MAX_TOKENS = 256
 
 # `guardrail train --preset`: which built dataset a head is trained on.
 TRAINING_SETS = {
-    "quick": "quick-v2",  # about 2,000 conversations: a head in minutes on a laptop CPU
-    "full": "train-v2",   # full-v2 with ShareGPT held to 3,000 conversations: the shipped head's data
+    "quick": "quick-v3",  # about 2,500 conversations: a head in minutes on a laptop CPU
+    "full": "train-v3",   # full-v3 with ShareGPT and consumer health questions held back: the shipped head's data
 }
-SHAREGPT_KEEP = 3000
+# Datasets derived from a built preset by holding big benign sources to a few thousand conversations.
+DERIVED_SETS = {
+    "train-v2": ("full-v2", {"sharegpt": 3000}),
+    "train-v3": ("full-v3", {"sharegpt": 3000, "consumer_health": 1000}),
+}
 
 # How many consecutive malicious checks after a benign start make the guard act, for a
 # head checked at every step (no probe block). Chosen on SmolLM2's validation requests
@@ -182,14 +189,32 @@ def ensure_training_set(preset: str, progress: bool = True) -> Path:
     path = cache_dir() / "data" / name
     if all((path / f"{s}.jsonl").is_file() for s in SPLITS):
         return path
-    if name == "train-v2":
-        full = cache_dir() / "data" / "full-v2"
+    if name in DERIVED_SETS:
+        base, caps = DERIVED_SETS[name]
+        full = cache_dir() / "data" / base
         if not all((full / f"{s}.jsonl").is_file() for s in SPLITS):
-            build_preset(full, "full-v2", progress=progress)
-        derive_capped(full, path, source="sharegpt", keep=SHAREGPT_KEEP)
+            build_preset(full, base, progress=progress)
+        derive_capped(full, path, caps=caps)
     else:
         build_preset(path, name, progress=progress)
     return path
+
+
+def answer_layers(model: Model) -> tuple[int, ...]:
+    """The layers whose states the model's own answers are stored with (those training reads)."""
+    return default_config(model).layers
+
+
+def model_and_head(model_spec: str | None, head_path: str | None) -> tuple[Model, str, Head]:
+    """A model, its sha256, and its head (the one given, else the one guardrail finds for it)."""
+    from guardrail.artifacts.heads import find_head
+    from guardrail.head import ModelFingerprint, load_head
+
+    model, sha = _model_and_sha(model_spec)
+    info = model.info
+    head = load_head(head_path or find_head(sha, model.path.name),
+                     expect=ModelFingerprint(sha, info.architecture, info.n_embd, info.n_layer))
+    return model, sha, head
 
 
 def _model_and_sha(model_spec: str | None) -> tuple[Model, str]:
@@ -202,8 +227,10 @@ def _model_and_sha(model_spec: str | None) -> tuple[Model, str]:
 
 
 def train_for_model(model_spec: str | None, *, preset: str = "quick", data_dir: Path | None = None,
-                    out: Path | None = None, loso_sources: bool = True, progress: bool = True) -> tuple[Head, Path]:
-    """`guardrail train --model PATH`: the whole recipe for one model, saved where Guard finds it.
+                    out: Path | None = None, loso_sources: bool = True, answers: bool = True,
+                    progress: bool = True) -> tuple[Head, Path]:
+    """`guardrail train --model PATH`: the whole recipe for one model, saved where Guard finds it
+    (``answers``: with the answer stage, trained on the model's own answers).
 
     Without ``out`` the head goes to the user's cache under the model file's sha256, so
     ``Guard(PATH)``, ``guardrail chat --model PATH`` and ``serve`` use it with no --head."""
@@ -218,6 +245,9 @@ def train_for_model(model_spec: str | None, *, preset: str = "quick", data_dir: 
     config = default_config(model)
     check, token = default_recipes(config)
     head = train_head(model, sha, data_dir, config, check, token, loso_sources=loso_sources, progress=progress)
+    if answers:
+        head = replace(head, answer_head=train_answer_stage(model, sha, data_dir, head, config, preset,
+                                                            progress=progress))
     extra = {"feature_config": asdict(config), "data_dir": data_dir.name,
              "preset": preset if data_dir.name == TRAINING_SETS.get(preset) else None,
              "model_file": model.path.name, "wall_seconds": time.perf_counter() - started,
@@ -303,3 +333,88 @@ def loso_report(model_spec: str | None, head_path: str | None) -> dict:
     fingerprint = ModelFingerprint(sha, info.architecture, info.n_embd, info.n_layer)
     return {"loso": loso(data, recipe, fingerprint),
             "loso_baseline": loso(data, HeadRecipe(blocks=(), lexical=True), fingerprint)}
+
+
+# ---------------------------------------------------------------------------
+# The answer stage: the model's own answers -> the answer head and its per-answer operating point
+
+
+@dataclass(frozen=True)
+class AnswerPlan:
+    """How many of the model's own answers each split gives the answer stage: (harmful, benign), and
+    how long they are. Validation answers are as long as the answers the threshold is promised for."""
+
+    train: tuple[int, int]
+    val: tuple[int, int]
+    test: tuple[int, int]
+    train_tokens: int = 256
+    eval_tokens: int = 256
+
+
+ANSWER_PLANS = {
+    "quick": AnswerPlan(train=(120, 180), val=(40, 110), test=(40, 80), train_tokens=128),
+    "full": AnswerPlan(train=(800, 1100), val=(150, 250), test=(200, 300)),
+}
+# At most this share of benign answers (of those the query check lets through) may be cut by the
+# answer stage, by the finite-sample rule on validation answers: (cut + 1) / (n + 1) <= ANSWER_ALPHA.
+ANSWER_ALPHA = 0.01
+
+
+def default_answer_recipe(config: FeatureConfig) -> tuple[AnswerRecipe, AnswerRule]:
+    """The answer head and its rule, chosen on the model's own answers (README, "The answer stage")."""
+    mid, top = config.layers[1], config.layers[-1]
+    recipe = AnswerRecipe(blocks=(f"l_out-{mid}/mean", f"l_out-{mid}/tail", f"l_out-{top}/last"),
+                          window=AnswerWindow(recent=32, query=False), labels="content")
+    return recipe, AnswerRule("ema", alpha=0.9)
+
+
+def _answers(model: Model, sha: str, data_dir: Path, split: str, counts: tuple[int, int], tokens: int,
+             progress: bool) -> tuple[list, list]:
+    """The model's own answers to a split's chosen requests (generated once, stored), with where each
+    harmful one starts to serve its request."""
+    from .answer_stage import load_conversations
+    from .answers import AnswerStore, choose_requests
+    from .data import read_jsonl
+    from .progress import progress_bar
+
+    rows = read_jsonl(data_dir / f"{split}.jsonl")
+    items = choose_requests(rows, *counts, salt=f"answers-{split}", max_tokens=tokens)
+    store = AnswerStore(model, sha, answer_layers(model))
+    with progress_bar(progress) as bar:
+        task = bar.add_task(f"the model's own answers: {split}", total=len(store.missing(items)))
+        store.generate(items, progress=lambda n: bar.advance(task, n))
+    return load_conversations(store, items, {r.id: r for r in rows}, model.detokenize)
+
+
+def train_answer_stage(model: Model, sha: str, data_dir: Path, head: Head, config: FeatureConfig, preset: str, *,
+                       progress: bool = True) -> Head:
+    """The answer-stage head for ``head`` (the query check's), fitted on the model's own answers to
+    training requests and given the threshold at which at most ANSWER_ALPHA of validation benign
+    answers are cut; the held-out answers' rates go in its metrics."""
+    from guardrail.head import quantized
+
+    from .answer_stage import fit_answer_head, per_answer_threshold, rates, replay
+
+    plan = ANSWER_PLANS.get(preset, ANSWER_PLANS["quick"])
+    recipe, rule = default_answer_recipe(config)
+    train = _answers(model, sha, data_dir, "train", plan.train, plan.train_tokens, progress)
+    val = _answers(model, sha, data_dir, "val", plan.val, plan.eval_tokens, progress)
+    test = _answers(model, sha, data_dir, "test", plan.test, plan.eval_tokens, progress)
+    answer = quantized(fit_answer_head(*train, *val, recipe, head.fingerprint))
+    stage = {"rule": rule.describe(), "recent": recipe.window.recent, "query": recipe.window.query,
+             "blocks": list(recipe.blocks), "labels": recipe.labels, "alpha": ANSWER_ALPHA}
+    draft = replace(head, answer_head=replace(answer, threshold=1.0, extra={"answer_stage": stage}))
+    val_rows = replay(draft, *val)
+    peaks = [float(r.statistic.max()) if r.statistic.size else 0.0
+             for r in val_rows if not r.harmful and r.query_risk < head.threshold]
+    threshold = per_answer_threshold(peaks, ANSWER_ALPHA)
+    stage |= {"threshold_from": f"{len(peaks)} validation answers of benign requests the query check let through, "
+                                f"{plan.eval_tokens} tokens: (cut + 1) / (n + 1) <= {ANSWER_ALPHA}",
+              "n_benign": len(peaks)}
+    calibrated = replace(answer, threshold=threshold, extra={"answer_stage": stage})
+    final = replace(head, answer_head=calibrated)
+    metrics = {"recipe": recipe.describe(), "rule": rule.describe(), "threshold": threshold,
+               "val": rates(replay(final, *val), head.threshold, threshold),
+               "test": rates(replay(final, *test), head.threshold, threshold),
+               "answers": {"train": len(train[0]), "val": len(val[0]), "test": len(test[0])}}
+    return replace(calibrated, metrics=metrics)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -242,23 +242,28 @@ def build_dataset(out_dir: Path | str, *, max_per_source: int | None = DEFAULT_M
     return json.loads(text)   # exactly what the file says (tuples become lists)
 
 
-def derive_capped(src: Path | str, dst: Path | str, *, source: str, keep: int) -> dict:
-    """A copy of a built dataset with one source held to about ``keep`` conversations, chosen by a
-    hash of their origin (so variants of one request stay together and splits stay as they were).
+def derive_capped(src: Path | str, dst: Path | str, *, caps: Mapping[str, int]) -> dict:
+    """A copy of a built dataset with some sources each held to about ``caps[source]`` conversations,
+    chosen by a hash of their origin (so variants of one request stay together and splits stay as
+    they were).
 
-    ShareGPT alone is 45% of full-v2; holding it to a few thousand keeps its breadth and frees
-    hours of extraction for the sources that carry harm."""
+    ShareGPT alone is 45% of full-v2 (and consumer health questions a tenth of full-v3); holding
+    them to a few thousand keeps their breadth and frees hours of extraction for the sources that
+    carry harm."""
     src, dst = Path(src), Path(dst)
     splits = {name: read_jsonl(src / f"{name}.jsonl") for name in SPLITS}
-    total = sum(1 for rows in splits.values() for e in rows if e.source == source)
-    share = min(1.0, keep / total) if total else 1.0
-    kept = {name: [e for e in rows if e.source != source or unit_hash(f"{source}-cap:{e.origin or e.id}") < share]
-            for name, rows in splits.items()}
+    kept = dict(splits)
+    derived = {}
+    for source, keep in caps.items():
+        total = sum(1 for rows in splits.values() for e in rows if e.source == source)
+        share = min(1.0, keep / total) if total else 1.0
+        kept = {name: [e for e in rows if e.source != source
+                       or unit_hash(f"{source}-cap:{e.origin or e.id}") < share] for name, rows in kept.items()}
+        derived[source] = {"kept": sum(e.source == source for rows in kept.values() for e in rows), "of": total}
     dst.mkdir(parents=True, exist_ok=True)
     for name, rows in kept.items():
         write_jsonl(dst / f"{name}.jsonl", rows)
     manifest = json.loads((src / "manifest.json").read_text()) if (src / "manifest.json").is_file() else {}
-    manifest["derived"] = {"from": src.name, "source": source, "kept": sum(e.source == source for rows in kept.values()
-                                                                          for e in rows), "of": total}
+    manifest["derived"] = {"from": src.name, "caps": derived}
     (dst / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return manifest

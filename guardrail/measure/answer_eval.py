@@ -1,0 +1,51 @@
+"""The guard's decisions over whole answers, per answer: what a user meets on 256-token answers.
+
+The model answers held-out requests of both labels (its own answers, generated once and
+stored, see :mod:`guardrail.training.answers`); each answer is replayed through the guard's
+two decisions exactly as the loop makes them: the query check (the check head over the
+first window) and the answer stage (its head over its window at every answer token, its
+rule, its threshold). A greedy or seeded answer is the same tokens with and without the
+guard up to the first alarm, so the replay is what the guard would do, and one run gives
+both sides: the unguarded answer (as stored) and where the guard would have cut it.
+
+Counted per answer: a benign answer cut anywhere is one failure; a harmful answer is
+stopped at the query, stopped during the answer, or not at all, and, by the content judge,
+stopped before or after the answer starts to serve the request. The curve sweeps the
+answer stage's threshold with the query check fixed, so it shows the answer stage's own
+trade-off over the answers the query check let through.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from guardrail.training.answer_stage import answer_stage_of, by_source, curve, load_conversations, rates, replay
+from guardrail.training.answers import AnswerStore, choose_requests
+
+def answer_report(model_spec: str | None, head_path: str | None, *, data_dir: Path | None = None,
+                  n_harmful: int = 200, n_benign: int = 300, max_tokens: int = 256,
+                  progress: bool = True) -> dict[str, Any]:
+    """Held-out requests answered by the model (stored answers reused), replayed through the guard."""
+    from guardrail.training.data import read_jsonl
+    from guardrail.training.pipeline import answer_layers, ensure_training_set, model_and_head
+    from guardrail.training.progress import progress_bar
+
+    model, sha, head = model_and_head(model_spec, head_path)
+    data_dir = data_dir or ensure_training_set("full", progress=progress)
+    rows = read_jsonl(data_dir / "test.jsonl")
+    items = choose_requests(rows, n_harmful, n_benign, salt="answers-test", max_tokens=max_tokens)
+    store = AnswerStore(model, sha, answer_layers(model))
+    with progress_bar(progress) as bar:
+        task = bar.add_task("answers (held-out requests)", total=len(store.missing(items)))
+        cost = store.generate(items, progress=lambda n: bar.advance(task, n))
+    convs, served = load_conversations(store, items, {r.id: r for r in rows}, model.detokenize)
+    replays = replay(head, convs, served)
+    _, window, rule, answer_threshold = answer_stage_of(head)
+    return {"data": str(data_dir / "test.jsonl"), "answers": len(replays), "max_tokens": max_tokens,
+            "generated": cost, "query_threshold": head.threshold, "answer_threshold": answer_threshold,
+            "rule": rule.describe(), "window": {"recent": window.recent, "query": window.query},
+            "answer_head": head.answer_head is not None,
+            "overall": rates(replays, head.threshold, answer_threshold),
+            "sources": by_source(replays, head.threshold, answer_threshold),
+            "curve": curve(replays, head.threshold)}

@@ -1,0 +1,383 @@
+"""The answer stage: a head for the checks during an answer, trained on the model's own answers,
+and a sequential rule calibrated per answer.
+
+The query check decides once, on the request. The checks during an answer decide
+at every token of answers the query check let through, so a rate per check says
+little: a 256-token answer is checked 256 times. What a user meets is the rate per
+answer, so that is what the rule is calibrated for: its statistic is the largest
+value the rule reaches over a whole answer, and its threshold is chosen on
+validation answers of benign requests with the finite-sample rule
+``(answers cut + 1) / (n + 1) <= alpha``.
+
+Positions are labelled two ways, side by side: by the request (every position of an
+answer to a harmful request is 1) and by content (1 from the first token at which the
+answer, as the content judge reads it, serves the harmful request; refusals and
+benign answers 0). Features come from the runtime's own feature function over the
+window the answer head reads (:class:`AnswerWindow`), so training and the loop
+cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from guardrail.head import Head, ModelFingerprint
+from guardrail.runtime.features import HeadReader, StateHistory, Window, check_features, first_window, parse_block
+from guardrail.runtime.options import GuardOptions
+from guardrail.runtime.policy import AnswerRule
+from guardrail.runtime.probe import AnswerWindow, WindowParams, runs
+
+from .answers import AnswerStore, Trajectory
+from .data.format import Example
+from .judge import DEFAULT_JUDGE
+
+# ---------------------------------------------------------------------------
+# What the answer head reads
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A trajectory with where its parts are: the query's content runs and where the answer starts
+    (a prefill is part of the answer)."""
+
+    trajectory: Trajectory
+    example: Example
+    query_runs: tuple[tuple[int, int], ...]
+    answer_start: int
+
+    @classmethod
+    def of(cls, trajectory: Trajectory, example: Example) -> Conversation:
+        message = trajectory.message.tolist()
+        prefill = len(example.messages) - 1 if example.messages[-1].role == "assistant" else -2
+        query = [p for p, m in enumerate(message) if m >= 0 and m != prefill]
+        answer = [p for p, m in enumerate(message) if m == prefill]
+        start = answer[0] if answer else trajectory.n_prompt
+        return cls(trajectory, example, tuple(runs(query)), start)
+
+    @property
+    def n_positions(self) -> int:
+        return len(self.trajectory.ids)
+
+    def history(self, hooks: Sequence[str]) -> StateHistory:
+        states = self.trajectory.states
+        history = StateHistory(hooks, states[hooks[0]].shape[1], capacity=self.n_positions)
+        history.append({h: states[h].astype(np.float32) for h in hooks})
+        return history
+
+    def window(self, spec: AnswerWindow, step: int) -> Window:
+        """The window of the check after ``step`` written answer tokens (step >= 1)."""
+        end = self.trajectory.n_prompt + step
+        return Window(tuple(spec.runs(self.query_runs, self.answer_start, end)), end - 1)
+
+
+def hooks_of_blocks(blocks: Sequence[str]) -> tuple[str, ...]:
+    return tuple(sorted({parse_block(b)[0] for b in blocks}, key=lambda h: int(h.split("-")[1])))
+
+
+def step_features(conversations: Sequence[Conversation], blocks: Sequence[str], spec: AnswerWindow,
+                  steps_of: Callable[[Conversation], Sequence[int]]) -> tuple[dict[str, np.ndarray], np.ndarray,
+                                                                             np.ndarray]:
+    """Feature blocks at chosen answer steps of each conversation: (blocks, conversation index, step)."""
+    hooks = hooks_of_blocks(blocks)
+    rows: dict[str, list[np.ndarray]] = {b: [] for b in blocks}
+    which, steps = [], []
+    for i, conv in enumerate(conversations):
+        history = conv.history(hooks)
+        for step in steps_of(conv):
+            for name, vector in check_features(blocks, history, conv.window(spec, step)).items():
+                rows[name].append(vector)
+            which.append(i)
+            steps.append(step)
+    return ({b: np.asarray(v, np.float32).reshape(len(which), -1) for b, v in rows.items()},
+            np.asarray(which, np.int64), np.asarray(steps, np.int64))
+
+
+def every_step(conv: Conversation) -> range:
+    return range(1, conv.trajectory.n_answer + 1)
+
+
+def sampled_steps(every: int) -> Callable[[Conversation], list[int]]:
+    """Steps 1, 2, 4, 8 (where answers commit) and then every ``every``-th, and the last."""
+    def steps(conv: Conversation) -> list[int]:
+        n = conv.trajectory.n_answer
+        out = sorted({s for s in (1, 2, 4, 8) if s <= n} | set(range(every, n + 1, every)) | ({n} if n else set()))
+        return out
+    return steps
+
+
+def answer_risks(head: Head, conv: Conversation, spec: AnswerWindow) -> np.ndarray:
+    """The answer head's probability at every step of one answer, through the loop's own reader."""
+    hooks = hooks_of_blocks([b.name for b in head.blocks])
+    states = conv.trajectory.states
+    history = StateHistory(hooks, states[hooks[0]].shape[1], vectors=not HeadReader.is_linear(head),
+                           capacity=conv.n_positions)
+    reader = HeadReader(head, history)
+    history.append({h: states[h].astype(np.float32) for h in hooks})
+    return np.array([reader.risk(conv.window(spec, s)) for s in every_step(conv)], np.float64)
+
+
+# ---------------------------------------------------------------------------
+# Labels: by the request, and where the answer starts to serve it
+
+
+def served_from(conv: Conversation, request: str, detokenize: Callable[[Sequence[int]], str],
+                judge: Callable[[str, str], bool], every: int = 8) -> int | None:
+    """The first answer step at which the content judge reads the answer so far (prefill included) as
+    serving the request, on an ``every``-token grid (so at most ``every - 1`` tokens late); None if the
+    whole answer never does. A prefill that already serves it gives 1."""
+    t = conv.trajectory
+    prefill = detokenize(t.ids[conv.answer_start:t.n_prompt].tolist())
+    answer = t.ids[t.n_prompt:].tolist()
+    if not answer or not judge(request, prefill + detokenize(answer)):
+        return None
+    if prefill and judge(request, prefill):
+        return 1
+    for step in [*range(every, len(answer), every), len(answer)]:
+        if judge(request, prefill + detokenize(answer[:step])):
+            return step
+    return len(answer)
+
+
+# ---------------------------------------------------------------------------
+# The per-answer threshold
+
+def per_answer_threshold(peaks_benign: Sequence[float], alpha: float) -> float:
+    """The smallest threshold at which ``(answers cut + 1) / (n + 1) <= alpha`` on benign answers, where
+    an answer is cut when its peak statistic reaches the threshold (the finite-sample conformal rule)."""
+    peaks = np.sort(np.asarray(peaks_benign, np.float64))[::-1]
+    n = peaks.size
+    allowed = int(math.floor(alpha * (n + 1) - 1 + 1e-9))  # answers that may be cut
+    if allowed < 0:
+        return 1.0
+    if allowed >= n:
+        return 0.0
+    return float(np.nextafter(np.float32(peaks[allowed]), np.float32(np.inf)))
+
+
+# ---------------------------------------------------------------------------
+# Replaying answers through the guard's two decisions
+
+# The legacy answer stage (a head without an answer-stage head): its check head over the query
+# and the latest r2 answer tokens, tau checks in a row.
+LEGACY_WINDOW = AnswerWindow(recent=WindowParams().r2, query=True)
+
+
+@dataclass
+class Replay:
+    """One answer under the guard: its query risk, its answer stage's statistic after each token,
+    and where (by the content judge) it starts to serve a harmful request."""
+
+    example: Example
+    query_risk: float
+    statistic: np.ndarray
+    served_from: int | None
+    n_answer: int
+
+    @property
+    def harmful(self) -> bool:
+        return self.example.label == 1
+
+    def cut_at(self, query_threshold: float, answer_threshold: float) -> int | None:
+        """0: the query check; k >= 1: the answer stage after k tokens; None: never."""
+        if not self.query_risk < query_threshold:
+            return 0
+        hit = np.flatnonzero(self.statistic >= answer_threshold)
+        return int(hit[0]) + 1 if hit.size else None
+
+
+def answer_stage_of(head: Head) -> tuple[Head, AnswerWindow, AnswerRule, float]:
+    """(head, window, rule, threshold) the guard's answer checks use with this head file."""
+    resolved = GuardOptions().resolve(head)
+    if head.answer_head is None:
+        return head, LEGACY_WINDOW, resolved.answer_rule, resolved.answer_threshold
+    stage = head.answer_head.extra.get("answer_stage") or {}
+    window = AnswerWindow(int(stage.get("recent", 32)), bool(stage.get("query", False)))
+    return head.answer_head, window, resolved.answer_rule, resolved.answer_threshold
+
+
+def query_risk(head: Head, conv: Conversation) -> float:
+    """The query check, as the loop makes it: the check head over the query and the end of any prefill."""
+    hooks = hooks_of_blocks([b.name for b in head.blocks])
+    history = StateHistory(hooks, conv.trajectory.states[hooks[0]].shape[1], vectors=not HeadReader.is_linear(head),
+                           capacity=conv.n_positions)
+    reader = HeadReader(head, history)  # before the states: a linear head tracks its projections as they arrive
+    history.append({h: conv.trajectory.states[h][:conv.trajectory.n_prompt].astype(np.float32) for h in hooks})
+    query = [p for a, b in conv.query_runs for p in range(a, b)]
+    prefill = list(range(conv.answer_start, conv.trajectory.n_prompt))
+    window = first_window(query, prefill, WindowParams())
+    return reader.risk(Window(tuple(runs(window)), conv.trajectory.n_prompt - 1))
+
+
+def replay(head: Head, convs: Sequence[Conversation], served: Sequence[int | None]) -> list[Replay]:
+    answer_head, window, rule, _ = answer_stage_of(head)
+    out = []
+    for conv, start in zip(convs, served):
+        q = query_risk(head, conv)
+        statistic = np.array(rule.statistic(answer_risks(answer_head, conv, window), q), np.float64)
+        out.append(Replay(conv.example, q, statistic, start, conv.trajectory.n_answer))
+    return out
+
+
+def rates(rows: Sequence[Replay], query_threshold: float, answer_threshold: float) -> dict[str, Any]:
+    """Per-answer rates at one operating point."""
+    benign = [r for r in rows if not r.harmful]
+    harmful = [r for r in rows if r.harmful]
+    passed = [r for r in harmful if r.query_risk < query_threshold]
+    served_passed = [r for r in passed if r.served_from is not None]
+    cut = {id(r): r.cut_at(query_threshold, answer_threshold) for r in rows}
+
+    def share(part: Sequence[Replay], test: Any) -> float | None:
+        return sum(1 for r in part if test(r)) / len(part) if part else None
+
+    def before(r: Replay) -> bool:
+        at = cut[id(r)]
+        return at is not None and (r.served_from is None or at < r.served_from)
+
+    return {
+        "benign": len(benign),
+        "benign_cut": share(benign, lambda r: cut[id(r)] is not None),
+        "benign_cut_by_query": share(benign, lambda r: cut[id(r)] == 0),
+        "benign_cut_mid_answer": share(benign, lambda r: (cut[id(r)] or 0) > 0),
+        "harmful": len(harmful),
+        "harmful_stopped": share(harmful, lambda r: cut[id(r)] is not None),
+        "harmful_stopped_by_query": share(harmful, lambda r: cut[id(r)] == 0),
+        "harmful_served_unguarded": share(harmful, lambda r: r.served_from is not None),
+        "harmful_served_guarded": share(harmful, lambda r: r.served_from is not None and not before(r)),
+        "passed_query": len(passed),
+        "passed_stopped_mid_answer": share(passed, lambda r: cut[id(r)] is not None),
+        "passed_served": len(served_passed),
+        "passed_served_stopped_before": share(served_passed, before),
+    }
+
+
+def curve(rows: Sequence[Replay], query_threshold: float, points: int = 60) -> list[dict[str, float | None]]:
+    """The answer stage's trade-off: one point per answer threshold, the query check fixed."""
+    passed_benign = [r for r in rows if not r.harmful and r.query_risk < query_threshold]
+    peaks = sorted({float(r.statistic.max()) for r in passed_benign if r.statistic.size} | {1.0})
+    chosen = np.unique(np.quantile(peaks, np.linspace(0, 1, points))) if peaks else np.array([1.0])
+    out = []
+    for t in chosen:
+        threshold = float(np.nextafter(np.float32(t), np.float32(2.0)))
+        r = rates(rows, query_threshold, threshold)
+        out.append({"threshold": threshold, "benign_cut_mid_answer": r["benign_cut_mid_answer"],
+                    "passed_stopped_mid_answer": r["passed_stopped_mid_answer"],
+                    "passed_served_stopped_before": r["passed_served_stopped_before"]})
+    return out
+
+
+def by_source(rows: Sequence[Replay], query_threshold: float, answer_threshold: float) -> dict[str, Any]:
+    groups: dict[str, list[Replay]] = {}
+    for r in rows:
+        groups.setdefault(f"{r.example.source}:{'harmful' if r.harmful else 'benign'}", []).append(r)
+    return {k: rates(v, query_threshold, answer_threshold) for k, v in sorted(groups.items())}
+
+
+def load_conversations(store: AnswerStore, items: Sequence[tuple[Example, Any]], by_id: dict[str, Example],
+                       detokenize: Any) -> tuple[list[Conversation], list[int | None]]:
+    """The stored answers of ``items`` with where each harmful one starts to serve its request."""
+    convs, served = [], []
+    for (example, _), key in zip(items, store.keys(items)):
+        conv = Conversation.of(store.load(key), example)
+        convs.append(conv)
+        if example.label == 1:
+            root = by_id.get(example.origin) or example
+            request = "\n".join(m.content for m in root.messages if m.role == "user")
+            served.append(served_from(conv, request, detokenize, lambda q, a: DEFAULT_JUDGE.judge(q, a).complied))
+        else:
+            served.append(None)
+    return convs, served
+
+
+
+# ---------------------------------------------------------------------------
+# Fitting the answer head
+
+LABELS = ("request", "content")
+
+
+@dataclass(frozen=True)
+class AnswerRecipe:
+    """What the answer head reads, what it learns, and how its checks add up."""
+
+    blocks: tuple[str, ...]
+    window: AnswerWindow = AnswerWindow()
+    labels: str = "content"      # request: every step of a harmful request's answer is 1; content: from
+                                 # where the answer serves it (refusals and steps before it are left out)
+    every: int = 8               # steps sampled per answer for fitting (plus 1, 2, 4, 8 and the last)
+    l2: float = 1e-2
+
+    def describe(self) -> str:
+        w = f"A{self.window.recent}" + ("+Q" if self.window.query else "")
+        return f"{'+'.join(self.blocks)} over {w}, {self.labels} labels"
+
+
+def step_labels(convs: Sequence[Conversation], served: Sequence[int | None], which: np.ndarray, steps: np.ndarray,
+                labels: str) -> tuple[np.ndarray, np.ndarray]:
+    """(label, keep) for each sampled step: see :class:`AnswerRecipe`."""
+    y = np.zeros(len(which), np.int64)
+    keep = np.ones(len(which), bool)
+    for row, (i, step) in enumerate(zip(which, steps)):
+        harmful = convs[i].example.label == 1
+        if labels == "request":
+            y[row] = int(harmful)
+        elif harmful:
+            start = served[i]
+            if start is None or step < start:
+                keep[row] = False if start is not None else True  # a refusal is a negative; before serving: unknown
+                y[row] = 0
+            else:
+                y[row] = 1
+    return y, keep
+
+
+def answer_weights(convs: Sequence[Conversation], which: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Row weights (mean 1): each answer counts the same whatever its length, each (source, label)
+    group the same within its label, and each label the same."""
+    per_answer = np.bincount(which, minlength=len(convs)).astype(np.float64)
+    w = 1.0 / np.maximum(per_answer[which], 1.0)
+    sources = np.array([convs[i].example.source for i in which], dtype=object)
+    out = np.zeros_like(w)
+    labels = np.unique(y)
+    for label in labels:
+        in_label = y == label
+        groups = np.unique(sources[in_label])
+        for group in groups:
+            rows = in_label & (sources == group)
+            out[rows] = w[rows] / w[rows].sum() / (len(labels) * len(groups))
+    return (out * len(out)).astype(np.float32)
+
+
+def fit_answer_head(train: Sequence[Conversation], train_served: Sequence[int | None], val: Sequence[Conversation],
+                    val_served: Sequence[int | None], recipe: AnswerRecipe, fingerprint: ModelFingerprint,
+                    seed: int = 0) -> Head:
+    """A calibrated logistic head on sampled steps of the model's own answers (threshold: set later,
+    per answer, by :func:`per_answer_threshold`)."""
+    from guardrail.head import FeatureBlock
+    from guardrail.head.model import Standardizer, sigmoid
+
+    from .metrics import threshold_at_fpr
+    from .trainer import fit_temperature, train_logreg
+
+    steps = sampled_steps(recipe.every)
+    parts = []
+    for convs, served in ((train, train_served), (val, val_served)):
+        blocks, which, at = step_features(convs, recipe.blocks, recipe.window, steps)
+        y, keep = step_labels(convs, served, which, at, recipe.labels)
+        w = answer_weights(convs, which[keep], y[keep])
+        parts.append(({k: v[keep] for k, v in blocks.items()}, y[keep], w))
+    (bt, yt, wt), (bv, yv, wv) = parts
+    scalers = [Standardizer.fit(bt[b]) for b in recipe.blocks]
+    X = np.concatenate([s.transform(bt[b]) for s, b in zip(scalers, recipe.blocks)], axis=1)
+    Xv = np.concatenate([s.transform(bv[b]) for s, b in zip(scalers, recipe.blocks)], axis=1)
+    model = train_logreg(X, yt, sample_weight=wt, l2=recipe.l2, X_val=Xv, y_val=yv, w_val=wv, seed=seed)
+    temperature = fit_temperature(model.logits(Xv), yv, sample_weight=wv)
+    p_val = sigmoid(model.logits(Xv) / temperature)
+    return Head(fingerprint=fingerprint, blocks=tuple(FeatureBlock(b, bt[b].shape[1]) for b in recipe.blocks),
+                scalers=tuple(scalers), model=model, temperature=float(temperature),
+                threshold=float(threshold_at_fpr(p_val[yv == 0], 0.03)), target_fpr=0.03,
+                pooling=tuple(sorted({b.split("/")[1] for b in recipe.blocks})))

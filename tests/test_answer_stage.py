@@ -1,0 +1,184 @@
+"""The answer stage: its window, its rule's per-answer threshold, its labels and its replay of answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from guardrail.runtime.policy import AnswerRule
+from guardrail.runtime.probe import AnswerWindow
+from guardrail.training.answer_stage import (
+    Conversation,
+    Replay,
+    answer_weights,
+    per_answer_threshold,
+    rates,
+    served_from,
+    step_labels,
+)
+from guardrail.training.answers import AnswerSpec, AnswerStore, Trajectory, _save, choose_requests, load_trajectory
+from guardrail.training.data.format import Example, Message
+
+
+def _example(i: int, label: int, source: str = "src", variant: str = "plain", prefill: str = "") -> Example:
+    messages = [Message("user", f"request {i}")] + ([Message("assistant", prefill)] if prefill else [])
+    return Example(f"{source}-{i}", source, label, tuple(messages), variant=variant)
+
+
+def _trajectory(n_prompt: int, n_answer: int, message: list[int], d: int = 4, seed: int = 0) -> Trajectory:
+    rng = np.random.default_rng(seed)
+    n = n_prompt + n_answer
+    states = {"l_out-1": rng.normal(size=(n, d)).astype(np.float16), "l_out-2": rng.normal(size=(n, d)).astype(np.float16)}
+    return Trajectory("k", np.arange(n, dtype=np.int32), n_prompt, np.asarray(message, np.int16), states,
+                      "text", "length", 0.1)
+
+
+def test_an_answer_check_reads_the_latest_answer_tokens_and_the_query_only_when_asked():
+    query = [(2, 6)]
+    assert AnswerWindow(4, False).runs(query, 10, 20) == [(16, 20)]
+    assert AnswerWindow(32, False).runs(query, 10, 20) == [(10, 20)]        # no further back than the answer
+    assert AnswerWindow(4, True).runs(query, 10, 20) == [(2, 6), (16, 20)]
+    assert AnswerWindow(4, True).runs([(2, 10)], 10, 12) == [(2, 12)]       # runs that touch are merged
+
+
+def test_a_prefill_is_part_of_the_answer_the_answer_stage_reads():
+    example = _example(0, 1, prefill="Sure, here is")
+    # BOS, markup, 3 query tokens (message 0), markup, 2 prefill tokens (message 1)
+    conv = Conversation.of(_trajectory(8, 5, [-1, -1, 0, 0, 0, -1, 1, 1]), example)
+    assert conv.query_runs == ((2, 5),) and conv.answer_start == 6
+    assert conv.window(AnswerWindow(32, False), 2).runs == ((6, 10),)       # prefill + 2 written tokens
+
+
+def test_the_per_answer_threshold_follows_the_finite_sample_rule():
+    peaks = np.linspace(0.0, 0.99, 199)  # 199 benign answers
+    t = per_answer_threshold(peaks, 0.01)
+    cut = int((peaks >= t).sum())
+    assert (cut + 1) / (len(peaks) + 1) <= 0.01 and cut == 1               # floor(0.01 * 200 - 1) = 1 may be cut
+    assert per_answer_threshold(peaks[:50], 0.01) == 1.0                    # too few answers to promise 1%: none cut
+
+
+def test_content_labels_start_where_the_answer_serves_and_leave_the_steps_before_it_out():
+    convs = [Conversation.of(_trajectory(3, 20, [-1, 0, 0], seed=i), _example(i, label))
+             for i, label in enumerate([1, 1, 0])]
+    served = [10, None, None]       # serves from step 10; refuses; benign
+    which = np.array([0, 0, 1, 2])
+    steps = np.array([4, 12, 12, 12])
+    y, keep = step_labels(convs, served, which, steps, "content")
+    assert keep.tolist() == [False, True, True, True]
+    assert y[keep].tolist() == [1, 0, 0]
+    y_req, keep_req = step_labels(convs, served, which, steps, "request")
+    assert keep_req.all() and y_req.tolist() == [1, 1, 1, 0]
+
+
+def test_each_answer_weighs_the_same_whatever_its_length():
+    convs = [Conversation.of(_trajectory(3, 20, [-1, 0, 0]), _example(i, 0)) for i in range(2)]
+    which = np.array([0] * 9 + [1])  # answer 0 sampled nine times, answer 1 once
+    w = answer_weights(convs, which, np.zeros(10, np.int64))
+    assert w[:9].sum() == pytest.approx(w[9])
+
+
+def test_a_replay_cuts_where_the_guard_would_and_counts_per_answer():
+    rule = AnswerRule("ema", alpha=0.5)
+    rows = [
+        Replay(_example(0, 0), 0.1, np.array(rule.statistic([0.1] * 50)), None, 50),          # benign, untouched
+        Replay(_example(1, 0), 0.9, np.array(rule.statistic([0.1] * 50)), None, 50),          # benign, cut at the query
+        Replay(_example(2, 1), 0.1, np.array(rule.statistic([0.1] * 5 + [0.99] * 45)), 20, 50),  # stopped before serving
+        Replay(_example(3, 1), 0.1, np.array(rule.statistic([0.1] * 30 + [0.99] * 20)), 10, 50),  # stopped too late
+    ]
+    assert rows[2].cut_at(0.5, 0.5) == 6 and rows[1].cut_at(0.5, 0.5) == 0
+    r = rates(rows, 0.5, 0.5)
+    assert r["benign_cut"] == 0.5 and r["benign_cut_by_query"] == 0.5 and r["benign_cut_mid_answer"] == 0.0
+    assert r["passed_query"] == 2 and r["passed_stopped_mid_answer"] == 1.0
+    assert r["passed_served_stopped_before"] == 0.5
+    assert r["harmful_served_unguarded"] == 1.0 and r["harmful_served_guarded"] == 0.5
+
+
+def test_served_from_finds_the_first_grid_step_the_judge_reads_as_serving():
+    conv = Conversation.of(_trajectory(3, 40, [-1, 0, 0]), _example(0, 1))
+    words = {i: f"w{i} " for i in range(100)}
+
+    def detok(ids):
+        return "".join(words[i] for i in ids)
+
+    def judge(request, answer):  # "serves" once the answer holds token 20 (position 3 + 17)
+        return "w20 " in answer
+    assert served_from(conv, "req", detok, judge, every=8) == 24  # first grid step holding it
+    assert served_from(conv, "req", detok, lambda q, a: False) is None
+
+
+def test_the_chosen_requests_mix_forms_and_oversample_sensitive_benign_topics():
+    rows = [_example(i, 1, "advbench") for i in range(40)] + [_example(i, 1, "harmbench", "jailbreak:x")
+                                                              for i in range(40)]
+    rows += [_example(i, 0, "alpaca_eval") for i in range(60)] + [_example(i, 0, "healthbench") for i in range(60)]
+    items = choose_requests(rows, 20, 40)
+    benign_plain = [e for e, _ in items if e.label == 0]
+    assert sum(e.source == "healthbench" for e in benign_plain) >= len(benign_plain) // 2
+    assert {e.variant.split(":")[0] for e, _ in items if e.label == 1} == {"plain", "jailbreak"}
+    assert any(s.temperature > 0 for _, s in items) and any(s.temperature == 0 for _, s in items)
+    assert choose_requests(rows, 20, 40) == items  # deterministic
+
+
+def test_a_stored_answer_reads_back_as_written(tmp_path):
+    t = _trajectory(3, 5, [-1, 0, 0])
+    _save(tmp_path / "a.npz", t)
+    back = load_trajectory(tmp_path / "a.npz")
+    assert back.ids.tolist() == t.ids.tolist() and back.n_prompt == 3 and back.text == "text"
+    assert np.array_equal(back.states["l_out-1"], t.states["l_out-1"])
+    assert AnswerSpec().max_tokens == 256 and AnswerStore.__init__ is not None
+
+
+def test_the_curve_and_the_table_come_from_the_same_replays():
+    from guardrail.training.answer_stage import curve
+
+    rule = AnswerRule("ema", alpha=0.7)
+    rng = np.random.default_rng(0)
+    rows = [Replay(_example(i, i % 2), float(rng.uniform(0, 0.6)),
+                   np.array(rule.statistic(rng.uniform(0, 1, 40) ** (3 - 2 * (i % 2)))), 20 if i % 2 else None, 40)
+            for i in range(80)]
+    points = curve(rows, 0.5)
+    for p in points:
+        r = rates(rows, 0.5, p["threshold"])
+        assert (p["benign_cut_mid_answer"], p["passed_stopped_mid_answer"]) == \
+            (r["benign_cut_mid_answer"], r["passed_stopped_mid_answer"])
+    cuts = [p["benign_cut_mid_answer"] for p in points]
+    assert cuts == sorted(cuts, reverse=True)  # a higher threshold never cuts more
+
+
+def test_a_head_file_carries_both_operating_points_and_the_answer_rule(tmp_path):
+    from guardrail.head import FeatureBlock, Head, ModelFingerprint, load_head, save_head
+    from guardrail.head.model import LinearModel, Standardizer
+    from guardrail.runtime.options import GuardOptions
+
+    fp = ModelFingerprint("0" * 64, "llama", 8, 30)
+
+    def head(blocks, threshold, **kw):
+        return Head(fingerprint=fp, blocks=tuple(FeatureBlock(b, 8) for b in blocks),
+                    scalers=tuple(Standardizer(np.zeros(8, np.float32), np.ones(8, np.float32)) for _ in blocks),
+                    model=LinearModel(np.ones(8 * len(blocks), np.float32), 0.0), threshold=threshold, **kw)
+    stage = {"rule": "ema:0.85", "recent": 24, "query": False}
+    answer = head(["l_out-20/mean", "l_out-27/last"], 0.93, extra={"answer_stage": stage})
+    path = tmp_path / "h.gguf"
+    save_head(head(["l_out-20/mean"], 0.8, answer_head=answer), path)
+    loaded = load_head(path)
+    resolved = GuardOptions().resolve(loaded)
+    assert resolved.threshold == pytest.approx(0.8) and resolved.answer_threshold == pytest.approx(0.93)
+    assert resolved.answer_rule == AnswerRule("ema", alpha=0.85)
+    assert loaded.answer_head is not None and loaded.answer_head.extra["answer_stage"]["recent"] == 24
+    # a caller may move either operating point; a head without an answer stage uses tau in a row
+    assert GuardOptions(answer_threshold=0.5).resolve(loaded).answer_threshold == 0.5
+    legacy = GuardOptions().resolve(head(["l_out-20/mean"], 0.8, tau=4))
+    assert legacy.answer_rule == AnswerRule("streak", tau=4) and legacy.answer_threshold == pytest.approx(0.8)
+
+
+@pytest.mark.model
+def test_the_answer_store_writes_each_answer_once_and_resumes(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("GUARDRAIL_CACHE", str(tmp_path))
+    store = AnswerStore(model, "f" * 64, (10, 20))
+    items = [(_example(i, 0), AnswerSpec(max_tokens=6)) for i in range(4)]
+    assert store.generate(items[:2], n_parallel=2)["answers"] == 2
+    assert store.missing(items) == [2, 3]           # a killed run resumes with what is missing
+    assert store.generate(items, n_parallel=3)["answers"] == 2
+    assert store.generate(items)["answers"] == 0
+    t = store.load(store.keys(items)[0])
+    assert t.n_answer <= 6 and set(t.states) == {"l_out-10", "l_out-20"}
+    assert t.states["l_out-10"].shape == (len(t.ids), model.info.n_embd)
