@@ -86,6 +86,16 @@ class PromptTokens:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def truncated(self, limit: int) -> PromptTokens:
+        """At most ``limit`` tokens: the start (BOS, system) and the end (the latest text, the open turn)
+        of an over-long prompt, for training jobs that cap what they decode."""
+        if len(self) <= limit:
+            return self
+        keep_head = min(64, limit // 4)
+        keep_tail = limit - keep_head
+        return PromptTokens(self.ids[:keep_head] + self.ids[-keep_tail:],
+                            self.message[:keep_head] + self.message[-keep_tail:])
+
 
 _SPECIALS: weakref.WeakKeyDictionary[Model, dict[int, str]] = weakref.WeakKeyDictionary()
 

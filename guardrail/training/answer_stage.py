@@ -338,18 +338,10 @@ def step_labels(convs: Sequence[Conversation], served: Sequence[int | None], whi
 def answer_weights(convs: Sequence[Conversation], which: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Row weights (mean 1): each answer counts the same whatever its length, each (source, label)
     group the same within its label, and each label the same."""
+    from .trainer import balanced_weights
+
     per_answer = np.bincount(which, minlength=len(convs)).astype(np.float64)
-    w = 1.0 / np.maximum(per_answer[which], 1.0)
-    sources = np.array([convs[i].example.source for i in which], dtype=object)
-    out = np.zeros_like(w)
-    labels = np.unique(y)
-    for label in labels:
-        in_label = y == label
-        groups = np.unique(sources[in_label])
-        for group in groups:
-            rows = in_label & (sources == group)
-            out[rows] = w[rows] / w[rows].sum() / (len(labels) * len(groups))
-    return (out * len(out)).astype(np.float32)
+    return balanced_weights(y, [convs[i].example.source for i in which], base=1.0 / per_answer[which])
 
 
 def fit_answer_head(train: Sequence[Conversation], train_served: Sequence[int | None], val: Sequence[Conversation],

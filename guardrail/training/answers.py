@@ -76,16 +76,6 @@ def _messages(example: Example) -> list[dict[str, str]]:
     return [{"role": m.role, "content": m.content} for m in example.messages]
 
 
-def _truncate(prompt: PromptTokens, limit: int) -> PromptTokens:
-    """Keep the start (BOS, system) and the end (the latest turn) of an over-long prompt."""
-    if len(prompt) <= limit:
-        return prompt
-    keep_head = min(64, limit // 4)
-    keep_tail = limit - keep_head
-    return PromptTokens(prompt.ids[:keep_head] + prompt.ids[-keep_tail:],
-                        prompt.message[:keep_head] + prompt.message[-keep_tail:])
-
-
 def _rollout(context: Context, seq: int, prompt: PromptTokens, spec: AnswerSpec,
              hooks: Sequence[str]) -> Generator[Decode, Decoded, tuple[list[int], dict, str, str]]:
     """One unguarded answer in KV sequence ``seq``, with the states of every position it decoded."""
@@ -190,7 +180,7 @@ class AnswerStore:
 
             def start(i: int, seq: int) -> None:
                 example, spec = items[i]
-                prompt = _truncate(self.format.tokens(_messages(example)), spec.max_prompt)
+                prompt = self.format.tokens(_messages(example)).truncated(spec.max_prompt)
                 began = time.perf_counter()
                 result: list[tuple[list[int], dict, str, str]] = []
 

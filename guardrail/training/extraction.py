@@ -71,16 +71,6 @@ class Features:
 
 
 
-def _truncate(prompt: PromptTokens, limit: int) -> PromptTokens:
-    """Keep the start (BOS, system) and the end (the latest text, the open turn) of a long prompt."""
-    if len(prompt) <= limit:
-        return prompt
-    keep_head = min(64, limit // 4)
-    keep_tail = limit - keep_head
-    return PromptTokens(prompt.ids[:keep_head] + prompt.ids[-keep_tail:],
-                        prompt.message[:keep_head] + prompt.message[-keep_tail:])
-
-
 def opener_tokens(model: Model) -> tuple[list[int], list[int]]:
     first = lambda w: model.tokenize(w)[0]  # noqa: E731
     return [first(w) for w in REFUSAL_OPENERS], [first(w) for w in COMPLIANCE_OPENERS]
@@ -143,7 +133,7 @@ class FeatureExtractor:
         return Features(blocks, texts)
 
     def _prepare(self, messages: Sequence[dict]) -> tuple[PromptTokens, list[int]]:
-        prompt = _truncate(self.format.tokens(messages), self.config.max_tokens)
+        prompt = self.format.tokens(messages).truncated(self.config.max_tokens)
         query, answer = split_conversation(prompt, messages)
         window = first_window(query, answer, self.config.window)
         return prompt, window

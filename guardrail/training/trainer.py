@@ -28,16 +28,18 @@ def _bce(z: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
     return float(np.dot(w, per_row) / w.sum())
 
 
-def balanced_weights(labels: Sequence[int] | np.ndarray, sources: Sequence[str]) -> np.ndarray:
+def balanced_weights(labels: Sequence[int] | np.ndarray, sources: Sequence[str],
+                     base: np.ndarray | None = None) -> np.ndarray:
     """Row weights (mean 1) that stop big sources and the bigger class from dominating.
 
     Within a class every (source, label) group gets the same total weight;
-    then each class present gets the same total.
-    """
+    then each class present gets the same total. Inside a group, rows share its
+    total in proportion to ``base`` (equally without it)."""
     lab = np.asarray(labels).astype(np.int64)
     src = np.asarray(sources, dtype=object)
     if lab.size != src.size:
         raise ValueError("balanced_weights: labels and sources must have the same length")
+    share = np.ones(lab.size, np.float64) if base is None else np.asarray(base, np.float64)
     weights = np.zeros(lab.size, dtype=np.float64)
     classes = np.unique(lab)
     for c in classes:
@@ -45,7 +47,7 @@ def balanced_weights(labels: Sequence[int] | np.ndarray, sources: Sequence[str])
         groups = np.unique(src[in_class])
         for g in groups:
             rows = in_class & (src == g)
-            weights[rows] = 1.0 / (len(classes) * len(groups) * rows.sum())
+            weights[rows] = share[rows] / (share[rows].sum() * len(classes) * len(groups))
     return (weights * lab.size).astype(np.float32)
 
 
