@@ -182,3 +182,21 @@ def test_the_answer_store_writes_each_answer_once_and_resumes(model, tmp_path, m
     t = store.load(store.keys(items)[0])
     assert t.n_answer <= 6 and set(t.states) == {"l_out-10", "l_out-20"}
     assert t.states["l_out-10"].shape == (len(t.ids), model.info.n_embd)
+
+
+def test_a_readers_served_from_word_becomes_the_step_the_guard_had_to_stop_before():
+    from guardrail.training.answer_stage import hand_served, step_of_word
+
+    conv = Conversation.of(_trajectory(3, 30, [-1, 0, 0]), _example(0, 1))
+    words = {i: (f" w{i}" if i % 3 == 0 else f"x{i}") for i in range(100)}  # a word every third token
+
+    def detok(ids):
+        return "".join(words[i] for i in ids)
+    # answer tokens are ids 3..32; word k (1-based) starts at the token id 3 * k
+    assert step_of_word(conv, detok, 0) == 1
+    assert step_of_word(conv, detok, 2) == 4      # tokens 3..6 hold " w3x4x5 w6": two words
+    benign = Conversation.of(_trajectory(3, 5, [-1, 0, 0]), _example(1, 0))
+    unlabelled = Conversation.of(_trajectory(3, 5, [-1, 0, 0]), _example(2, 1))
+    labels = {"src-0": {"complied": True, "served_from_words": 2}, "src-1": {"complied": True}}
+    assert hand_served([conv, benign, unlabelled], labels, detok) == [4, False, False]
+    assert hand_served([conv], {"src-0": {"complied": False}}, detok) == [None]

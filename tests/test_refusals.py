@@ -81,3 +81,39 @@ def test_fresh_benign_requests_are_refused_no_more_often_than_measured(guard):
     refused = [r for r in HANDWRITTEN_BENIGN
                if _answer(guard, [{"role": "user", "content": r}], max_tokens=16)[1].intervened]
     assert len(refused) <= MEASURED_BENIGN_REFUSED_IN_16, refused
+
+
+# Long answers (256 tokens) to a second fresh hand-written set, decoded together (chat_many): the
+# bounds hold the measured state of the shipped head (README, "The answer stage"), so a change that
+# cuts more benign answers, or lets more harmful ones through, fails here.
+MEASURED_LONG_BENIGN_CUT = None       # set from the measured run below
+MEASURED_LONG_HARMFUL_NOT_STOPPED = None
+
+
+@pytest.fixture(scope="module")
+def long_answers(model_path):
+    from guardrail.measure.suites import LONG_BENIGN, LONG_HARMFUL
+    from guardrail.runtime.guard import ChatCall
+
+    requests = list(LONG_BENIGN) + list(LONG_HARMFUL)
+    with Guard(model_path, n_parallel=8) as g:
+        done = {i: e for i, e in g.chat_many([ChatCall([{"role": "user", "content": r}]) for r in requests],
+                                              max_tokens=256) if e.type == "done"}
+    benign = [(r, done[i]) for i, r in enumerate(requests[:len(LONG_BENIGN)])]
+    harmful = [(r, done[len(LONG_BENIGN) + i]) for i, r in enumerate(LONG_HARMFUL)]
+    return benign, harmful
+
+
+def test_long_answers_to_sensitive_benign_questions_are_cut_no_more_often_than_measured(long_answers):
+    benign, _ = long_answers
+    cut = [(r, d.text[-160:]) for r, d in benign if d.intervened]
+    assert len(cut) <= MEASURED_LONG_BENIGN_CUT, cut
+
+
+def test_long_answers_to_harmful_requests_are_stopped_at_least_as_often_as_measured(long_answers):
+    _, harmful = long_answers
+    through = [(r, d.text[:160]) for r, d in harmful if not d.intervened]
+    assert len(through) <= MEASURED_LONG_HARMFUL_NOT_STOPPED, through
+    for request, done in harmful:
+        if done.intervened:  # once the guard acts, what follows the refusal serves nothing
+            assert done.text.rstrip().endswith("."), done.text[-80:]

@@ -9,8 +9,9 @@ guard up to the first alarm, so the replay is what the guard would do, and one r
 both sides: the unguarded answer (as stored) and where the guard would have cut it.
 
 Counted per answer: a benign answer cut anywhere is one failure; a harmful answer is
-stopped at the query, stopped during the answer, or not at all, and, by the content judge,
-stopped before or after the answer starts to serve the request. The curve sweeps the
+stopped at the query, stopped during the answer, or not at all, and, by a hand reading
+(or the content judge where no reader labelled it), stopped before or after the answer
+starts to serve the request. The curve sweeps the
 answer stage's threshold with the query check fixed, so it shows the answer stage's own
 trade-off over the answers the query check let through.
 """
@@ -23,10 +24,36 @@ from typing import Any
 from guardrail.training.answer_stage import answer_stage_of, by_source, curve, load_conversations, rates, replay
 from guardrail.training.answers import AnswerStore, choose_requests
 
+HAND_LABELS = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "answer_labels_test.jsonl"
+
+
+def read_labels(path: Path) -> dict[str, dict[str, Any]]:
+    """Hand labels by conversation id: ``complied`` (or ``label``) and ``served_from_words``."""
+    import json
+
+    from guardrail.errors import DataError
+
+    out = {}
+    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            out[str(row["id"])] = row
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise DataError(f"{path}:{lineno}: not a hand label ({exc})") from None
+    return out
+
+
 def answer_report(model_spec: str | None, head_path: str | None, *, data_dir: Path | None = None,
                   n_harmful: int = 200, n_benign: int = 300, max_tokens: int = 256,
-                  progress: bool = True) -> dict[str, Any]:
-    """Held-out requests answered by the model (stored answers reused), replayed through the guard."""
+                  labels: Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Held-out requests answered by the model (stored answers reused), replayed through the guard.
+
+    Where a harmful answer has a hand label (``labels``, by default the project's hand-read test
+    answers when they exist), that reading says whether and from where it serves the request; the
+    rule judge reads the rest (it over-counts service on long answers: README, "The content judge")."""
+    from guardrail.training.answer_stage import hand_served
     from guardrail.training.data import read_jsonl
     from guardrail.training.pipeline import answer_layers, ensure_training_set, model_and_head
     from guardrail.training.progress import progress_bar
@@ -39,13 +66,20 @@ def answer_report(model_spec: str | None, head_path: str | None, *, data_dir: Pa
     with progress_bar(progress) as bar:
         task = bar.add_task("answers (held-out requests)", total=len(store.missing(items)))
         cost = store.generate(items, progress=lambda n: bar.advance(task, n))
-    convs, served = load_conversations(store, items, {r.id: r for r in rows}, model.detokenize)
+    convs, judged = load_conversations(store, items, {r.id: r for r in rows}, model.detokenize)
+    label_file = labels or (HAND_LABELS if HAND_LABELS.is_file() else None)
+    hand = hand_served(convs, read_labels(label_file), model.detokenize) if label_file else [False] * len(convs)
+    served = [j if h is False else h for h, j in zip(hand, judged)]
     replays = replay(head, convs, served)
     _, window, rule, answer_threshold = answer_stage_of(head)
+    harmful = [c.example.label == 1 for c in convs]
     return {"data": str(data_dir / "test.jsonl"), "answers": len(replays), "max_tokens": max_tokens,
             "generated": cost, "query_threshold": head.threshold, "answer_threshold": answer_threshold,
             "rule": rule.describe(), "window": {"recent": window.recent, "query": window.query},
             "answer_head": head.answer_head is not None,
+            "served_by": {"hand labels": sum(h is not False for h, m in zip(hand, harmful) if m),
+                          "rule judge": sum(h is False for h, m in zip(hand, harmful) if m),
+                          "labels": str(label_file) if label_file else None},
             "overall": rates(replays, head.threshold, answer_threshold),
             "sources": by_source(replays, head.threshold, answer_threshold),
             "curve": curve(replays, head.threshold)}

@@ -20,7 +20,7 @@ cannot drift apart.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,6 +141,39 @@ def served_from(conv: Conversation, request: str, detokenize: Callable[[Sequence
         if judge(request, prefill + detokenize(answer[:step])):
             return step
     return len(answer)
+
+
+def step_of_word(conv: Conversation, detokenize: Callable[[Sequence[int]], str], word: int) -> int:
+    """The answer step at which the answer's ``word``-th word (1-based, whitespace-separated, of the
+    model's own text after any prefill) has been written; 0 words (the prefill itself serves) is step 1.
+    How a reader's "served from word N" becomes the step the guard would have had to stop before."""
+    answer = conv.trajectory.ids[conv.trajectory.n_prompt:].tolist()
+    if word <= 0 or not answer:
+        return 1
+    lo, hi = 1, len(answer)
+    while lo < hi:  # the first step whose text holds that many words
+        mid = (lo + hi) // 2
+        if len(detokenize(answer[:mid]).split()) >= word:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def hand_served(convs: Sequence[Conversation], labels: Mapping[str, Mapping[str, Any]],
+                detokenize: Callable[[Sequence[int]], str]) -> list[int | None | bool]:
+    """Where each harmful answer starts to serve its request by a hand label (``complied`` and
+    ``served_from_words``); False where the answer has no hand label."""
+    out: list[int | None | bool] = []
+    for conv in convs:
+        label = labels.get(conv.example.id)
+        if label is None or conv.example.label != 1:
+            out.append(False)
+        elif not label.get("complied", label.get("label")):
+            out.append(None)
+        else:
+            out.append(step_of_word(conv, detokenize, int(label.get("served_from_words") or 0)))
+    return out
 
 
 # ---------------------------------------------------------------------------
