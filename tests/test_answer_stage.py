@@ -200,3 +200,6 @@ def test_a_readers_served_from_word_becomes_the_step_the_guard_had_to_stop_befor
     labels = {"src-0": {"complied": True, "served_from_words": 2}, "src-1": {"complied": True}}
     assert hand_served([conv, benign, unlabelled], labels, detok) == [4, False, False]
     assert hand_served([conv], {"src-0": {"complied": False}}, detok) == [None]
+    # a label read on another text (a regenerated answer that parted from the one read) is no label
+    assert hand_served([conv], {"src-0": {"complied": True, "answer": "text"}}, detok) == [1]
+    assert hand_served([conv], {"src-0": {"complied": True, "answer": "another text"}}, detok) == [False]

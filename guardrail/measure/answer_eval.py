@@ -46,7 +46,7 @@ def read_labels(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def answer_report(model_spec: str | None, head_path: str | None, *, data_dir: Path | None = None,
-                  n_harmful: int = 200, n_benign: int = 300, max_tokens: int = 256,
+                  n_harmful: int | None = None, n_benign: int | None = None, max_tokens: int = 256,
                   labels: Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Held-out requests answered by the model (stored answers reused), replayed through the guard.
 
@@ -55,13 +55,15 @@ def answer_report(model_spec: str | None, head_path: str | None, *, data_dir: Pa
     rule judge reads the rest (it over-counts service on long answers: README, "The content judge")."""
     from guardrail.training.answer_stage import hand_served
     from guardrail.training.data import read_jsonl
-    from guardrail.training.pipeline import answer_layers, ensure_training_set, model_and_head
+    from guardrail.training.pipeline import ANSWER_PLANS, answer_layers, ensure_training_set, model_and_head
     from guardrail.training.progress import progress_bar
 
     model, sha, head = model_and_head(model_spec, head_path)
     data_dir = data_dir or ensure_training_set("full", progress=progress)
     rows = read_jsonl(data_dir / "test.jsonl")
-    items = choose_requests(rows, n_harmful, n_benign, salt="answers-test", max_tokens=max_tokens)
+    plan = ANSWER_PLANS["full"].test  # the held-out answers training reported on, by default
+    items = choose_requests(rows, plan[0] if n_harmful is None else n_harmful, plan[1] if n_benign is None else n_benign,
+                            salt="answers-test", max_tokens=max_tokens)
     store = AnswerStore(model, sha, answer_layers(model))
     with progress_bar(progress) as bar:
         task = bar.add_task("answers (held-out requests)", total=len(store.missing(items)))

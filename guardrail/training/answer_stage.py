@@ -163,10 +163,15 @@ def step_of_word(conv: Conversation, detokenize: Callable[[Sequence[int]], str],
 def hand_served(convs: Sequence[Conversation], labels: Mapping[str, Mapping[str, Any]],
                 detokenize: Callable[[Sequence[int]], str]) -> list[int | None | bool]:
     """Where each harmful answer starts to serve its request by a hand label (``complied`` and
-    ``served_from_words``); False where the answer has no hand label."""
+    ``served_from_words``); False where the answer has no hand label, or where the label was read on
+    another text (its ``answer``): a greedy answer regenerated in another batch can part from the one
+    read, at a near-tie, and a reading says nothing about text nobody read."""
     out: list[int | None | bool] = []
     for conv in convs:
         label = labels.get(conv.example.id)
+        read_on = None if label is None else label.get("answer")
+        if read_on is not None and str(read_on).strip() != conv.trajectory.text.strip():
+            label = None
         if label is None or conv.example.label != 1:
             out.append(False)
         elif not label.get("complied", label.get("label")):
