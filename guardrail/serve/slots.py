@@ -96,6 +96,11 @@ class Worker:
         if attempt in self._waiting:
             self._waiting.remove(attempt)
 
+    def cancel(self, job: object) -> None:
+        """Stop one job of the batch (it releases its slot); the others go on."""
+        if self._batch is not None:
+            self._batch.cancel(job)
+
     def _busy(self) -> bool:
         return bool(self._waiting) or (self._batch is not None and self._batch.active)
 
@@ -204,8 +209,8 @@ class Batched:
         """Stop the job (its client left); the others go on."""
         if self.attempt is not None:
             self.worker.forget(self.attempt)
-        if self.job is not None and self.worker._batch is not None:
-            self.worker._batch.cancel(self.job)
+        if self.job is not None:
+            self.worker.cancel(self.job)
 
     # -- on the event loop --------------------------------------------------------------------
 
