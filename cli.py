@@ -452,7 +452,8 @@ def attack(model, head, data_dir, suites, per_suite, max_tokens, long_tokens, po
 @click.option("--parallel", type=click.IntRange(1, 64), default=SERVE_PARALLEL, show_default=True,
               help="requests answered at once, decoded together (one llama_decode a step), each in a slot that keeps "
                    "its conversation's KV between requests. 4: on a 2-core CPU, 4 sequences decoded together gave "
-                   "1.64x the tokens/s of one (8: 2.03x, with slower streams each and twice the KV); llama.cpp's "
+                   "1.64x the tokens/s of one (8: 2.03x, but each stream at 0.25x a lone one's speed, not 0.41x, and twice "
+                   "the KV); llama.cpp's "
                    "server runs 4 too. 1: one request at a time")
 @click.option("--policy", type=click.Choice(POLICIES), default=None, help="the guard's policy (default refuse)")
 @click.option("--schedule", default=None, help="auto | every | annealing | first | periodic:K (default auto: every step when checks are free)")
