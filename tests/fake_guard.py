@@ -17,7 +17,7 @@ on the gate and sleeps ``delay`` once (one "decode") and advances every running 
 Its KV budget is ``n_ctx`` words shared by all answers: an answer reserves its prompt and
 ``max_tokens`` (what fits of them); one that cannot fit beside the running answers waits (``start``
 returns None), one longer than the whole context is refused. ``peak`` records the most answers
-that ran together.
+that ran together. A prompt with "crash" in it breaks the next step itself (not one answer).
 """
 
 from __future__ import annotations
@@ -259,6 +259,7 @@ class FakeBatch:
         self.fake = fake
         self.jobs: list[FakeJob] = []
         self.steps = 0
+        self.crash = False  # the next step raises (a prompt with "crash" in it asks for that)
 
     @property
     def active(self) -> bool:
@@ -277,6 +278,7 @@ class FakeBatch:
         cells = len(request.words) + min(request.max_tokens, self.fake.n_ctx - len(request.words))
         if not self._admit(request, cells):
             return None
+        self.crash = self.crash or "crash" in request.words
         return self._add(FakeJob(self.fake._events(request, paced=False), sink, on_end, cells))
 
     def score(self, request: FakeRequest,
@@ -303,6 +305,9 @@ class FakeBatch:
         self.fake.gate.wait(timeout=30)
         time.sleep(self.fake.delay)
         self.steps += 1
+        if self.crash:
+            self.crash = False
+            raise RuntimeError("secret internals of a broken batch")
         for job in list(self.jobs):
             try:
                 for event in job.events:

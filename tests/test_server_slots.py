@@ -85,6 +85,16 @@ def test_a_failing_answer_ends_alone():
         assert status == 200 and done and len(_text(objects).split()) == 40
 
 
+def test_a_broken_batch_ends_its_answers_with_an_error_and_the_next_request_runs():
+    fake = FakeGuard(delay=0.002, n_ctx=1000, n_parallel=2)
+    with served(fake, api_key=API_KEY) as srv:
+        r = post(srv, "/v1/chat/completions", {"messages": _user("crash please"), "max_tokens": 10})
+        assert r.status_code == 500 and error_of(r)["code"] == "internal_error" and "secret" not in r.text
+        r = post(srv, "/v1/chat/completions", {"messages": _user("fine words"), "max_tokens": 10})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 10
+        assert wait_for(lambda: _health(srv)["busy_slots"] == 0)
+
+
 def test_the_slots_fill_before_the_queue_and_the_queue_is_bounded():
     fake = FakeGuard(delay=0, n_parallel=2)
     fake.gate.clear()  # every step waits until the test lets it go

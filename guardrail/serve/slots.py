@@ -46,6 +46,7 @@ class Worker:
         self._commands: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._batch: BatchLike | None = None
         self._waiting: list[Attempt] = []  # answers admitted but waiting for KV cells, oldest first
+        self.live: set[Batched] = set()  # jobs started or waiting, told when the batch itself breaks
         self._thread: threading.Thread | None = None
         self._stopped = False
         self._start_lock = threading.Lock()
@@ -138,9 +139,12 @@ class Worker:
         assert self._batch is not None
         try:
             self._batch.step()
-        except Exception:  # the batch itself broke: every running answer ends; the next request opens a new one
-            log.exception("a batch step failed; its answers were ended")
+        except Exception as exc:  # the batch itself broke: every answer ends with the error (a 500 each);
+            log.exception("a batch step failed; its answers were ended")  # the next request opens a new batch
             batch, self._batch = self._batch, None
+            for job in list(self.live):
+                job.fail(exc)
+            self._waiting.clear()
             batch.close()
 
 
@@ -177,8 +181,13 @@ class Batched:
         self.answer.add(event)
         self._post(event)
 
-    def _ended(self, error: BaseException | None) -> None:
-        self._post(_End(error))
+    def _ended(self, error: BaseException | None, verdict: VerdictLike | None = None) -> None:
+        self.worker.live.discard(self)
+        self._post(_End(error, verdict))
+
+    def fail(self, error: BaseException) -> None:
+        """End the job with ``error`` (on the worker, when the batch broke)."""
+        self._ended(error)
 
     # -- on the worker ------------------------------------------------------------------------
 
@@ -189,7 +198,7 @@ class Batched:
 
     def open_score(self, request: object) -> None:
         """Score a conversation (the query check alone) beside the running answers."""
-        self._open(lambda batch: batch.score(request, lambda verdict, error: self._post(_End(error, verdict))))
+        self._open(lambda batch: batch.score(request, lambda verdict, error: self._ended(error, verdict)))
 
     def _open(self, start: Callable[[BatchLike], object | None]) -> None:
         def attempt(batch: BatchLike) -> bool:
@@ -198,15 +207,22 @@ class Batched:
             except Exception as exc:
                 if self.attempt is None:
                     raise  # the first attempt: the request's fault, answered before any event
-                self._post(_End(exc))
+                self._ended(exc)
                 return True
             return self.job is not None
-        if not attempt(self.worker.batch):
+        self.worker.live.add(self)
+        try:
+            started = attempt(self.worker.batch)
+        except Exception:
+            self.worker.live.discard(self)
+            raise
+        if not started:
             self.attempt = attempt
             self.worker.wait_for_room(attempt)
 
     def cancel(self) -> None:
         """Stop the job (its client left); the others go on."""
+        self.worker.live.discard(self)
         if self.attempt is not None:
             self.worker.forget(self.attempt)
         if self.job is not None:
