@@ -40,7 +40,7 @@ def server():
 
 
 def test_every_route_is_fuzzed():
-    assert set(OPERATIONS) == {"GET /health", "GET /v1/models", "GET /v1/models/{model_id}",
+    assert set(OPERATIONS) == {"GET /health", "GET /metrics", "GET /v1/models", "GET /v1/models/{model_id}",
                                "POST /v1/chat/completions", "POST /v1/completions", "POST /v1/moderations"}
 
 

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fake_guard import FakeGuard
 
 from guardrail.runtime.engine import DEFAULT_MAX_TOKENS, SamplingParams
-from guardrail.runtime.events import DoneEvent, Event
+from guardrail.runtime.events import DoneEvent, Event, TokenEvent
 from guardrail.runtime.options import ResolvedOptions
 from guardrail.serve.protocol import GuardLike
 from guardrail.serve.stream import StopHoldBack
@@ -36,17 +38,42 @@ def conforms_at_run_time(guard: GuardLike) -> None:
         assert all(isinstance(e, Event) for e in seen) and isinstance(seen[-1], DoneEvent)
     verdict = guard.score(messages, threshold=0.25)
     assert isinstance(verdict.risk, float) and isinstance(verdict.malicious, bool) and verdict.threshold == 0.25
+    assert guard.n_parallel >= 1
+    batched(guard, messages)
+
+
+def batched(guard: GuardLike, messages: list[dict[str, str]]) -> None:
+    """``batch()`` as the server's worker calls it (a guard of two slots or more): two answers stepped
+    together, the second cancelled after its first token while the first goes on, then a score."""
+    seen: dict[int, list[Event]] = {0: [], 1: []}
+    ended: dict[int, BaseException | None] = {}
+    verdicts: list[tuple[Any, BaseException | None]] = []
+    with closing(guard.batch()) as batch:
+        jobs = [batch.start(guard.chat_request(messages, **SERVER_CALL), seen[i].append,
+                            lambda exc, i=i: ended.__setitem__(i, exc)) for i in (0, 1)]
+        assert None not in jobs
+        while batch.active:
+            batch.step()
+            if any(isinstance(e, TokenEvent) for e in seen[1]) and 1 not in ended:
+                batch.cancel(jobs[1])
+        assert batch.score(guard.chat_request(messages), lambda v, exc: verdicts.append((v, exc))) is not None
+        while batch.active:
+            batch.step()
+    assert isinstance(seen[0][-1], DoneEvent) and ended[0] is None
+    assert not any(isinstance(e, DoneEvent) for e in seen[1]) and ended[1] is None
+    [(verdict, error)] = verdicts
+    assert error is None and verdict.threshold == guard.resolve_options().threshold
 
 
 def test_the_fake_guard_is_what_the_server_calls():
-    conforms_at_run_time(FakeGuard(delay=0))
+    conforms_at_run_time(FakeGuard(delay=0, n_parallel=2))
 
 
 @pytest.mark.slow
 def test_the_real_guard_is_what_the_server_calls(model_path):
     from guardrail import Guard
 
-    with Guard(str(model_path), n_ctx=256) as guard:
+    with Guard(str(model_path), n_ctx=256, n_parallel=2) as guard:
         conforms_at_run_time(guard)
 
 
@@ -61,7 +88,7 @@ def test_the_sampling_defaults_are_the_librarys():
 
 DOUBLE = """
 class {name}:
-    model_name, n_ctx = "double", 64
+    model_name, n_ctx, n_parallel = "double", 64, 1
 
     def resolve_options(self, **overrides: Any) -> Any:
         raise NotImplementedError
@@ -77,6 +104,20 @@ class {name}:
         raise NotImplementedError
 
     def score(self, messages: Sequence[Mapping[str, str]], **guard: Any) -> Any:
+        raise NotImplementedError
+
+    def chat_request(self, messages: Sequence[Mapping[str, str]], *, max_tokens: int = 256,
+                     temperature: float = 0.0, top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05,
+                     seed: int | None = None, repeat_penalty: float = 1.0, stop: Sequence[str] | str | None = None,
+                     **guard: Any) -> Any:
+        raise NotImplementedError
+
+    def text_request(self, prompt: str, *, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 0.95,
+                     top_k: int = 40, min_p: float = 0.05, seed: int | None = None, repeat_penalty: float = 1.0,
+                     stop: Sequence[str] | str | None = None, **guard: Any) -> Any:
+        raise NotImplementedError
+
+    def batch(self) -> Any:
         raise NotImplementedError
 
     def close(self) -> None:

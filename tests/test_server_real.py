@@ -123,6 +123,33 @@ def test_a_prompt_over_the_context_is_a_400_and_turns_are_fair(real_client, real
     assert len(set(alone.values())) == 2
 
 
+def test_parallel_slots_answer_as_one_slot_does(model_path, real_client):
+    """Two slots (one GuardBatch): three requests at once, streamed and not, each answer the one-slot
+    server's greedy answer; a prompt over the shared KV budget is a 400 that states it."""
+    from guardrail import Guard
+
+    prompts = ["What is the capital of France?", "Write a haiku about rain.", HARMFUL]
+    alone = {p: real_client.chat.completions.create(model="m", messages=_user(p), max_tokens=12)
+             .choices[0].message.content for p in prompts}
+    with Guard(str(model_path), n_ctx=2 * N_CTX, n_parallel=2) as guard, \
+            served(guard, defaults={"max_tokens": 12}) as srv, openai_client(srv, key="unused", timeout=300) as c:
+        def ask(prompt, stream):
+            if stream:
+                chunks = c.chat.completions.create(model="m", messages=_user(prompt), max_tokens=12, stream=True)
+                return "".join(ch.choices[0].delta.content or "" for ch in chunks)
+            return c.chat.completions.create(model="m", messages=_user(prompt), max_tokens=12).choices[0].message.content
+
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            futures = [(p, pool.submit(ask, p, s)) for p in prompts for s in (False, True)]
+            got = [(p, f.result(timeout=300)) for p, f in futures]
+        assert [text for _, text in got] == [alone[p] for p, _ in got]
+        with pytest.raises(openai.BadRequestError) as info:
+            c.chat.completions.create(model="m", messages=_user("Tell me about the weather. " * 200))
+        assert info.value.code == "context_length_exceeded" and "shared by 2 slots" in str(info.value)
+        health = httpx.get(srv.url + "/health", timeout=10).json()
+        assert health["parallel"] == 2 and health["busy_slots"] == 0 and health["served"] == 7
+
+
 def _free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -1,9 +1,10 @@
 """``guardrail serve``: an OpenAI-compatible HTTP server over one guard. This module wires it up.
 
 Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (whole or streamed over
-SSE), ``POST /v1/moderations``, ``GET /v1/models``, ``GET /health``. What each does lives in
-its own module: :mod:`.gate` (host, key, content type, body size), :mod:`.completions`,
-:mod:`.moderation`, :mod:`.runner` (turns and the queue), :mod:`.stream` (SSE), :mod:`.errors`.
+SSE), ``POST /v1/moderations``, ``GET /v1/models``, ``GET /health``, ``GET /metrics``. What each
+does lives in its own module: :mod:`.gate` (host, key, content type, body size), :mod:`.completions`,
+:mod:`.moderation`, :mod:`.runner` (turns and the queue), :mod:`.slots` (several answers at once),
+:mod:`.stream` (SSE), :mod:`.metrics` (Prometheus), :mod:`.errors`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .audit import AuditLog
@@ -24,6 +25,7 @@ from .config import ServerConfig
 from .context import ServerContext
 from .errors import APIError, api_error_from, validation_error
 from .gate import AUTHORIZED, Gate
+from .metrics import Metrics, RequestCounter
 from .moderation import moderate
 from .protocol import GuardLike
 from .runner import ClientGone, Runner
@@ -44,8 +46,10 @@ def create_app(guard: GuardLike | Callable[[], GuardLike], config: ServerConfig 
     """The FastAPI app serving ``guard`` (a Guard, or a zero-argument factory called once, now)
     as the operator's ``config`` says."""
     config = config or ServerConfig()
-    ctx = ServerContext(_resolve_guard(guard), config,
-                        Runner(queue_size=config.queue_size, queue_timeout_s=config.queue_timeout_s),
+    the_guard, metrics = _resolve_guard(guard), Metrics()
+    ctx = ServerContext(the_guard, config,
+                        Runner(the_guard, queue_size=config.queue_size, queue_timeout_s=config.queue_timeout_s,
+                               metrics=metrics), metrics,
                         AuditLog(config.audit_log, with_text=config.audit_text) if config.audit_log else None)
 
     @asynccontextmanager
@@ -60,6 +64,7 @@ def create_app(guard: GuardLike | Callable[[], GuardLike], config: ServerConfig 
     app.state.context = ctx
     app.add_middleware(Gate, api_key=config.api_key, allowed_hosts=config.allowed_hosts,
                        max_body_bytes=config.limits.max_body_bytes)
+    app.add_middleware(RequestCounter, metrics=metrics)  # outermost: the gate's refusals are counted too
     _errors(app)
 
     gate = (401, 403)  # every route: the key and the Host header (Gate)
@@ -72,7 +77,13 @@ def create_app(guard: GuardLike | Callable[[], GuardLike], config: ServerConfig 
         runner = ctx.runner
         return {"status": "ok", "model": ctx.model_name, "busy": runner.busy, "waiting": runner.waiting,
                 "queue_size": runner.queue_size, "served": runner.served, "refused": runner.refused,
-                "left_while_waiting": runner.left}
+                "left_while_waiting": runner.left, "parallel": runner.parallel, "busy_slots": runner.holding,
+                "kv_cells": ctx.guard.n_ctx}
+
+    @app.get("/metrics", response_class=PlainTextResponse, responses=documented(*gate))
+    async def metrics_text() -> Response:
+        body, kind = ctx.metrics.exposition()
+        return Response(body, media_type=kind)
 
     def model_card() -> dict[str, Any]:
         return {"id": ctx.model_name, "object": "model", "created": ctx.started, "owned_by": "guardrail",

@@ -8,12 +8,13 @@ context ends with ``finish_reason: "length"`` and keeps what was written.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response
 
+from guardrail.errors import ContextOverflowError
 from guardrail.runtime.events import DoneEvent, Event
 from guardrail.runtime.shapes import Answer, Chunks, response, risk_value
 
@@ -21,7 +22,7 @@ from .config import Limits
 from .context import ServerContext, request_id
 from .errors import APIError, api_error_from, bad_request
 from .options import request_options
-from .runner import Turn
+from .runner import Ask, Turn
 from .schemas import ChatCompletionRequest, CommonRequest, CompletionRequest
 from .stream import GenerationStream, StopHoldBack, dumps, sse_chunks
 
@@ -77,7 +78,7 @@ async def chat_completion(ctx: ServerContext, body: ChatCompletionRequest, reque
     _check_common(body, limits, ctx.guard.n_ctx)
     kwargs = body.sampling(ctx.sampling_defaults()) | request_options(body.guardrail, ctx.guard,
                                                                        ctx.config.client_options)
-    return await _answer(ctx, request, body, lambda: ctx.guard.chat(messages, **kwargs), chat=True,
+    return await _answer(ctx, request, body, Ask(messages=messages, kwargs=kwargs), chat=True,
                          audit_text={"messages": messages})
 
 
@@ -89,7 +90,7 @@ async def text_completion(ctx: ServerContext, body: CompletionRequest, request: 
     _check_common(body, limits, ctx.guard.n_ctx)
     kwargs = body.sampling(ctx.sampling_defaults()) | request_options(body.guardrail, ctx.guard,
                                                                        ctx.config.client_options)
-    return await _answer(ctx, request, body, lambda: ctx.guard.complete(prompt, **kwargs), chat=False,
+    return await _answer(ctx, request, body, Ask(prompt=prompt, kwargs=kwargs), chat=False,
                          audit_text={"prompt": prompt})
 
 
@@ -108,7 +109,7 @@ def _audit_hook(ctx: ServerContext, rid: str, endpoint: str, audit_text: dict[st
     return write
 
 
-async def _answer(ctx: ServerContext, request: Request, body: CommonRequest, start: Callable[[], Iterator[Event]],
+async def _answer(ctx: ServerContext, request: Request, body: CommonRequest, ask: Ask,
                   *, chat: bool, audit_text: dict[str, Any]) -> Response:
     """One answer on a turn of the guard: whole, or streamed (the stream then owns the turn)."""
     rid = request_id("chatcmpl" if chat else "cmpl")
@@ -117,8 +118,10 @@ async def _answer(ctx: ServerContext, request: Request, body: CommonRequest, sta
     async with ctx.runner.turn(request, rid) as turn:
         turn.on_release.append(_audit_hook(ctx, rid, request.url.path, audit_text))
         try:
-            await turn.start(start, StopHoldBack(body.stop) if body.stream and body.stop else None)
-        except Exception as exc:  # the template, the options, the prompt's length: the request's fault
+            await turn.start(ask, StopHoldBack(body.stop) if body.stream and body.stop else None)
+        except ContextOverflowError as exc:  # more than the KV budget could ever hold
+            raise over_budget(ctx, exc, "messages" if chat else "prompt") from None
+        except Exception as exc:  # the template, the options: the request's fault
             raise api_error_from(exc, preparing=True) from None
         # the first batch is read before answering, so a failure before the first token is a proper status
         batch = await _next(turn)
@@ -133,6 +136,14 @@ async def _answer(ctx: ServerContext, request: Request, body: CommonRequest, sta
         raise APIError(500, "the guard ended without finishing the answer", type="server_error", code="internal_error")
     reply = response(turn.answer, ctx.model_name, chat=chat, detail=config.detail, ident=rid, created=created)
     return Response(dumps(reply), media_type="application/json")
+
+
+def over_budget(ctx: ServerContext, exc: ContextOverflowError, param: str) -> APIError:
+    """A request the KV budget cannot hold: a 400 that says the budget."""
+    slots = ctx.guard.n_parallel
+    shared = f", shared by {slots} slots" if slots > 1 else ""
+    return bad_request(f"Invalid request: {exc}. This server's KV budget is {ctx.guard.n_ctx} tokens{shared}: "
+                       "shorten the conversation or lower max_tokens.", param=param, code="context_length_exceeded")
 
 
 async def _next(turn: Turn) -> list[Event]:

@@ -1,4 +1,4 @@
-"""What every endpoint shares: the guard, the operator's configuration, the runner, the audit log."""
+"""What every endpoint shares: the guard, the operator's configuration, the runner, the metrics, the audit log."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 
 from .audit import AuditLog
 from .config import ServerConfig
+from .metrics import Metrics
 from .protocol import GuardLike
 from .runner import Runner
 
@@ -18,6 +19,7 @@ class ServerContext:
     guard: GuardLike
     config: ServerConfig
     runner: Runner
+    metrics: Metrics
     audit: AuditLog | None = None
     started: int = field(default_factory=lambda: int(time.time()))
 

@@ -11,15 +11,17 @@ import time
 from typing import Any
 
 from .app import create_app
-from .config import LOOPBACK_HOST_HEADERS, ServerConfig, is_loopback
+from .config import DEFAULT_PARALLEL, LOOPBACK_HOST_HEADERS, ServerConfig, is_loopback
 
 log = logging.getLogger("guardrail.server")
 
 
 def serve(model: Any = None, head: Any = None, *, host: str = "127.0.0.1", port: int = 8000,
-          config: ServerConfig | None = None, log_level: str = "info", **guard_options: Any) -> None:
-    """Load the guard and serve it until interrupted (uvicorn). ``guard_options``: the Guard's own
-    (``n_ctx``, ``policy``, ``schedule``, ``threshold``, ``tau``, ...): the operator's guard."""
+          config: ServerConfig | None = None, log_level: str = "info", n_parallel: int = DEFAULT_PARALLEL,
+          **guard_options: Any) -> None:
+    """Load the guard and serve it until interrupted (uvicorn). ``n_parallel``: requests answered at once
+    (slots of one shared KV cache); ``guard_options``: the Guard's own (``n_ctx``, ``policy``,
+    ``schedule``, ``threshold``, ``tau``, ...): the operator's guard."""
     import uvicorn
 
     from guardrail.runtime.guard import Guard
@@ -29,16 +31,26 @@ def serve(model: Any = None, head: Any = None, *, host: str = "127.0.0.1", port:
         config = dataclasses.replace(config, allowed_hosts=LOOPBACK_HOST_HEADERS)
     if not config.api_key and not is_loopback(host):
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
-    guard = Guard(model, head, **{k: v for k, v in guard_options.items() if v is not None})
+    guard = Guard(model, head, n_parallel=n_parallel, **{k: v for k, v in guard_options.items() if v is not None})
     try:
         app = create_app(guard, config)
         url_host = f"[{host}]" if ":" in host else host
-        print(f"guardrail serve: {guard.model_name} (n_ctx {guard.n_ctx}, detail {config.detail}) on "
+        print(f"guardrail serve: {guard.model_name} (detail {config.detail}) on "
               f"http://{url_host}:{port}/v1{'' if config.api_key else ', no API key'}", file=sys.stderr, flush=True)
+        print(f"guardrail serve: {kv_budget(guard.n_ctx, guard.n_parallel, guard.model.info.kv_bytes_per_token)}",
+              file=sys.stderr, flush=True)
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
                     limit_concurrency=max(64, 4 * config.queue_size))
     finally:
         guard.close()
+
+
+def kv_budget(n_ctx: int, slots: int, bytes_per_token: int) -> str:
+    """The KV memory budget, in words: what the startup line says."""
+    mib = n_ctx * bytes_per_token / 2**20
+    share = f"shared by {slots} slots ({slots} requests at once)" if slots > 1 else "for one request at a time"
+    return (f"KV budget {n_ctx} tokens ({mib:.0f} MiB), {share}; a request longer than the budget is a 400, "
+            "one that fits only when others finish waits")
 
 
 class BackgroundServer:

@@ -21,7 +21,7 @@ from guardrail.errors import ContextOverflowError
 
 from .context import ServerContext, request_id
 from .errors import api_error_from, bad_request
-from .protocol import GuardLike
+from .protocol import VerdictLike
 from .runner import Turn
 from .schemas import ModerationRequest
 from .stream import dumps
@@ -29,22 +29,21 @@ from .stream import dumps
 CATEGORIES = ("harmful",)
 
 
-def _verdict(guard: GuardLike, text: str) -> tuple[float, bool]:
-    """(risk, flagged) of one text as a user's request; on the worker thread."""
-    if not text.strip():
-        return 0.0, False
-    messages = [{"role": "user", "content": text}]
-    verdict = guard.score(messages)
+def _verdict(verdict: VerdictLike) -> tuple[float, bool]:
+    """(risk, flagged); a non-finite risk is flagged."""
     risk = float(verdict.risk)
     if not math.isfinite(risk):
         return 1.0, True
     return risk, bool(verdict.malicious)
 
 
-async def _score(turn: Turn, guard: GuardLike, text: str) -> tuple[float, bool]:
-    """One text's verdict on the turn's worker; a text past the context is the request's fault (a 400)."""
+async def _score(turn: Turn, text: str) -> tuple[float, bool]:
+    """One text's verdict as a user's request, on the turn's worker; a text past the context is the
+    request's fault (a 400)."""
+    if not text.strip():
+        return 0.0, False
     try:
-        return await turn.call(_verdict, guard, text)
+        return _verdict(await turn.score([{"role": "user", "content": text}]))
     except ContextOverflowError as exc:
         raise bad_request(f"Invalid request: input: {exc}", param="input", code="context_length_exceeded") from None
     except Exception as exc:
@@ -65,8 +64,10 @@ async def moderate(ctx: ServerContext, body: ModerationRequest, request: Request
     verdicts = []
     async with ctx.runner.turn(request, rid) as turn:
         for text in texts:
-            verdicts.append(await _score(turn, ctx.guard, text))
+            verdicts.append(await _score(turn, text))
             await turn.check_client()
+    for _, flagged in verdicts:
+        ctx.metrics.moderated(flagged)
     full = ctx.config.detail == "full"
     results = []
     for i, (risk, flagged) in enumerate(verdicts):

@@ -8,7 +8,7 @@ each member the way the server does.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from guardrail.runtime.events import Event
@@ -28,15 +28,41 @@ class VerdictLike(Protocol):
     def threshold(self) -> float: ...
 
 
+class BatchLike(Protocol):
+    """``Guard.batch()``: several answers stepped together on one thread, one ``llama_decode`` a step.
+
+    A request is what ``chat_request``/``text_request`` made; a job is opaque (``cancel`` takes it
+    back). ``start`` and ``score`` return None when no slot or KV cells are free now."""
+
+    @property
+    def active(self) -> bool: ...
+
+    def start(self, request: Any, sink: Callable[[Event], None],
+              on_end: Callable[[BaseException | None], None] = ...) -> object | None: ...
+
+    def score(self, request: Any,
+              on_end: Callable[[VerdictLike | None, BaseException | None], None]) -> object | None: ...
+
+    def step(self) -> None: ...
+
+    def cancel(self, job: Any) -> None: ...
+
+    def close(self) -> None: ...
+
+
 @runtime_checkable
 class GuardLike(Protocol):
-    """One model under one head, running one generation at a time."""
+    """One model under one head: one generation at a time (``chat``, ``complete``, ``score``), or
+    ``n_parallel`` answers in slots of one shared KV cache (``batch``)."""
 
     @property
     def model_name(self) -> str: ...
 
     @property
     def n_ctx(self) -> int: ...
+
+    @property
+    def n_parallel(self) -> int: ...
 
     def resolve_options(self, **overrides: Any) -> ResolvedOptions: ...
 
@@ -50,6 +76,16 @@ class GuardLike(Protocol):
                  stop: Sequence[str] | str | None = ..., **guard: Any) -> Iterator[Event]: ...
 
     def score(self, messages: Sequence[Mapping[str, str]], **guard: Any) -> VerdictLike: ...
+
+    def chat_request(self, messages: Sequence[Mapping[str, str]], *, max_tokens: int = ..., temperature: float = ...,
+                     top_p: float = ..., top_k: int = ..., min_p: float = ..., seed: int | None = ...,
+                     repeat_penalty: float = ..., stop: Sequence[str] | str | None = ..., **guard: Any) -> object: ...
+
+    def text_request(self, prompt: str, *, max_tokens: int = ..., temperature: float = ..., top_p: float = ...,
+                     top_k: int = ..., min_p: float = ..., seed: int | None = ..., repeat_penalty: float = ...,
+                     stop: Sequence[str] | str | None = ..., **guard: Any) -> object: ...
+
+    def batch(self) -> BatchLike: ...
 
     def close(self) -> None: ...
 
