@@ -217,7 +217,7 @@ def capture_demo(model: str | None, layer: int | None, max_tokens: int, prompt: 
 
 
 @cli.command()
-@click.argument("what", type=click.Choice(["capture", "guard", "chat", "extraction"]), default="capture")
+@click.argument("what", type=click.Choice(["capture", "guard", "chat", "batch", "extraction"]), default="capture")
 @click.option("--model", default=None, help=MODEL_HELP)
 @click.option("--head", default=None, help="a head file (guard, chat, extraction; default: the model's)")
 @click.option("--tokens", type=int, default=None, help="tokens generated per answer (capture 96, chat 96; "
@@ -229,13 +229,16 @@ def capture_demo(model: str | None, layer: int | None, max_tokens: int, prompt: 
 @click.option("--json", "as_json", is_flag=True, help="print the results as JSON")
 def bench(what, model, head, tokens, prompt_tokens, runs, schedules, threads, as_json) -> None:
     """Both sides in one run, as ratios: capture | guard (vs plain decoding) | chat (vs llama_cpp.Llama)
-    | extraction (vs plain prompt processing)."""
+    | batch (N answers at once vs plain batched llama.cpp, N = 1, 2, 4, 8) | extraction (vs plain prompt
+    processing)."""
     from guardrail.artifacts.models import resolve_model
     from guardrail.measure import bench as benches
     from guardrail.surfaces.ui import render_benchmark
 
     path = resolve_model(model)
-    if what == "capture":
+    if what == "batch":
+        report = benches.batch_benchmark(path, head, max_tokens=tokens or 96, runs=runs or 3, threads=threads)
+    elif what == "capture":
         report = benches.capture_benchmark(path, n_decode=tokens or 96, n_prompt=prompt_tokens, runs=runs or 5,
                                            threads=threads)
     else:

@@ -169,6 +169,86 @@ def guard_overhead(guard: Any, prompts: Sequence[str] = OVERHEAD_PROMPTS, *, max
 
 
 # ---------------------------------------------------------------------------
+# Several answers at once: the guard batched vs plain batched llama.cpp
+
+BATCH_PROMPTS = OVERHEAD_PROMPTS + (
+    "How do I keep basil alive indoors?", "Summarise the causes of the French Revolution.",
+    "What is a good routine for learning to play the guitar?", "Explain compound interest with an example.",
+    "Describe a walk through a pine forest in autumn.")
+
+
+def _plain_batched(context: Context, prompts: Sequence[Sequence[int]], max_tokens: int) -> tuple[int, float]:
+    """Greedy answers to ``prompts``, one sequence each, every running answer's next token in one
+    ``llama_decode`` per step (what llama.cpp's own batched decoding does); (tokens, seconds)."""
+    model = context.model
+    context.clear()
+    start = time.perf_counter()
+    samplers = [Sampler(model) for _ in prompts]
+    nexts = []  # each prompt's first token, sampled before the next decode overwrites its logits
+    for i, ids in enumerate(prompts):
+        nexts.append(samplers[i].sample(context, int(prefill(context, ids, seq=i).outputs[-1])))
+    pos = [len(ids) for ids in prompts]
+    running = [i for i in range(len(prompts)) if not model.is_eog(nexts[i])]
+    written = 0
+    for _ in range(max_tokens):
+        if not running:
+            break
+        result = context.decode([Entry(nexts[i], pos[i], (i,), True) for i in running])
+        written += len(running)
+        for row, i in enumerate(running):
+            pos[i] += 1
+            nexts[i] = samplers[i].sample(context, int(result.outputs[row]))
+        running = [i for i in running if not model.is_eog(nexts[i])]
+    for sampler in samplers:
+        sampler.close()
+    return written, time.perf_counter() - start
+
+
+def batch_benchmark(path: Path, head: str | None, *, ns: Sequence[int] = (1, 2, 4, 8), max_tokens: int = 96,
+                    runs: int = 3, threads: int | None = None) -> dict[str, Any]:
+    """Aggregate tokens/s of N guarded answers decoded together (``Guard.chat_many``, policy monitor so
+    the tokens are the same) vs N plain greedy answers batched the same way on plain llama.cpp, same
+    prompts, same context size and threads; runs interleaved in one process, for each N."""
+    from guardrail.runtime.chat import ChatFormat
+    from guardrail.runtime.guard import Guard
+
+    rows: list[dict[str, Any]] = []
+    for n in ns:
+        conversations = [[{"role": "user", "content": p}] for p in BATCH_PROMPTS[:n]]
+        with Guard(path, head, n_parallel=n, n_threads=threads) as guard:
+            plain_ctx = Context(guard.model, n_ctx=guard.n_ctx, n_batch=512, n_seq_max=max(2, n),
+                                n_threads=guard.context.n_threads)
+            prompts = [ChatFormat(guard.model).tokens(m).ids for m in conversations]
+
+            def guarded() -> tuple[int, float]:
+                guard.reset()
+                start = time.perf_counter()
+                tokens = sum(e.completion_tokens for _, e in guard.chat_many(conversations, max_tokens=max_tokens,
+                                                                              policy="monitor")
+                             if isinstance(e, DoneEvent))
+                return tokens, time.perf_counter() - start
+
+            def plain() -> tuple[int, float]:
+                return _plain_batched(plain_ctx, prompts, max_tokens)
+
+            plain(), guarded()  # warm both
+            results: dict[str, list[tuple[int, float]]] = {"plain": [], "guarded": []}
+            for run in range(runs):
+                for name, side in ((("plain", plain), ("guarded", guarded)) if run % 2 == 0
+                                   else (("guarded", guarded), ("plain", plain))):
+                    results[name].append(side())
+            plain_ctx.close()
+        tps = {k: statistics.median(t / s for t, s in v) for k, v in results.items()}
+        rows.append({"n": n, "plain_tps": tps["plain"], "guarded_tps": tps["guarded"],
+                     "ratio": tps["guarded"] / tps["plain"],
+                     "tokens": {k: [t for t, _ in v] for k, v in results.items()}})
+    base = float(rows[0]["plain_tps"]) if rows else 1.0
+    for row in rows:
+        row["plain_speedup"] = float(row["plain_tps"]) / base
+    return {"kind": "batch", "max_tokens": max_tokens, "runs": runs, "rows": rows}
+
+
+# ---------------------------------------------------------------------------
 # A chat: does the guard keep its cache between turns like llama_cpp.Llama does?
 
 CHAT_TURNS = (

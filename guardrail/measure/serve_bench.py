@@ -298,6 +298,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--queue-size", type=int, default=16)
     parser.add_argument("--compare", action="store_true", help="server_benchmark instead of a load run")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--parallel", type=int, nargs="+", default=[1],
+                        help="load run: slots (guardrail serve --parallel); several values, one run each")
     args = parser.parse_args(argv)
 
     from guardrail.runtime.guard import Guard
@@ -311,13 +313,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             report = server_benchmark(guard, COMPARE_PROMPTS, max_tokens=args.max_tokens, runs=args.runs)
         print(json.dumps(report, indent=2))
         return
-    with Guard(args.model, **options) as guard:
-        config = make_config({"queue_size": args.queue_size, "detail": "summary"})
-        with BackgroundServer(create_app(guard, config), limit_concurrency=4 * max(16, args.clients)) as server:
-            report = load_run(server.url, clients=args.clients, seconds=args.seconds, max_tokens=args.max_tokens)
-    report["model"] = guard.model_name
-    report["queue_size"] = args.queue_size
-    print(json.dumps(report, indent=2))
+    reports = []
+    for parallel in args.parallel:
+        with Guard(args.model, n_parallel=parallel, **options) as guard:
+            config = make_config({"queue_size": args.queue_size, "detail": "summary"})
+            with BackgroundServer(create_app(guard, config), limit_concurrency=4 * max(16, args.clients)) as server:
+                report = load_run(server.url, clients=args.clients, seconds=args.seconds, max_tokens=args.max_tokens)
+            report |= {"model": guard.model_name, "queue_size": args.queue_size, "parallel": parallel,
+                       "n_ctx": guard.n_ctx}
+        reports.append(report)
+    print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
 
 
 if __name__ == "__main__":

@@ -76,6 +76,15 @@ def render_benchmark(report: Mapping[str, Any], out: Console | None = None) -> N
                 out.print(f"guard ({s['schedule']}), {row['max_tokens']}-token answers: {s['ratio']:.3f}x plain "
                           f"tokens/s ({s['guarded_tps']:.1f} vs {s['plain_tps']:.1f}; {row['runs']} runs, "
                           f"{row['prompts']} prompts)")
+    elif report.get("kind") == "batch":
+        table = Table(title=f"N answers at once, {report['max_tokens']} tokens each: the guard batched vs plain "
+                            f"batched llama.cpp ({report['runs']} runs, medians)")
+        for column in ("N", "plain tok/s", "guarded tok/s", "ratio", "plain vs N=1"):
+            table.add_column(column, justify="right")
+        for r in report["rows"]:
+            table.add_row(str(r["n"]), f"{r['plain_tps']:.1f}", f"{r['guarded_tps']:.1f}", f"{r['ratio']:.3f}",
+                          f"{r['plain_speedup']:.2f}x")
+        out.print(table)
     elif "turns" in report:
         table = Table(title=f"A {len(report['turns'])}-turn chat on {report['model']}: guarded vs llama_cpp.Llama "
                             f"({report['runs']} runs, medians)")

@@ -366,10 +366,14 @@ ANSWER_ALPHA = 0.01
 
 def default_answer_recipe(config: FeatureConfig) -> tuple[AnswerRecipe, AnswerRule]:
     """The answer head and its rule, chosen on the model's own answers (README, "The answer stage")."""
+    # The study (README, "The answer stage"): over the latest 32 answer tokens and the query, labelled by
+    # the request, an EMA of 0.95 carrying the query check's logit stopped the most harmful answers the
+    # query check let through at 1% of benign answers cut (11 of 48 on validation; content labels from the
+    # rule judge, windows of 16 or 64 without the query, and rules without the query's logit: 0 to 6).
     mid, top = config.layers[1], config.layers[-1]
     recipe = AnswerRecipe(blocks=(f"l_out-{mid}/mean", f"l_out-{mid}/tail", f"l_out-{top}/last"),
-                          window=AnswerWindow(recent=32, query=False), labels="content")
-    return recipe, AnswerRule("ema", alpha=0.9)
+                          window=AnswerWindow(recent=32, query=True), labels="request")
+    return recipe, AnswerRule("ema", alpha=0.95, query_weight=1.0)
 
 
 def _answers(model: Model, sha: str, data_dir: Path, split: str, counts: tuple[int, int], tokens: int,
