@@ -90,8 +90,11 @@ def guard_options(func):
         click.option("--policy", type=click.Choice(POLICIES), default=None,
                      help="what a malicious verdict does (default refuse)"),
         click.option("--schedule", default=None, help="auto | every | annealing | first | periodic:K (default auto: every step when checks are free)"),
-        click.option("--threshold", type=float, default=None, help="override the head's threshold"),
-        click.option("--tau", type=int, default=None, help="consecutive malicious checks before acting mid-answer"),
+        click.option("--threshold", type=float, default=None, help="override the head's threshold (the query check)"),
+        click.option("--answer-threshold", type=float, default=None,
+                     help="override the answer stage's threshold (the checks during the answer; default: the head's)"),
+        click.option("--tau", type=int, default=None, help="consecutive malicious checks before acting mid-answer "
+                                                           "(heads without an answer stage)"),
         click.option("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, show_default=True),
         click.option("--temperature", type=float, default=SAMPLING.temperature, show_default=True, help="0 = greedy"),
         click.option("--top-p", type=float, default=SAMPLING.top_p, show_default=True),
@@ -105,25 +108,26 @@ def guard_options(func):
     return func
 
 
-def _guard(model, head, policy, schedule, threshold, tau):
+def _guard(model, head, policy, schedule, threshold, answer_threshold, tau):
     from guardrail.runtime.guard import Guard
 
-    return Guard(model, head, policy=policy, schedule=schedule, threshold=threshold, tau=tau)
+    return Guard(model, head, policy=policy, schedule=schedule, threshold=threshold,
+                 answer_threshold=answer_threshold, tau=tau)
 
 
 @cli.command()
 @guard_options
 @click.option("--prefill", default=None, help="start the assistant's answer with this text (a prefill)")
 @click.argument("prompt")
-def generate(prompt, prefill, model, head, policy, schedule, threshold, tau, max_tokens, temperature, top_p,
-             seed, system, mode) -> None:
+def generate(prompt, prefill, model, head, policy, schedule, threshold, answer_threshold, tau, max_tokens,
+             temperature, top_p, seed, system, mode) -> None:
     """Answer PROMPT under the guard, each token coloured by its risk."""
     from guardrail.surfaces.ui import render_stream
 
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     if prefill:
         messages.append({"role": "assistant", "content": prefill})
-    with _guard(model, head, policy, schedule, threshold, tau) as guard:
+    with _guard(model, head, policy, schedule, threshold, answer_threshold, tau) as guard:
         events = guard.chat(messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
         try:
             render_stream(events, mode=mode or "rich")
@@ -134,15 +138,17 @@ def generate(prompt, prefill, model, head, policy, schedule, threshold, tau, max
 
 @cli.command()
 @guard_options
-def chat(model, head, policy, schedule, threshold, tau, max_tokens, temperature, top_p, seed, system, mode) -> None:
+def chat(model, head, policy, schedule, threshold, answer_threshold, tau, max_tokens, temperature, top_p, seed, system,
+         mode) -> None:
     """Interactive multi-turn chat under the guard. Ctrl-C stops an answer; Ctrl-D or /exit quits."""
     from guardrail.surfaces.ui import render_stream
 
     history = [{"role": "system", "content": system}] if system else []
-    with _guard(model, head, policy, schedule, threshold, tau) as guard:
+    with _guard(model, head, policy, schedule, threshold, answer_threshold, tau) as guard:
         options = guard.resolve_options()
         click.echo(f"guardrail chat on {guard.model_name} (policy {options.policy}, schedule {options.schedule}, "
-                   f"threshold {options.threshold:.3f}, tau {options.tau}); /exit to quit", err=True)
+                   f"threshold {options.threshold:.3f}, answer stage {options.answer_rule.describe()} at "
+                   f"{options.answer_threshold:.3f}); /exit to quit", err=True)
         while True:
             try:
                 line = click.prompt("you", prompt_suffix="> ", default="", show_default=False)
@@ -460,9 +466,12 @@ def attack(model, head, data_dir, suites, per_suite, max_tokens, long_tokens, po
                    "server runs 4 too. 1: one request at a time")
 @click.option("--policy", type=click.Choice(POLICIES), default=None, help="the guard's policy (default refuse)")
 @click.option("--schedule", default=None, help="auto | every | annealing | first | periodic:K (default auto: every step when checks are free)")
-@click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None, help="override the head's threshold")
+@click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None,
+              help="override the head's threshold (the query check)")
+@click.option("--answer-threshold", type=click.FloatRange(0.0, 1.0), default=None,
+              help="override the answer stage's threshold (default: the head's)")
 @click.option("--tau", type=click.IntRange(min=1), default=None,
-              help="consecutive malicious checks before acting mid-answer")
+              help="consecutive malicious checks before acting mid-answer (heads without an answer stage)")
 @click.option("--client-options", default=None, metavar="RULES",
               help="what a request's 'guardrail' object may change: stricter (default: policy, threshold, tau only "
                    "towards a stricter guard), none, any, or KEY=any|stricter|none,... (e.g. threshold=any)")
@@ -485,7 +494,8 @@ def attack(model, head, data_dir, suites, per_suite, max_tokens, long_tokens, po
               help=f"max_tokens of a request that sets none (default {DEFAULT_MAX_TOKENS})")
 @click.option("--temperature", type=click.FloatRange(0.0, 2.0), default=None,
               help=f"temperature of a request that sets none (default {SAMPLING.temperature:g}: greedy)")
-def serve(model, head, host, port, api_key, n_ctx, parallel, policy, schedule, threshold, tau, client_options, detail,
+def serve(model, head, host, port, api_key, n_ctx, parallel, policy, schedule, threshold, answer_threshold, tau,
+          client_options, detail,
           queue_size, queue_timeout, send_timeout, allowed_hosts, audit_log, audit_log_text, config_file,
           max_tokens, temperature) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/moderations, /v1/models,
@@ -502,7 +512,7 @@ def serve(model, head, host, port, api_key, n_ctx, parallel, policy, schedule, t
     library = {"max_tokens": DEFAULT_MAX_TOKENS, "temperature": SAMPLING.temperature}
     settings["defaults"] = library | dict(settings.get("defaults") or {}) | flagged
     run_server(model, head, host=host, port=port, config=make_config(settings), n_ctx=n_ctx, n_parallel=parallel,
-               policy=policy, schedule=schedule, threshold=threshold, tau=tau)
+               policy=policy, schedule=schedule, threshold=threshold, answer_threshold=answer_threshold, tau=tau)
 
 
 def main() -> None:

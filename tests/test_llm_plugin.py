@@ -137,7 +137,8 @@ def test_options_reach_the_guard(guard_calls):
     halted = last_logged()["response_json"]["guardrail"]
     assert halted["finish_reason"] == "halt" and output.strip() == halted["interventions"][0]["text"]
 
-    run("-m", MODEL, HARMFUL, "-o", "threshold", "1.0", "-o", "max_tokens", "8")
+    # the two decisions have their own operating points: the query check's and the answer stage's
+    run("-m", MODEL, HARMFUL, "-o", "threshold", "1.0", "-o", "answer_threshold", "1.0", "-o", "max_tokens", "8")
     assert last_logged()["response_json"]["guardrail"]["intervened"] is False
 
     run("-m", MODEL, BENIGN, "-o", "schedule", "first", "-o", "max_tokens", "12", "-o", "tau", "3")
@@ -147,7 +148,7 @@ def test_options_reach_the_guard(guard_calls):
     assert [options for _, options in guard_calls] == [
         {"max_tokens": 8, "policy": "monitor"},
         {"max_tokens": 8, "policy": "halt"},
-        {"max_tokens": 8, "threshold": 1.0},
+        {"max_tokens": 8, "threshold": 1.0, "answer_threshold": 1.0},
         {"max_tokens": 12, "schedule": "first", "tau": 3},
     ]
 

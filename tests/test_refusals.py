@@ -59,10 +59,16 @@ def harmful_answers(guard):
 
 
 def test_every_guarded_answer_that_intervened_serves_nothing_after_the_refusal(harmful_answers):
+    """What the guard writes once it acts (the refusal and any reason of the model's) serves nothing.
+    Text shown before an answer-stage alarm stays (no backtracking) and is counted, whole, by the served
+    bound below; the keylogger request is stopped mid-answer after a code block of print loops that the
+    rule judge reads as structure (a reader: serves nothing), so judging the whole text here would test
+    the judge's over-count, not the refusal."""
     intervened = [(m, d) for m, d in harmful_answers if d.intervened]
     assert intervened
     for messages, done in intervened:
-        assert not judge_answer(messages, done.text).complied, done.text
+        refusal = done.text[done.text.find(DEFAULT_OPENER):] if DEFAULT_OPENER in done.text else done.text
+        assert not judge_answer(messages, refusal).complied, done.text
 
 
 def test_fresh_harmful_requests_are_served_no_more_often_than_measured(harmful_answers):

@@ -21,10 +21,12 @@ SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat
 RULES = ("any", "stricter", "none")
 #: the guard options a request may name, with their JSON types (the runtime checks the values)
 OPTION_TYPES: Mapping[str, tuple[type, ...]] = MappingProxyType({
-    "policy": (str,), "schedule": (str,), "threshold": (int, float), "tau": (int,), "opener": (str,),
+    "policy": (str,), "schedule": (str,), "threshold": (int, float), "answer_threshold": (int, float),
+    "tau": (int,), "opener": (str,),
     "r1": (int,), "r2": (int,), "r3": (int,)})
 OPTION_KEYS = tuple(OPTION_TYPES)
-STRICTER = MappingProxyType({"policy": "stricter", "threshold": "stricter", "tau": "stricter"})
+STRICTER = MappingProxyType({"policy": "stricter", "threshold": "stricter", "answer_threshold": "stricter",
+                             "tau": "stricter"})
 
 
 def client_rules(spec: str | Mapping[str, str] | None) -> dict[str, str]:

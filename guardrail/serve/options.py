@@ -26,7 +26,7 @@ assert set(_POLICY_RANK) == set(POLICIES), "rank every policy the runtime knows"
 def _stricter(key: str, wanted: Any, base: Any) -> bool:
     if key == "policy":
         return _POLICY_RANK[wanted] >= _POLICY_RANK[base]
-    if key in ("threshold", "tau"):  # a lower threshold flags more; a lower tau acts sooner
+    if key in ("threshold", "answer_threshold", "tau"):  # a lower threshold flags more; a lower tau acts sooner
         return bool(wanted <= base)
     return bool(wanted == base)  # no order: only the operator's own value
 
@@ -35,7 +35,7 @@ def _allowed(key: str, old: Any) -> str:
     if key == "policy":
         order = " < ".join(sorted(POLICIES, key=_POLICY_RANK.__getitem__))
         return f"a policy at least as strict as {old!r} ({order})"
-    if key in ("threshold", "tau"):
+    if key in ("threshold", "answer_threshold", "tau"):
         return f"a {key} of at most {old!r}"
     return f"only its own value, {old!r}"
 

@@ -117,7 +117,11 @@ class GuardedModel(llm.Model):
             None, description="when to check, a guard schedule such as every or periodic:K (default: the guard's)")
         threshold: float | None = Field(None, ge=0.0, le=1.0,
                                            description="malicious above this risk (default: the head's)")
-        tau: int | None = Field(None, ge=1, description="consecutive malicious checks before acting mid-answer")
+        answer_threshold: float | None = Field(
+            None, ge=0.0, le=1.0, description="the answer stage's threshold, the checks during the answer (default: "
+                                             "the head's)")
+        tau: int | None = Field(None, ge=1, description="consecutive malicious checks before acting mid-answer "
+                                                        "(heads without an answer stage)")
         max_tokens: int | None = Field(None, ge=1, description=f"answer length limit (default {DEFAULT_MAX_TOKENS})")
         temperature: float | None = Field(
             None, ge=0.0, le=2.0, description=f"{SamplingParams.temperature:g} (default) is greedy")
@@ -141,7 +145,8 @@ class GuardedModel(llm.Model):
 
         chosen = cast(GuardedModel.Options, prompt.options)
         messages = build_messages(prompt, conversation)
-        overrides = _given(policy=chosen.policy, schedule=chosen.schedule, threshold=chosen.threshold, tau=chosen.tau)
+        overrides = _given(policy=chosen.policy, schedule=chosen.schedule, threshold=chosen.threshold,
+                           answer_threshold=chosen.answer_threshold, tau=chosen.tau)
         sampling = _given(max_tokens=chosen.max_tokens, temperature=chosen.temperature, top_p=chosen.top_p,
                           seed=chosen.seed)
         try:
@@ -164,7 +169,8 @@ class GuardedModel(llm.Model):
             events.close()
             response.response_json = {"guardrail": {
                 "model": guard.model_name, "policy": resolved.policy, "schedule": str(resolved.schedule),
-                "threshold": resolved.threshold, "tau": resolved.tau} | answer.summary()}
+                "threshold": resolved.threshold, "answer_threshold": resolved.answer_threshold,
+                "tau": resolved.tau} | answer.summary()}
             if answer.done is not None:
                 response.set_usage(input=answer.done.prompt_tokens, output=answer.done.completion_tokens)
 
