@@ -21,8 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from guardrail.training.answer_stage import answer_stage_of, by_source, curve, load_conversations, rates, replay
-from guardrail.training.answers import AnswerStore, choose_requests
+from guardrail.training.answer_stage import answer_stage_of, by_source, curve, rates, replay
 
 HAND_LABELS = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "answer_labels_test.jsonl"
 
@@ -54,21 +53,13 @@ def answer_report(model_spec: str | None, head_path: str | None, *, data_dir: Pa
     answers when they exist), that reading says whether and from where it serves the request; the
     rule judge reads the rest (it over-counts service on long answers: README, "The content judge")."""
     from guardrail.training.answer_stage import hand_served
-    from guardrail.training.data import read_jsonl
-    from guardrail.training.pipeline import ANSWER_PLANS, answer_layers, ensure_training_set, model_and_head
-    from guardrail.training.progress import progress_bar
+    from guardrail.training.pipeline import ANSWER_PLANS, ensure_training_set, model_and_head, split_answers
 
     model, sha, head = model_and_head(model_spec, head_path)
     data_dir = data_dir or ensure_training_set("full", progress=progress)
-    rows = read_jsonl(data_dir / "test.jsonl")
     plan = ANSWER_PLANS["full"].test  # the held-out answers training reported on, by default
-    items = choose_requests(rows, plan[0] if n_harmful is None else n_harmful, plan[1] if n_benign is None else n_benign,
-                            salt="answers-test", max_tokens=max_tokens)
-    store = AnswerStore(model, sha, answer_layers(model))
-    with progress_bar(progress) as bar:
-        task = bar.add_task("answers (held-out requests)", total=len(store.missing(items)))
-        cost = store.generate(items, progress=lambda n: bar.advance(task, n))
-    convs, judged = load_conversations(store, items, {r.id: r for r in rows}, model.detokenize)
+    counts = (plan[0] if n_harmful is None else n_harmful, plan[1] if n_benign is None else n_benign)
+    convs, judged, cost = split_answers(model, sha, data_dir, "test", counts, max_tokens, progress)
     label_file = labels or (HAND_LABELS if HAND_LABELS.is_file() else None)
     hand = hand_served(convs, read_labels(label_file), model.detokenize) if label_file else [False] * len(convs)
     served = [j if h is False else h for h, j in zip(hand, judged)]

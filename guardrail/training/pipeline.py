@@ -376,10 +376,11 @@ def default_answer_recipe(config: FeatureConfig) -> tuple[AnswerRecipe, AnswerRu
     return recipe, AnswerRule("ema", alpha=0.95, query_weight=1.0)
 
 
-def _answers(model: Model, sha: str, data_dir: Path, split: str, counts: tuple[int, int], tokens: int,
-             progress: bool) -> tuple[list, list]:
+def split_answers(model: Model, sha: str, data_dir: Path, split: str, counts: tuple[int, int], tokens: int,
+                  progress: bool) -> tuple[list, list, dict[str, float]]:
     """The model's own answers to a split's chosen requests (generated once, stored), with where each
-    harmful one starts to serve its request."""
+    harmful one starts to serve its request (the rule judge's reading), and what generating the
+    missing ones cost."""
     from .answer_stage import load_conversations
     from .answers import AnswerStore, choose_requests
     from .data import read_jsonl
@@ -390,8 +391,8 @@ def _answers(model: Model, sha: str, data_dir: Path, split: str, counts: tuple[i
     store = AnswerStore(model, sha, answer_layers(model))
     with progress_bar(progress) as bar:
         task = bar.add_task(f"the model's own answers: {split}", total=len(store.missing(items)))
-        store.generate(items, progress=lambda n: bar.advance(task, n))
-    return load_conversations(store, items, {r.id: r for r in rows}, model.detokenize)
+        cost = store.generate(items, progress=lambda n: bar.advance(task, n))
+    return (*load_conversations(store, items, {r.id: r for r in rows}, model.detokenize), cost)
 
 
 def train_answer_stage(model: Model, sha: str, data_dir: Path, head: Head, config: FeatureConfig, preset: str, *,
@@ -405,9 +406,9 @@ def train_answer_stage(model: Model, sha: str, data_dir: Path, head: Head, confi
 
     plan = ANSWER_PLANS.get(preset, ANSWER_PLANS["quick"])
     recipe, rule = default_answer_recipe(config)
-    train = _answers(model, sha, data_dir, "train", plan.train, plan.train_tokens, progress)
-    val = _answers(model, sha, data_dir, "val", plan.val, plan.eval_tokens, progress)
-    test = _answers(model, sha, data_dir, "test", plan.test, plan.eval_tokens, progress)
+    train = split_answers(model, sha, data_dir, "train", plan.train, plan.train_tokens, progress)[:2]
+    val = split_answers(model, sha, data_dir, "val", plan.val, plan.eval_tokens, progress)[:2]
+    test = split_answers(model, sha, data_dir, "test", plan.test, plan.eval_tokens, progress)[:2]
     answer = quantized(fit_answer_head(*train, *val, recipe, head.fingerprint))
     stage = {"rule": rule.describe(), "recent": recipe.window.recent, "query": recipe.window.query,
              "blocks": list(recipe.blocks), "labels": recipe.labels, "alpha": ANSWER_ALPHA}
