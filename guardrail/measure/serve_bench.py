@@ -16,6 +16,7 @@ to the first token (queueing included) at the median and the 95th percentile.
 
     python -m guardrail.measure.serve_bench --clients 16 --seconds 60   # the load run
     python -m guardrail.measure.serve_bench --compare --runs 3           # server vs in process
+    python -m guardrail.measure.serve_bench --single --parallel 4        # one request: 4 slots vs 1
 """
 
 from __future__ import annotations
@@ -158,6 +159,52 @@ def server_benchmark(guard: Any, prompts: Sequence[str], max_tokens: int = 32, *
     }
 
 
+def single_request_benchmark(model: str | None, prompts: Sequence[str], *, parallel: int = 4, max_tokens: int = 64,
+                             runs: int = 3, guard_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One request at a time, a server with ``parallel`` slots vs a server with one, over HTTP.
+
+    What a lone user pays for slots they do not use: the slotted server steps its answer
+    through the batch worker, the one-slot server through its own call. Both servers run in
+    this process (one model each, never two processes), requests alternate between them
+    (their order swapped every run) after an untimed warm-up of each; every run numbers its
+    prompts afresh, so neither server holds a sample's prompt from before (a slotted server's
+    worker holds its Guard, which cannot be reset from outside). ``ratios``: slotted / one slot."""
+    import httpx
+
+    from guardrail.runtime.guard import Guard
+    from guardrail.serve.app import create_app
+    from guardrail.serve.config import make_config
+    from guardrail.serve.launch import BackgroundServer
+
+    if not prompts or runs < 1 or max_tokens < 1 or parallel < 2:
+        raise ValueError("single_request_benchmark needs prompts, runs and max_tokens >= 1, parallel >= 2")
+    options = {k: v for k, v in (guard_options or {}).items() if v is not None}
+    conversations = [[{"role": "user", "content": p}] for p in prompts]
+    samples: dict[str, list[dict[str, Any]]] = {"one": [], "slots": []}
+    mismatches = 0
+    config = make_config({"client_options": "any"})
+    with Guard(model, n_parallel=1, **options) as one, Guard(model, n_parallel=parallel, **options) as slotted, \
+            BackgroundServer(create_app(one, config)) as s1, BackgroundServer(create_app(slotted, config)) as s2, \
+            httpx.Client(base_url=s1.url, timeout=600.0) as h1, httpx.Client(base_url=s2.url, timeout=600.0) as h2:
+        sides = {"one": (one, h1), "slots": (slotted, h2)}
+        for _, http in sides.values():
+            _over_http(http, conversations[0], max_tokens, {})
+        for run in range(runs):
+            for prompt in prompts:
+                messages = [{"role": "user", "content": f"({run + 1}) {prompt}"}]
+                got = {}
+                for name in ("one", "slots") if run % 2 == 0 else ("slots", "one"):
+                    got[name] = _over_http(sides[name][1], messages, max_tokens, {})
+                    samples[name].append(got[name])
+                mismatches += got["one"]["text"] != got["slots"]["text"]
+        n_ctx = {"one": one.n_ctx, "slots": slotted.n_ctx}
+    a, b = _medians(samples["one"]), _medians(samples["slots"])
+    return {"model": model, "parallel": parallel, "n_ctx": n_ctx, "prompts": len(prompts), "runs": runs,
+            "max_tokens": max_tokens, "one_slot": a, "slots": b,
+            "ratios": {k: (b[k] / a[k] if a[k] else None) for k in ("ttft_s", "total_s", "decode_tokens_per_s")},
+            "same_text": mismatches == 0, "mismatches": mismatches}
+
+
 # ---- load ------------------------------------------------------------------------------------
 
 LOAD_PROMPTS = (
@@ -297,6 +344,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--n-ctx", type=int, default=None)
     parser.add_argument("--queue-size", type=int, default=16)
     parser.add_argument("--compare", action="store_true", help="server_benchmark instead of a load run")
+    parser.add_argument("--single", action="store_true",
+                        help="one request at a time: a server with --parallel slots vs one with a single slot")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--parallel", type=int, nargs="+", default=[1],
                         help="load run: slots (guardrail serve --parallel); several values, one run each")
@@ -308,6 +357,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     from guardrail.serve.launch import BackgroundServer
 
     options = {"n_ctx": args.n_ctx} if args.n_ctx else {}
+    if args.single:
+        report = single_request_benchmark(args.model, COMPARE_PROMPTS, parallel=max(args.parallel),
+                                          max_tokens=args.max_tokens, runs=args.runs, guard_options=options)
+        print(json.dumps(report, indent=2))
+        return
     if args.compare:
         with Guard(args.model, **options) as guard:
             report = server_benchmark(guard, COMPARE_PROMPTS, max_tokens=args.max_tokens, runs=args.runs)
