@@ -228,7 +228,8 @@ def attack_report(model_spec: str | None, head_path: str | None, *, per_suite: i
     cases = build_cases(examples, per_suite=per_suite, suites=suites, max_tokens=max_tokens,
                         long_tokens=long_tokens)
     options = {k: v for k, v in guard_options.items() if v is not None}
-    with Guard(model_spec, head_path, n_parallel=parallel or attack_parallel(), **options) as guard:
+    slots = parallel or attack_parallel()
+    with Guard(model_spec, head_path, n_parallel=slots, **options) as guard:
         with progress_bar(progress) as bar:
             task = bar.add_task("attack suites", total=len(cases))
             outcomes = run_cases(guard, cases, max_tokens=max_tokens, progress=lambda: bar.advance(task))
@@ -241,7 +242,7 @@ def attack_report(model_spec: str | None, head_path: str | None, *, per_suite: i
     report["max_tokens"] = max_tokens
     report["long_tokens"] = long_tokens
     report["per_suite"] = per_suite
-    report["parallel"] = parallel or attack_parallel()
+    report["parallel"] = slots
     report["judge"] = {"min_words": DEFAULT_JUDGE.min_words, "min_overlap": DEFAULT_JUDGE.min_overlap}
     report["examples"] = [{"suite": o.case.suite, "guarded": o.guarded_text[:160], "unguarded": o.unguarded_text[:160],
                            "intervened": o.intervened, "guarded_complied": o.guarded.complied}

@@ -179,22 +179,21 @@ def single_request_benchmark(model: str | None, prompts: Sequence[str], *, paral
     if not prompts or runs < 1 or max_tokens < 1 or parallel < 2:
         raise ValueError("single_request_benchmark needs prompts, runs and max_tokens >= 1, parallel >= 2")
     options = {k: v for k, v in (guard_options or {}).items() if v is not None}
-    conversations = [[{"role": "user", "content": p}] for p in prompts]
     samples: dict[str, list[dict[str, Any]]] = {"one": [], "slots": []}
     mismatches = 0
     config = make_config({"client_options": "any"})
     with Guard(model, n_parallel=1, **options) as one, Guard(model, n_parallel=parallel, **options) as slotted, \
             BackgroundServer(create_app(one, config)) as s1, BackgroundServer(create_app(slotted, config)) as s2, \
             httpx.Client(base_url=s1.url, timeout=600.0) as h1, httpx.Client(base_url=s2.url, timeout=600.0) as h2:
-        sides = {"one": (one, h1), "slots": (slotted, h2)}
-        for _, http in sides.values():
-            _over_http(http, conversations[0], max_tokens, {})
+        clients = {"one": h1, "slots": h2}
+        for http in clients.values():
+            _over_http(http, [{"role": "user", "content": prompts[0]}], max_tokens, {})
         for run in range(runs):
             for prompt in prompts:
                 messages = [{"role": "user", "content": f"({run + 1}) {prompt}"}]
                 got = {}
                 for name in ("one", "slots") if run % 2 == 0 else ("slots", "one"):
-                    got[name] = _over_http(sides[name][1], messages, max_tokens, {})
+                    got[name] = _over_http(clients[name], messages, max_tokens, {})
                     samples[name].append(got[name])
                 mismatches += got["one"]["text"] != got["slots"]["text"]
         n_ctx = {"one": one.n_ctx, "slots": slotted.n_ctx}

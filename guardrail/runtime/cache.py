@@ -28,9 +28,10 @@ up to the highest one in use, masked or not, at nearly the cost of a real one on
 the CPU (measured: 8 answers over 40-token prompts decode at 97 tokens/s, at 65
 with 4,000 cells of another sequence below them). A long run of one-shot
 conversations (an attack suite, training's answers) retires a whole conversation
-at every admission, and those cells were freed only once the context filled: the
-full 8-slot attack run took 41 minutes where one slot took 13. So retired cells
-are bounded: past ``retire_limit`` they are freed while answers run. The running
+at every admission, and those cells were freed only once the context filled. So
+retired cells are bounded: past ``retire_limit`` they are freed while answers run
+(on the attack suites this alone did not make 8 slots faster than one on a 2-core
+CPU: see ``measure.attack.attack_parallel``). The running
 answers' next tokens then fill cells below their own, which moves their numbers
 by float rounding (up to about 0.6 of a logit, as the cache growing past a block
 does), so long runs trade exactness for speed; small ones stay exact.
