@@ -22,6 +22,8 @@ import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from guardrail.errors import ContextOverflowError
+
 from .events import CheckEvent, DoneEvent, Event, InterventionEvent, QueryEvent, TokenEvent
 
 DETAILS = ("full", "summary", "none")
@@ -159,6 +161,13 @@ class Answer:
                          elapsed_s=elapsed_s, tokens_per_s=n / elapsed_s if elapsed_s > 0 else 0.0, guard_s=0.0)
         self.add(done)
         return done
+
+    def end_on_overflow(self, error: BaseException, elapsed_s: float) -> DoneEvent:
+        """The end an error leaves: an answer that ran out of context after its query keeps what it
+        wrote (a ``length`` end); anything else, a prompt that never fitted included, is raised."""
+        if isinstance(error, ContextOverflowError) and self.query is not None:
+            return self.length_end(elapsed_s)
+        raise error
 
     # -- what a client sees -----------------------------------------------------------------
 

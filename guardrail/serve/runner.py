@@ -96,8 +96,9 @@ class Runner:
         self.parallel = max(1, int(guard.n_parallel))
         self.metrics = metrics
         self.worker = Worker(guard) if self.parallel > 1 else None
-        self._executor = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="guardrail-generate")
-                          if self.worker is None else None)
+        # The one thread every guard call runs on, in order: the batch's worker, or a plain one for one slot.
+        self._thread: Worker | ThreadPoolExecutor = self.worker or ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="guardrail-generate")
         self._slots: asyncio.Semaphore | None = None  # made on the serving loop, on first use
         self.holding = 0  # slots held by admitted requests
         self.waiting = 0
@@ -186,26 +187,18 @@ class Runner:
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the worker thread (every guard call goes there, in order)."""
-        if self.worker is not None:
-            return await asyncio.wrap_future(self.worker.submit(fn, *args))
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await asyncio.wrap_future(self._thread.submit(fn, *args))
 
     def submit(self, fn: Callable[[], Any]) -> None:
         """Queue ``fn`` on the worker without waiting for it (a release's clean-up)."""
         try:
-            if self.worker is not None:
-                self.worker.submit(fn)
-            elif self._executor is not None:
-                self._executor.submit(fn)
+            self._thread.submit(fn)
         except RuntimeError:  # shut down: nothing left to clean
             pass
 
     async def drain(self) -> None:
         """Let the worker finish what is queued (closes), off the loop, so the guard can be closed."""
-        if self.worker is not None:
-            await asyncio.to_thread(self.worker.stop)
-        elif self._executor is not None:
-            await asyncio.to_thread(self._executor.shutdown, wait=True)
+        await asyncio.to_thread(self._thread.shutdown)
 
 
 class Turn:
@@ -330,10 +323,8 @@ class Turn:
                         pass
                 if isinstance(event, (TokenEvent, DoneEvent)):
                     return out
-        except ContextOverflowError:
-            if self.answer.query is None:
-                raise  # the prompt itself does not fit: the request's fault
-            out.append(self._seen(self.answer.length_end(time.perf_counter() - self._started)))  # keeps its text
+        except ContextOverflowError as error:
+            out.append(self._seen(self.answer.end_on_overflow(error, time.perf_counter() - self._started)))
         self._finished = True
         return out
 

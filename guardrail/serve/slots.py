@@ -26,7 +26,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from guardrail.errors import ContextOverflowError
 from guardrail.runtime.events import DoneEvent, Event, TokenEvent
 from guardrail.runtime.shapes import Answer
 
@@ -73,8 +72,9 @@ class Worker:
         self._commands.put(command)
         return future
 
-    def stop(self) -> None:
-        """Run what is queued (the last cancels), close the batch, end the thread (blocks: call off the loop)."""
+    def shutdown(self) -> None:
+        """Run what is queued (the last cancels), close the batch, end the thread (blocks: call off the loop;
+        named as ThreadPoolExecutor's, which the one-slot server runs its calls on instead)."""
         with self._start_lock:
             self._stopped = True
             thread = self._thread
@@ -237,10 +237,9 @@ class Batched:
             item = await self.inbox.get()
             if isinstance(item, _End):
                 self.finished = True
-                if isinstance(item.error, ContextOverflowError) and self.answer.query is not None:
-                    out.append(self.on_event(self.answer.length_end(time.perf_counter() - self.started)))
-                elif item.error is not None:
-                    raise item.error
+                if item.error is not None:
+                    out.append(self.on_event(self.answer.end_on_overflow(item.error,
+                                                                         time.perf_counter() - self.started)))
                 break
             out.append(item)
             if isinstance(item, DoneEvent):

@@ -406,9 +406,10 @@ def train_answer_stage(model: Model, sha: str, data_dir: Path, head: Head, confi
 
     plan = ANSWER_PLANS.get(preset, ANSWER_PLANS["quick"])
     recipe, rule = default_answer_recipe(config)
-    train = split_answers(model, sha, data_dir, "train", plan.train, plan.train_tokens, progress)[:2]
-    val = split_answers(model, sha, data_dir, "val", plan.val, plan.eval_tokens, progress)[:2]
-    test = split_answers(model, sha, data_dir, "test", plan.test, plan.eval_tokens, progress)[:2]
+    splits = {name: split_answers(model, sha, data_dir, name, counts, tokens, progress)
+              for name, counts, tokens in (("train", plan.train, plan.train_tokens),
+                                           ("val", plan.val, plan.eval_tokens), ("test", plan.test, plan.eval_tokens))}
+    train, val, test = ((conversations, judged) for conversations, judged, _ in splits.values())
     answer = quantized(fit_answer_head(*train, *val, recipe, head.fingerprint))
     stage = {"rule": rule.describe(), "recent": recipe.window.recent, "query": recipe.window.query,
              "blocks": list(recipe.blocks), "labels": recipe.labels, "alpha": ANSWER_ALPHA}
@@ -425,5 +426,6 @@ def train_answer_stage(model: Model, sha: str, data_dir: Path, head: Head, confi
     metrics = {"recipe": recipe.describe(), "rule": rule.describe(), "threshold": threshold,
                "val": rates(replay(final, *val), head.threshold, threshold),
                "test": rates(replay(final, *test), head.threshold, threshold),
-               "answers": {"train": len(train[0]), "val": len(val[0]), "test": len(test[0])}}
+               "answers": {"train": len(train[0]), "val": len(val[0]), "test": len(test[0])},
+               "generated": {name: cost for name, (_, _, cost) in splits.items()}}
     return replace(calibrated, metrics=metrics)
