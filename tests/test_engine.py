@@ -133,3 +133,16 @@ def test_an_existing_llama_shares_its_weights(model_path):
     assert answer["choices"][0]["text"].strip()  # the Llama still decodes with its own weights
     logits = np.asarray(llm.scores[llm.n_tokens - 1])
     assert logits.shape == (shared.info.n_vocab,) and np.isfinite(logits).all()
+
+
+def test_one_answer_on_a_cpu_runs_flash_attention_off_and_several_answers_keep_llamas_choice(monkeypatch):
+    # Off is llama_cpp.Llama's default and decodes a chat's new turn faster on a CPU; several answers in
+    # one cache need it on (off, each answer's attention computes the others' masked cells).
+    import guardrail.runtime.engine as engine
+
+    monkeypatch.setattr(engine, "gpu_offload", lambda: False)
+    assert engine.default_flash_attn(1) is False
+    assert engine.default_flash_attn(4) is None
+    monkeypatch.setattr(engine, "gpu_offload", lambda: True)
+    assert engine.default_flash_attn(1) is None
+

@@ -157,7 +157,8 @@ def test_training_extraction_and_the_decoding_loop_read_the_same_features(model_
     with Guard(model_path, policy="monitor") as guard:
         layers = tuple(sorted({int(parse_block(b.name)[0][6:]) for b in guard.head.blocks}))
         verdict = guard.score(messages)
-        extractor = FeatureExtractor(guard.model, FeatureConfig(layers=layers, probes=(guard.head.probe_text,)))
+        extractor = FeatureExtractor(guard.model, FeatureConfig(layers=layers, probes=(guard.head.probe_text,),
+                                                                  flash_attn=guard.context.flash_attn))
         try:
             features = extractor.extract([messages])
         finally:

@@ -28,7 +28,7 @@ def guard(model_path):
 
 
 def _plain(guard, messages, n):
-    with Context(guard.model, n_ctx=guard.n_ctx) as ctx:
+    with Context(guard.model, n_ctx=guard.n_ctx, flash_attn=guard.context.flash_attn) as ctx:
         steps = generate(ctx, ChatFormat(guard.model).tokens(messages).ids, Sampler(guard.model), max_tokens=n)
         return "".join(s.text for s in steps)
 

@@ -46,9 +46,9 @@ def attack_parallel() -> int:
     fraction of a whole-prompt decode) and each answer's attention still reads every other answer's
     cells, so batching gains nothing on answers over long prompts there (see README, "Several answers
     at once")."""
-    import llama_cpp
+    from guardrail.runtime.engine import gpu_offload
 
-    return 8 if llama_cpp.llama_supports_gpu_offload() else 1
+    return 8 if gpu_offload() else 1
 
 
 def is_refusal(text: str) -> bool:

@@ -18,7 +18,7 @@ from typing import Any, cast
 import llama_cpp
 
 from guardrail.runtime.capture import layer_name
-from guardrail.runtime.engine import Context, Entry, Model, Sampler, SamplingParams, prefill
+from guardrail.runtime.engine import Context, Entry, Model, Sampler, SamplingParams, default_flash_attn, prefill
 from guardrail.runtime.events import DoneEvent, TokenEvent
 
 _TEXT = ("The history of the printing press begins in the fifteenth century, when movable type "
@@ -32,7 +32,8 @@ def _prompt_tokens(model: Model, n: int) -> list[int]:
 
 def _engine_runner(model: Model, hooks: Sequence[str], n_ctx: int, threads: int,
                    prompt: list[int], continuation: list[int]) -> Callable[[], tuple[float, float]]:
-    context = Context(model, n_ctx=n_ctx, n_batch=512, hooks=hooks, n_threads=threads)
+    context = Context(model, n_ctx=n_ctx, n_batch=512, hooks=hooks, n_threads=threads,
+                      flash_attn=default_flash_attn(1))  # as a one-answer guard decodes
     sampler = Sampler(model)
 
     def run() -> tuple[float, float]:
@@ -128,7 +129,8 @@ def guard_overhead(guard: Any, prompts: Sequence[str] = OVERHEAD_PROMPTS, *, max
     from guardrail.runtime.engine import generate
 
     model = guard.model
-    plain_ctx = Context(model, n_ctx=guard.n_ctx, n_batch=512, n_threads=guard.context.n_threads)
+    plain_ctx = Context(model, n_ctx=guard.n_ctx, n_batch=512, n_threads=guard.context.n_threads,
+                        flash_attn=guard.context.flash_attn)
     fmt = ChatFormat(model)
     conversations = [[{"role": "user", "content": p}] for p in prompts]
 
@@ -217,7 +219,7 @@ def batch_benchmark(path: Path, head: str | None, *, ns: Sequence[int] = (1, 2, 
         conversations = [[{"role": "user", "content": p}] for p in BATCH_PROMPTS[:n]]
         with Guard(path, head, n_parallel=n, n_threads=threads) as guard:
             plain_ctx = Context(guard.model, n_ctx=guard.n_ctx, n_batch=512, n_seq_max=max(2, n),
-                                n_threads=guard.context.n_threads)
+                                n_threads=guard.context.n_threads, flash_attn=guard.context.flash_attn)
             prompts = [ChatFormat(guard.model).tokens(m).ids for m in conversations]
 
             def guarded() -> tuple[int, float]:
@@ -355,7 +357,7 @@ def extraction_benchmark(model: Model, conversations: Sequence[Sequence[dict[str
     fmt = ChatFormat(model)
     prompts = [fmt.tokens(m).ids[-config.max_tokens:] for m in conversations]
     plain_ctx = Context(model, n_ctx=extractor.context.n_ctx, n_batch=config.n_batch,
-                        n_seq_max=config.n_parallel, n_threads=threads)
+                        n_seq_max=config.n_parallel, n_threads=threads, flash_attn=config.flash_attn)
 
     def plain() -> tuple[int, float]:
         n, start, used = 0, time.perf_counter(), 0

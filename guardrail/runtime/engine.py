@@ -286,6 +286,23 @@ def default_n_ctx(model: Model, slots: int = 1) -> int:
     return int(min(info.n_ctx_train * max(1, slots), fits)) if info.n_ctx_train > 0 else int(fits)
 
 
+def gpu_offload() -> bool:
+    """True when this llama.cpp build can run layers on a GPU (Metal, CUDA, ...)."""
+    return bool(llama_low.llama_supports_gpu_offload())
+
+
+def default_flash_attn(answers: int) -> bool | None:
+    """Flash attention for a context that decodes ``answers`` at once: off for one answer on a
+    CPU-only build (``llama_cpp.Llama``'s default), else None (llama.cpp's choice: on).
+
+    Measured on the 2-core CPU (README, "A chat that keeps its cache"): with it off a chat's first token
+    came at 1.04x/1.03x Llama's at turns 6 and 10, against 1.24x/1.41x with it on; answer tokens
+    then come about 12% slower, as Llama's do. With several answers in one cache it must stay on:
+    off, attention computes every other answer's masked cells (one answer beside 7 others' 600
+    cells: 12 tokens/s against 25)."""
+    return False if answers == 1 and not gpu_offload() else None
+
+
 # ---------------------------------------------------------------------------
 # Sampling
 
@@ -400,6 +417,7 @@ class Context:
                  n_seq_max: int = 2, hooks: Sequence[str] = (), embeddings: bool = False,
                  n_threads: int | None = None, flash_attn: bool | None = None, kv_unified: bool = True):
         self.model = model
+        self.flash_attn = flash_attn  # None: llama.cpp's own choice
         info = model.info
         if model.vocab_only:  # llama.cpp would make the context and crash on the first decode
             raise ContextError(f"{info.name} was loaded vocab-only (tokenizer only); load its weights to decode")

@@ -98,11 +98,12 @@ class ServerConfig:
             raise OptionsError("queue size must be >= 0 and the timeouts positive")
 
 
-#: requests ``guardrail serve`` answers at once (``--parallel``): on this project's 2-core CPU, 4 sequences
-#: decoded together gave 1.64x the tokens/s of one and 8 gave 2.03x (issue 16's measurement: plain
-#: batched llama.cpp, default model, greedy), each stream at 0.41x a lone one's speed at 4 and 0.25x
-#: at 8; 4 takes most of the gain with half the KV of 8, and is llama.cpp's own server default
-DEFAULT_PARALLEL = 4
+#: requests ``guardrail serve`` answers at once (``--parallel``), chosen by load runs on this project's 2-core
+#: CPU (16 streaming clients, 32-token answers, 30 s, one process; README, "Slots and turns"): time to
+#: first token at the median 8.0 s with 1 slot, 5.1 with 4, 3.6-3.7 with 8, 0.6-0.7 with 16; whole
+#: requests 8.3 / 6.4-6.6 / 5.9-6.2 / 7.9-8.2 s; 49 / 57 / 61 / 56 tokens/s. 8 serves the most and
+#: finishes requests soonest; 16 starts every answer at once but each then streams at 1/16th.
+DEFAULT_PARALLEL = 8
 
 #: the addresses a loopback server binds to (``--host``)
 LOOPBACK_ADDRESSES = ("127.0.0.1", "localhost", "::1")

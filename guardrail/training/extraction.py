@@ -56,6 +56,10 @@ class FeatureConfig:
     n_parallel: int = 8
     n_batch: int = 1024
     n_threads: int | None = None  # None: every core ($GUARDRAIL_THREADS)
+    # None: llama.cpp's choice (on). Training keeps it although a one-answer guard on a CPU decodes with it
+    # off (engine.default_flash_attn): with 8 conversations in one cache, off extracted 1.4x slower, and the
+    # shipped head read the same on either (README, "A chat that keeps its cache").
+    flash_attn: bool | None = None
 
 
 @dataclass
@@ -100,7 +104,7 @@ class FeatureExtractor:
         n_seq = 2 * config.n_parallel
         self.context = Context(model, n_ctx=config.n_parallel * (config.max_tokens + 64) + 256,
                                n_batch=config.n_batch, n_seq_max=n_seq, hooks=self.hooks,
-                               n_threads=config.n_threads)
+                               n_threads=config.n_threads, flash_attn=config.flash_attn)
         self.refusal, self.compliance = opener_tokens(model)
         self.tokens_decoded = 0  # prompt tokens of the conversations (probes not counted)
 
