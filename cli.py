@@ -463,10 +463,9 @@ def attack(model, head, data_dir, suites, per_suite, max_tokens, long_tokens, po
                    "capped at 4 GiB of KV and an eighth of this machine's memory)")
 @click.option("--parallel", type=click.IntRange(1, 64), default=SERVE_PARALLEL, show_default=True,
               help="requests answered at once, decoded together (one llama_decode a step), each in a slot that keeps "
-                   "its conversation's KV between requests. 4: on a 2-core CPU, 4 sequences decoded together gave "
-                   "1.64x the tokens/s of one (8: 2.03x, but each stream at 0.25x a lone one's speed, not 0.41x, and twice "
-                   "the KV); llama.cpp's "
-                   "server runs 4 too. 1: one request at a time")
+                   "its conversation's KV between requests. 8: under 16 streaming clients on a 2-core CPU the median "
+                   "time to first token was 3.6 s with 8, 5.1 s with 4, 8.0 s with 1, and 8 answered the most "
+                   "requests (README, \"Slots and turns\"). 1: one request at a time")
 @click.option("--policy", type=click.Choice(POLICIES), default=None, help="the guard's policy (default refuse)")
 @click.option("--schedule", default=None, help="auto | every | annealing | first | periodic:K (default auto: every step when checks are free)")
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None,
