@@ -111,8 +111,11 @@ def guard_options(func):
 def _guard(model, head, policy, schedule, threshold, answer_threshold, tau):
     from guardrail.runtime.guard import Guard
 
-    return Guard(model, head, policy=policy, schedule=schedule, threshold=threshold,
-                 answer_threshold=answer_threshold, tau=tau)
+    guard = Guard(model, head, policy=policy, schedule=schedule, threshold=threshold,
+                  answer_threshold=answer_threshold, tau=tau)
+    if guard.head.caveat:
+        click.echo(f"note: {guard.head.caveat}", err=True)
+    return guard
 
 
 @cli.command()

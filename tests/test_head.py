@@ -470,3 +470,24 @@ def test_a_head_the_user_trained_wins_over_the_shipped_one(tmp_path, monkeypatch
     assert find_head(sha, "m") == mine
     with pytest.raises(HeadError, match="guardrail train --model other.gguf"):
         find_head("0" * 64, "other.gguf")
+
+
+def test_a_quick_preset_head_says_how_far_to_trust_it(head, tmp_path):
+    measured = {"test": {"overall": {"tpr": 0.342, "fpr": 0.0043}}}
+    quick = dataclasses.replace(head, extra={"preset": "quick"}, manifest={"examples": 2161}, metrics=measured)
+    save_head(quick, tmp_path / "quick.gguf")
+    caveat = load_head(tmp_path / "quick.gguf").caveat
+    assert caveat is not None
+    assert "2,161 conversations" in caveat and "34% of harmful" in caveat and "0.4% of benign" in caveat
+    assert "--preset full" in caveat
+    for preset in ("full", None):
+        assert dataclasses.replace(head, extra={"preset": preset}).caveat is None
+
+
+def test_guardrail_heads_shows_the_shipped_quick_heads_caveat():
+    from guardrail.artifacts.heads import known_heads
+    from guardrail.head import describe_head
+
+    rows = {Path(r["path"]).name: r for r in map(describe_head, known_heads())}
+    assert rows["gemma3-270m.gguf"]["caveat"]  # trained on the quick preset
+    assert rows["smollm2-135m-instruct.gguf"]["caveat"] is None

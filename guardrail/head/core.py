@@ -116,6 +116,25 @@ class Head:
         return self.model.kind
 
     @property
+    def caveat(self) -> str | None:
+        """A line a user should read before relying on this head, from its own metadata; None if none.
+
+        A quick-preset head saw about 2,000 conversations and chose its threshold on a couple of
+        hundred: measured on unseen data such heads read weaker than full-preset ones (README,
+        "Your own model"), and nothing else about the file would tell a user so."""
+        if self.extra.get("preset") != "quick":
+            return None
+        test = (self.metrics.get("test") or {}).get("overall") or {}
+        measured = ""
+        if test.get("tpr") is not None and test.get("fpr") is not None:
+            measured = (f"; on its own test split it flags {test['tpr']:.0%} of harmful requests "
+                        f"at {test['fpr']:.1%} of benign")
+        examples = self.manifest.get("examples")
+        seen = f"{examples:,} conversations" if isinstance(examples, int) else "a few thousand conversations"
+        return (f"a quick-preset head ({seen}){measured}; quick heads read weaker on unseen data than "
+                "full-preset ones: `guardrail train --preset full` for a head you rely on")
+
+    @property
     def n_features(self) -> int:
         return sum(b.dim for b in self.blocks)
 

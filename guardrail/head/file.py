@@ -436,6 +436,7 @@ def describe_head(path: str | os.PathLike[str]) -> dict[str, Any]:
         "loso_mean_auroc": (metrics.get("loso") or {}).get("mean_auroc"),
         "loso_min_auroc": (metrics.get("loso") or {}).get("min_auroc"),
         "test_auroc": test.get("auroc"), "test_tpr_at_threshold": test.get("tpr"), "test_fpr": test.get("fpr"),
+        "caveat": head.caveat,
     }
 
 

@@ -39,6 +39,8 @@ def serve(model: Any = None, head: Any = None, *, host: str = "127.0.0.1", port:
               f"http://{url_host}:{port}/v1{'' if config.api_key else ', no API key'}", file=sys.stderr, flush=True)
         print(f"guardrail serve: {kv_budget(guard.n_ctx, guard.n_parallel, guard.model.info.kv_bytes_per_token)}",
               file=sys.stderr, flush=True)
+        if guard.head.caveat:
+            print(f"guardrail serve: note: {guard.head.caveat}", file=sys.stderr, flush=True)
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
                     limit_concurrency=max(64, 4 * config.queue_size))
     finally:

