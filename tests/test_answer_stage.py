@@ -12,6 +12,7 @@ from guardrail.training.answer_stage import (
     Replay,
     answer_weights,
     per_answer_threshold,
+    query_threshold,
     rates,
     served_from,
     step_labels,
@@ -55,6 +56,15 @@ def test_the_per_answer_threshold_follows_the_finite_sample_rule():
     cut = int((peaks >= t).sum())
     assert (cut + 1) / (len(peaks) + 1) <= 0.01 and cut == 1               # floor(0.01 * 200 - 1) = 1 may be cut
     assert per_answer_threshold(peaks[:50], 0.01) == 1.0                    # too few answers to promise 1%: none cut
+
+
+def test_the_query_check_is_held_to_its_per_answer_promise_as_well_as_its_row_level_one():
+    risks = np.linspace(0.0, 0.99, 249)  # query risks of 249 benign validation answers
+    strict = query_threshold(0.5, risks, 0.02)
+    cut = int((risks >= strict).sum())
+    assert (cut + 1) / (len(risks) + 1) <= 0.02 and cut == 4                # floor(0.02 * 250 - 1) = 4 may be cut
+    assert query_threshold(0.999, risks, 0.02) == 0.999                     # the row-level one is already stricter
+    assert query_threshold(0.5, risks[:40], 0.02) == 0.5                    # too few answers to promise 2%: rows decide
 
 
 def test_content_labels_start_where_the_answer_serves_and_leave_the_steps_before_it_out():

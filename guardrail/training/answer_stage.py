@@ -197,6 +197,15 @@ def per_answer_threshold(peaks_benign: Sequence[float], alpha: float) -> float:
     return float(np.nextafter(np.float32(peaks[allowed]), np.float32(np.inf)))
 
 
+def query_threshold(row_threshold: float, benign_risks: Sequence[float], alpha: float) -> float:
+    """The query check's threshold: the stricter of its row-level one and the one at which it cuts at
+    most ``alpha`` of benign answers by the finite-sample rule. Too few answers to promise ``alpha``
+    leave the row-level one alone: a query check pushed to flag nothing would protect no one."""
+    if alpha * (len(benign_risks) + 1) < 1:
+        return row_threshold
+    return max(row_threshold, per_answer_threshold(benign_risks, alpha))
+
+
 # ---------------------------------------------------------------------------
 # Replaying answers through the guard's two decisions
 

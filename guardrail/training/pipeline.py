@@ -167,14 +167,18 @@ def default_config(model: Model) -> FeatureConfig:
 def default_recipes(config: FeatureConfig) -> tuple[HeadRecipe, HeadRecipe]:
     """(check head, token head), chosen by leave-one-source-out (README, "Choosing the features").
 
-    The check reads the window's mean state and the mean of its last tokens two
-    thirds deep (so a long jailbreak template does not dilute the request) and the
-    last token's state near the top: no probe block, so a check decodes nothing and
-    every step can be checked for free. The token head reads each token's own state
-    near the top. The lexical block did not add to the states by LOSO, so the heads
-    leave it out (it stays the baseline they must beat)."""
-    mid, top = config.layers[1], config.layers[-1]
-    check = HeadRecipe(blocks=(f"l_out-{mid}/mean", f"l_out-{mid}/tail", f"l_out-{top}/last"), lexical=False)
+    The check reads the window's mean state and the mean of its last tokens at the
+    two shallowest depths (half and two thirds deep; the tail so a long jailbreak
+    template does not dilute the request) and the last token's state near the top:
+    no probe block, so a check decodes nothing and every step can be checked for free.
+    The half-deep window was better by LOSO on two training sets in a row (train-v2,
+    train-v3), and on train-v3's test rows it flagged 79% of harmful requests at 3% of
+    benign, against 75% without it. The token head reads each token's own state near
+    the top. The lexical block did not add to the states by LOSO, so the heads leave
+    it out (it stays the baseline they must beat)."""
+    low, mid, top = config.layers[0], config.layers[1], config.layers[-1]
+    check = HeadRecipe(blocks=(f"l_out-{low}/mean", f"l_out-{low}/tail", f"l_out-{mid}/mean",
+                               f"l_out-{mid}/tail", f"l_out-{top}/last"), lexical=False)
     token = HeadRecipe(blocks=(f"l_out-{top}/last",), lexical=False)
     return check, token
 
@@ -246,8 +250,11 @@ def train_for_model(model_spec: str | None, *, preset: str = "quick", data_dir: 
     check, token = default_recipes(config)
     head = train_head(model, sha, data_dir, config, check, token, loso_sources=loso_sources, progress=progress)
     if answers:
-        head = replace(head, answer_head=train_answer_stage(model, sha, data_dir, head, config, preset,
-                                                            progress=progress))
+        query_threshold, answer_head = train_answer_stage(model, sha, data_dir, head, config, preset,
+                                                          progress=progress)
+        head = replace(head, answer_head=answer_head)
+        if query_threshold != head.threshold:
+            head = rethreshold(head, query_threshold, model, sha, data_dir, config, progress=progress)
     extra = {"feature_config": asdict(config), "data_dir": data_dir.name,
              "preset": preset if data_dir.name == TRAINING_SETS.get(preset) else None,
              "model_file": model.path.name, "wall_seconds": time.perf_counter() - started,
@@ -353,8 +360,9 @@ class AnswerPlan:
 
 ANSWER_PLANS = {
     "quick": AnswerPlan(train=(120, 180), val=(40, 110), test=(40, 80), train_tokens=128),
-    # Sized for a 2-core CPU: a 256-token answer takes about 5 s to generate there (12 at once), so
-    # the full plan is about 1,450 answers, about 1 h 30 min; training answers are 128 tokens (the
+    # Sized for a 2-core CPU: a 256-token answer takes about 4 s to generate there, so the full plan
+    # is about 1,450 answers, about 80 min (measured: 28 min for training answers, 25 for the test
+    # ones, validation's at the same rate); training answers are 128 tokens (the
     # head reads a window of the latest tokens), validation and test answers as long as the promise.
     # More training answers are the first lever (README, "The answer stage").
     "full": AnswerPlan(train=(300, 400), val=(150, 250), test=(200, 150), train_tokens=128),
@@ -362,6 +370,11 @@ ANSWER_PLANS = {
 # At most this share of benign answers (of those the query check lets through) may be cut by the
 # answer stage, by the finite-sample rule on validation answers: (cut + 1) / (n + 1) <= ANSWER_ALPHA.
 ANSWER_ALPHA = 0.01
+# The query check's own promise per answer: it may cut at most this share of benign validation answers
+# (finite-sample rule, as above), on top of its row-level point (the recipe's target FPR of benign
+# validation requests), whichever is stricter. SmolLM2's row-level 3% point cut 2.4% of its benign
+# validation answers at the query (6 of 250): answer sets lean to sensitive topics, as users' do.
+QUERY_ALPHA = 0.02
 
 
 def default_answer_recipe(config: FeatureConfig) -> tuple[AnswerRecipe, AnswerRule]:
@@ -396,13 +409,18 @@ def split_answers(model: Model, sha: str, data_dir: Path, split: str, counts: tu
 
 
 def train_answer_stage(model: Model, sha: str, data_dir: Path, head: Head, config: FeatureConfig, preset: str, *,
-                       progress: bool = True) -> Head:
-    """The answer-stage head for ``head`` (the query check's), fitted on the model's own answers to
-    training requests and given the threshold at which at most ANSWER_ALPHA of validation benign
-    answers are cut; the held-out answers' rates go in its metrics."""
+                       progress: bool = True) -> tuple[float, Head]:
+    """(query threshold, answer-stage head) for ``head`` (the query check's), from the model's own answers.
+
+    The query threshold is the stricter of the head's own (the recipe's target FPR of benign
+    validation requests) and the one at which the query check cuts at most QUERY_ALPHA of benign
+    validation answers: benign requests that sound sensitive, which users ask, are what a cut
+    costs. The answer-stage head is fitted on training answers and given the threshold at which
+    at most ANSWER_ALPHA of the benign validation answers the query check lets through are cut;
+    the held-out answers' rates go in its metrics."""
     from guardrail.head import quantized
 
-    from .answer_stage import fit_answer_head, per_answer_threshold, rates, replay
+    from .answer_stage import fit_answer_head, per_answer_threshold, query_threshold, rates, replay
 
     plan = ANSWER_PLANS.get(preset, ANSWER_PLANS["quick"])
     recipe, rule = default_answer_recipe(config)
@@ -415,17 +433,41 @@ def train_answer_stage(model: Model, sha: str, data_dir: Path, head: Head, confi
              "blocks": list(recipe.blocks), "labels": recipe.labels, "alpha": ANSWER_ALPHA}
     draft = replace(head, answer_head=replace(answer, threshold=1.0, extra={"answer_stage": stage}))
     val_rows = replay(draft, *val)
+    benign_risks = [r.query_risk for r in val_rows if not r.harmful]
+    chosen = query_threshold(head.threshold, benign_risks, QUERY_ALPHA)
     peaks = [float(r.statistic.max()) if r.statistic.size else 0.0
-             for r in val_rows if not r.harmful and r.query_risk < head.threshold]
+             for r in val_rows if not r.harmful and r.query_risk < chosen]
     threshold = per_answer_threshold(peaks, ANSWER_ALPHA)
     stage |= {"threshold_from": f"{len(peaks)} validation answers of benign requests the query check let through, "
                                 f"{plan.eval_tokens} tokens: (cut + 1) / (n + 1) <= {ANSWER_ALPHA}",
-              "n_benign": len(peaks)}
+              "n_benign": len(peaks),
+              "query_threshold": {"by_rows": head.threshold, "chosen": chosen,
+                                  "from": f"the stricter of {head.target_fpr:.0%} of benign validation requests and "
+                                          f"{len(benign_risks)} benign validation answers: "
+                                          f"(cut + 1) / (n + 1) <= {QUERY_ALPHA}"}}
     calibrated = replace(answer, threshold=threshold, extra={"answer_stage": stage})
-    final = replace(head, answer_head=calibrated)
+    final = replace(head, threshold=chosen, answer_head=calibrated)
     metrics = {"recipe": recipe.describe(), "rule": rule.describe(), "threshold": threshold,
-               "val": rates(replay(final, *val), head.threshold, threshold),
-               "test": rates(replay(final, *test), head.threshold, threshold),
+               "query_threshold": chosen,
+               "val": rates(replay(final, *val), chosen, threshold),
+               "test": rates(replay(final, *test), chosen, threshold),
                "answers": {"train": len(train[0]), "val": len(val[0]), "test": len(test[0])},
                "generated": {name: cost for name, (_, _, cost) in splits.items()}}
-    return replace(calibrated, metrics=metrics)
+    return chosen, replace(calibrated, metrics=metrics)
+
+
+def rethreshold(head: Head, threshold: float, model: Model, sha: str, data_dir: Path, config: FeatureConfig, *,
+                progress: bool = True) -> Head:
+    """``head`` at a stricter query threshold, its test-split report scored afresh at it (features come
+    from the store, so this takes seconds)."""
+    from guardrail.head import quantized
+
+    from .evaluate import evaluate_head
+
+    _, data = load_labelled(model, sha, data_dir, config, progress=progress)
+    moved = replace(head, threshold=threshold)
+    test = np.flatnonzero(data.splits == "test")
+    metrics = dict(head.metrics)
+    metrics["test"] = evaluate_head(quantized(moved), data, test)
+    metrics["threshold_by_rows"] = head.threshold
+    return replace(moved, metrics=metrics)
