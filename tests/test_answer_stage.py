@@ -65,6 +65,7 @@ def test_the_query_check_is_held_to_its_per_answer_promise_as_well_as_its_row_le
     assert (cut + 1) / (len(risks) + 1) <= 0.02 and cut == 4                # floor(0.02 * 250 - 1) = 4 may be cut
     assert query_threshold(0.999, risks, 0.02) == 0.999                     # the row-level one is already stricter
     assert query_threshold(0.5, risks[:40], 0.02) == 0.5                    # too few answers to promise 2%: rows decide
+    assert query_threshold(0.5, risks[:110], 0.02) == 0.5                   # one cut allowed: the tail is noise, rows decide
 
 
 def test_content_labels_start_where_the_answer_serves_and_leave_the_steps_before_it_out():

@@ -197,11 +197,17 @@ def per_answer_threshold(peaks_benign: Sequence[float], alpha: float) -> float:
     return float(np.nextafter(np.float32(peaks[allowed]), np.float32(np.inf)))
 
 
-def query_threshold(row_threshold: float, benign_risks: Sequence[float], alpha: float) -> float:
+def query_threshold(row_threshold: float, benign_risks: Sequence[float], alpha: float, *,
+                    min_cuts: int = 3) -> float:
     """The query check's threshold: the stricter of its row-level one and the one at which it cuts at
-    most ``alpha`` of benign answers by the finite-sample rule. Too few answers to promise ``alpha``
-    leave the row-level one alone: a query check pushed to flag nothing would protect no one."""
-    if alpha * (len(benign_risks) + 1) < 1:
+    most ``alpha`` of benign answers by the finite-sample rule.
+
+    The rule applies only where it lets at least ``min_cuts`` answers be cut: below that the
+    threshold is set by the one or two highest risks of a small set, which is noise, and the
+    row-level one decides alone. (The quick preset's 96 benign validation answers let one be cut;
+    the rule left its head flagging 12% of harmful test requests.)"""
+    allowed = math.floor(alpha * (len(benign_risks) + 1) - 1 + 1e-9)
+    if allowed < min_cuts:
         return row_threshold
     return max(row_threshold, per_answer_threshold(benign_risks, alpha))
 

@@ -374,6 +374,8 @@ ANSWER_ALPHA = 0.01
 # (finite-sample rule, as above), on top of its row-level point (the recipe's target FPR of benign
 # validation requests), whichever is stricter. SmolLM2's row-level 3% point cut 2.4% of its benign
 # validation answers at the query (6 of 250): answer sets lean to sensitive topics, as users' do.
+# It applies where at least 3 answers may be cut (about 200 benign answers or more: the full plan,
+# not the quick one; see answer_stage.query_threshold).
 QUERY_ALPHA = 0.02
 
 
