@@ -184,12 +184,17 @@ def hand_served(convs: Sequence[Conversation], labels: Mapping[str, Mapping[str,
 # ---------------------------------------------------------------------------
 # The per-answer threshold
 
+def allowed_cuts(n: int, alpha: float) -> int:
+    """How many of ``n`` benign answers may be cut with ``(cut + 1) / (n + 1) <= alpha`` (negative: none)."""
+    return int(math.floor(alpha * (n + 1) - 1 + 1e-9))
+
+
 def per_answer_threshold(peaks_benign: Sequence[float], alpha: float) -> float:
     """The smallest threshold at which ``(answers cut + 1) / (n + 1) <= alpha`` on benign answers, where
     an answer is cut when its peak statistic reaches the threshold (the finite-sample conformal rule)."""
     peaks = np.sort(np.asarray(peaks_benign, np.float64))[::-1]
     n = peaks.size
-    allowed = int(math.floor(alpha * (n + 1) - 1 + 1e-9))  # answers that may be cut
+    allowed = allowed_cuts(n, alpha)
     if allowed < 0:
         return 1.0
     if allowed >= n:
@@ -206,8 +211,7 @@ def query_threshold(row_threshold: float, benign_risks: Sequence[float], alpha: 
     threshold is set by the one or two highest risks of a small set, which is noise, and the
     row-level one decides alone. (The quick preset's 96 benign validation answers let one be cut;
     the rule left its head flagging 12% of harmful test requests.)"""
-    allowed = math.floor(alpha * (len(benign_risks) + 1) - 1 + 1e-9)
-    if allowed < min_cuts:
+    if allowed_cuts(len(benign_risks), alpha) < min_cuts:
         return row_threshold
     return max(row_threshold, per_answer_threshold(benign_risks, alpha))
 

@@ -450,7 +450,6 @@ def train_answer_stage(model: Model, sha: str, data_dir: Path, head: Head, confi
     calibrated = replace(answer, threshold=threshold, extra={"answer_stage": stage})
     final = replace(head, threshold=chosen, answer_head=calibrated)
     metrics = {"recipe": recipe.describe(), "rule": rule.describe(), "threshold": threshold,
-               "query_threshold": chosen,
                "val": rates(replay(final, *val), chosen, threshold),
                "test": rates(replay(final, *test), chosen, threshold),
                "answers": {"train": len(train[0]), "val": len(val[0]), "test": len(test[0])},
@@ -461,7 +460,7 @@ def train_answer_stage(model: Model, sha: str, data_dir: Path, head: Head, confi
 def rethreshold(head: Head, threshold: float, model: Model, sha: str, data_dir: Path, config: FeatureConfig, *,
                 progress: bool = True) -> Head:
     """``head`` at a stricter query threshold, its test-split report scored afresh at it (features come
-    from the store, so this takes seconds)."""
+    from the store, so this takes seconds; the answer stage's metadata records both thresholds)."""
     from guardrail.head import quantized
 
     from .evaluate import evaluate_head
@@ -471,5 +470,4 @@ def rethreshold(head: Head, threshold: float, model: Model, sha: str, data_dir: 
     test = np.flatnonzero(data.splits == "test")
     metrics = dict(head.metrics)
     metrics["test"] = evaluate_head(quantized(moved), data, test)
-    metrics["threshold_by_rows"] = head.threshold
     return replace(moved, metrics=metrics)
