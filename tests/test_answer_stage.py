@@ -10,6 +10,7 @@ from guardrail.runtime.probe import AnswerWindow
 from guardrail.training.answer_stage import (
     Conversation,
     Replay,
+    answer_budget,
     answer_weights,
     per_answer_threshold,
     query_threshold,
@@ -66,6 +67,17 @@ def test_the_query_check_is_held_to_its_per_answer_promise_as_well_as_its_row_le
     assert query_threshold(0.999, risks, 0.02) == 0.999                     # the row-level one is already stricter
     assert query_threshold(0.5, risks[:40], 0.02) == 0.5                    # too few answers to promise 2%: rows decide
     assert query_threshold(0.5, risks[:110], 0.02) == 0.5                   # one cut allowed: the tail is noise, rows decide
+
+
+def test_the_two_decisions_share_one_per_answer_budget():
+    risks = np.linspace(0.0, 0.99, 249)  # query risks of 249 benign validation answers: 4 may be cut at 2%
+    assert answer_budget(risks, 2.0, 0.02) == 4                             # the query check cuts none: all 4 left
+    assert answer_budget(risks, risks[-3], 0.02) == 1                       # it cuts 3: one left for the answer stage
+    assert answer_budget(risks, risks[-5], 0.02) == -1                      # it cuts 5: nothing left
+    peaks = np.linspace(0.0, 0.99, 199)  # the answer stage's own 1% would let 1 be cut
+    assert per_answer_threshold(peaks, 0.01, max_cuts=4) == per_answer_threshold(peaks, 0.01)  # its own share binds
+    assert int((peaks >= per_answer_threshold(peaks, 0.01, max_cuts=0)).sum()) == 0           # none left: none cut
+    assert per_answer_threshold(peaks, 0.01, max_cuts=-1) == 1.0
 
 
 def test_content_labels_start_where_the_answer_serves_and_leave_the_steps_before_it_out():

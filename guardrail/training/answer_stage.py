@@ -189,12 +189,13 @@ def allowed_cuts(n: int, alpha: float) -> int:
     return int(math.floor(alpha * (n + 1) - 1 + 1e-9))
 
 
-def per_answer_threshold(peaks_benign: Sequence[float], alpha: float) -> float:
+def per_answer_threshold(peaks_benign: Sequence[float], alpha: float, *, max_cuts: int | None = None) -> float:
     """The smallest threshold at which ``(answers cut + 1) / (n + 1) <= alpha`` on benign answers, where
-    an answer is cut when its peak statistic reaches the threshold (the finite-sample conformal rule)."""
+    an answer is cut when its peak statistic reaches the threshold (the finite-sample conformal rule);
+    ``max_cuts`` caps the cuts further (what an earlier decision left of a shared budget)."""
     peaks = np.sort(np.asarray(peaks_benign, np.float64))[::-1]
     n = peaks.size
-    allowed = allowed_cuts(n, alpha)
+    allowed = allowed_cuts(n, alpha) if max_cuts is None else min(allowed_cuts(n, alpha), max_cuts)
     if allowed < 0:
         return 1.0
     if allowed >= n:
@@ -214,6 +215,14 @@ def query_threshold(row_threshold: float, benign_risks: Sequence[float], alpha: 
     if allowed_cuts(len(benign_risks), alpha) < min_cuts:
         return row_threshold
     return max(row_threshold, per_answer_threshold(benign_risks, alpha))
+
+
+def answer_budget(benign_risks: Sequence[float], query_threshold: float, alpha: float) -> int:
+    """How many benign validation answers the answer stage may still cut once the query check has cut
+    its own, so that the two decisions together cut at most ``alpha`` of them by the finite-sample
+    rule: a user meets one guard, and a cut answer is a cut answer whichever check made it."""
+    cut = int(np.sum(np.asarray(benign_risks, np.float64) >= query_threshold))
+    return allowed_cuts(len(benign_risks), alpha) - cut
 
 
 # ---------------------------------------------------------------------------

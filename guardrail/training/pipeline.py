@@ -174,11 +174,17 @@ def default_recipes(config: FeatureConfig) -> tuple[HeadRecipe, HeadRecipe]:
     The half-deep window was better by LOSO on two training sets in a row (train-v2,
     train-v3), and on train-v3's test rows it flagged 79% of harmful requests at 3% of
     benign, against 75% without it. The token head reads each token's own state near
-    the top. The lexical block did not add to the states by LOSO, so the heads leave
-    it out (it stays the baseline they must beat)."""
+    the top, and that top layer's window mean and tail as well: on train-v3 they raised
+    LOSO (mean 0.960 -> 0.961, min 0.874 -> 0.881) and, at the query threshold the
+    per-answer rule chooses, the share of harmful test requests flagged from 64% to 70%
+    at the same share of benign (1.6%). A one-hidden-layer MLP read no better by LOSO
+    (its gain on the test split is on sources it trained on) and would need the states
+    themselves at every check. The lexical block did not add to
+    the states by LOSO, so the heads leave it out (it stays the baseline they must beat)."""
     low, mid, top = config.layers[0], config.layers[1], config.layers[-1]
     check = HeadRecipe(blocks=(f"l_out-{low}/mean", f"l_out-{low}/tail", f"l_out-{mid}/mean",
-                               f"l_out-{mid}/tail", f"l_out-{top}/last"), lexical=False)
+                               f"l_out-{mid}/tail", f"l_out-{top}/last", f"l_out-{top}/mean",
+                               f"l_out-{top}/tail"), lexical=False)
     token = HeadRecipe(blocks=(f"l_out-{top}/last",), lexical=False)
     return check, token
 
@@ -370,12 +376,14 @@ ANSWER_PLANS = {
 # At most this share of benign answers (of those the query check lets through) may be cut by the
 # answer stage, by the finite-sample rule on validation answers: (cut + 1) / (n + 1) <= ANSWER_ALPHA.
 ANSWER_ALPHA = 0.01
-# The query check's own promise per answer: it may cut at most this share of benign validation answers
-# (finite-sample rule, as above), on top of its row-level point (the recipe's target FPR of benign
-# validation requests), whichever is stricter. SmolLM2's row-level 3% point cut 2.4% of its benign
-# validation answers at the query (6 of 250): answer sets lean to sensitive topics, as users' do.
-# It applies where at least 3 answers may be cut (about 200 benign answers or more: the full plan,
-# not the quick one; see answer_stage.query_threshold).
+# The guard's promise per answer: the two decisions together may cut at most this share of benign
+# validation answers (finite-sample rule, as above). The query check takes its share first: the
+# stricter of its row-level point (the recipe's target FPR of benign validation requests) and this
+# share alone (SmolLM2's row-level 3% point cut 2.4% of its benign validation answers at the query,
+# 6 of 250: answer sets lean to sensitive topics, as users' do; this part applies where at least 3
+# answers may be cut, about 200 benign answers or more: the full plan, not the quick one; see
+# answer_stage.query_threshold). The answer stage may cut what is left (answer_stage.answer_budget),
+# and never more than ANSWER_ALPHA: with 2% + 1% apart, a head cut 2.7% of held-out benign answers.
 QUERY_ALPHA = 0.02
 
 
@@ -418,12 +426,14 @@ def train_answer_stage(model: Model, sha: str, data_dir: Path, head: Head, confi
     validation requests) and the one at which the query check cuts at most QUERY_ALPHA of benign
     validation answers: benign requests that sound sensitive, which users ask, are what a cut
     costs. The answer-stage head is fitted on training answers and given the threshold at which
-    at most ANSWER_ALPHA of the benign validation answers the query check lets through are cut;
-    the held-out answers' rates go in its metrics."""
+    at most ANSWER_ALPHA of the benign validation answers the query check lets through are cut,
+    and no more than the query check left of QUERY_ALPHA of all of them (the promise a user
+    meets is per answer, whichever check cuts it); the held-out answers' rates go in its metrics."""
     from guardrail.head import quantized
 
-    from .answer_stage import fit_answer_head, per_answer_threshold, query_threshold, rates, replay
+    from .answer_stage import answer_budget, fit_answer_head, per_answer_threshold, query_threshold, rates, replay
 
+    head = quantized(head)  # thresholds are chosen on the risks the saved (int8) head will give
     plan = ANSWER_PLANS.get(preset, ANSWER_PLANS["quick"])
     recipe, rule = default_answer_recipe(config)
     splits = {name: split_answers(model, sha, data_dir, name, counts, tokens, progress)
@@ -439,10 +449,12 @@ def train_answer_stage(model: Model, sha: str, data_dir: Path, head: Head, confi
     chosen = query_threshold(head.threshold, benign_risks, QUERY_ALPHA)
     peaks = [float(r.statistic.max()) if r.statistic.size else 0.0
              for r in val_rows if not r.harmful and r.query_risk < chosen]
-    threshold = per_answer_threshold(peaks, ANSWER_ALPHA)
+    budget = answer_budget(benign_risks, chosen, QUERY_ALPHA)
+    threshold = per_answer_threshold(peaks, ANSWER_ALPHA, max_cuts=budget)
     stage |= {"threshold_from": f"{len(peaks)} validation answers of benign requests the query check let through, "
-                                f"{plan.eval_tokens} tokens: (cut + 1) / (n + 1) <= {ANSWER_ALPHA}",
-              "n_benign": len(peaks),
+                                f"{plan.eval_tokens} tokens: (cut + 1) / (n + 1) <= {ANSWER_ALPHA}, and at most "
+                                f"{budget} cut (with the query check's, {QUERY_ALPHA:.0%} of {len(benign_risks)})",
+              "n_benign": len(peaks), "max_cuts": budget,
               "query_threshold": {"by_rows": head.threshold, "chosen": chosen,
                                   "from": f"the stricter of {head.target_fpr:.0%} of benign validation requests and "
                                           f"{len(benign_risks)} benign validation answers: "
