@@ -179,8 +179,8 @@ def default_recipes(config: FeatureConfig) -> tuple[HeadRecipe, HeadRecipe]:
     per-answer rule chooses, the share of harmful test requests flagged from 64% to 70%
     at the same share of benign (1.6%). A one-hidden-layer MLP read no better by LOSO
     (its gain on the test split is on sources it trained on) and would need the states
-    themselves at every check. The lexical block did not add to
-    the states by LOSO, so the heads leave it out (it stays the baseline they must beat)."""
+    themselves at every check. The lexical block did not add to the states by LOSO, so
+    the heads leave it out (it stays the baseline they must beat)."""
     low, mid, top = config.layers[0], config.layers[1], config.layers[-1]
     check = HeadRecipe(blocks=(f"l_out-{low}/mean", f"l_out-{low}/tail", f"l_out-{mid}/mean",
                                f"l_out-{mid}/tail", f"l_out-{top}/last", f"l_out-{top}/mean",
