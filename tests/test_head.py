@@ -484,6 +484,20 @@ def test_a_quick_preset_head_says_how_far_to_trust_it(head, tmp_path):
         assert dataclasses.replace(head, extra={"preset": preset}).caveat is None
 
 
+def test_a_head_whose_answer_stage_never_cuts_says_so(head):
+    def with_stage(threshold: float, **stage: int) -> Head:
+        answer = dataclasses.replace(head, threshold=threshold, extra={"answer_stage": stage})
+        return dataclasses.replace(head, extra={"preset": "full"}, answer_head=answer)
+
+    assert with_stage(0.985, n_benign=246, max_cuts=0).caveat is None
+    too_few = with_stage(1.0, n_benign=93, max_cuts=0).caveat
+    assert too_few is not None and "never cuts" in too_few and "93 benign validation answers" in too_few
+    spent = with_stage(1.0, n_benign=240, max_cuts=-1).caveat
+    assert spent is not None and "whole per-answer budget" in spent
+    quick = dataclasses.replace(with_stage(1.0, n_benign=93, max_cuts=0), extra={"preset": "quick"}).caveat
+    assert quick is not None and "quick-preset head" in quick and "never cuts" in quick
+
+
 def test_guardrail_heads_shows_the_shipped_quick_heads_caveat():
     from guardrail.artifacts.heads import known_heads
     from guardrail.head import describe_head

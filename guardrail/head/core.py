@@ -121,7 +121,26 @@ class Head:
 
         A quick-preset head saw about 2,000 conversations and chose its threshold on a couple of
         hundred: measured on unseen data such heads read weaker than full-preset ones (README,
-        "Your own model"), and nothing else about the file would tell a user so."""
+        "Your own model"), and nothing else about the file would tell a user so. An answer stage
+        whose threshold is 1.0 never cuts, which a user expecting checks during the answer
+        should know too: its validation answers were too few for its promise, or the query
+        check used the whole per-answer budget."""
+        notes = [note for note in (self._quick_note(), self._answer_stage_note()) if note]
+        return "; ".join(notes) if notes else None
+
+    def _answer_stage_note(self) -> str | None:
+        if self.answer_head is None or self.answer_head.threshold < 1.0:
+            return None
+        stage = self.answer_head.extra.get("answer_stage") or {}
+        if isinstance(stage.get("max_cuts"), int) and stage["max_cuts"] < 0:
+            why = "the query check used the whole per-answer budget on validation answers"
+        elif isinstance(stage.get("n_benign"), int):
+            why = f"{stage['n_benign']} benign validation answers are too few for its promise"
+        else:
+            why = "its validation answers could not support its promise"
+        return f"its answer stage never cuts ({why}): only the query check acts"
+
+    def _quick_note(self) -> str | None:
         if self.extra.get("preset") != "quick":
             return None
         test = (self.metrics.get("test") or {}).get("overall") or {}
