@@ -217,11 +217,11 @@ def query_threshold(row_threshold: float, benign_risks: Sequence[float], alpha: 
     return max(row_threshold, per_answer_threshold(benign_risks, alpha))
 
 
-def answer_budget(benign_risks: Sequence[float], query_threshold: float, alpha: float) -> int:
+def answer_budget(benign_risks: Sequence[float], threshold: float, alpha: float) -> int:
     """How many benign validation answers the answer stage may still cut once the query check has cut
-    its own, so that the two decisions together cut at most ``alpha`` of them by the finite-sample
-    rule: a user meets one guard, and a cut answer is a cut answer whichever check made it."""
-    cut = int(np.sum(np.asarray(benign_risks, np.float64) >= query_threshold))
+    its own (at ``threshold``), so that the two decisions together cut at most ``alpha`` of them by the
+    finite-sample rule: a user meets one guard, and a cut answer is a cut answer whichever check made it."""
+    cut = int(np.sum(np.asarray(benign_risks, np.float64) >= threshold))
     return allowed_cuts(len(benign_risks), alpha) - cut
 
 

@@ -173,13 +173,13 @@ def default_recipes(config: FeatureConfig) -> tuple[HeadRecipe, HeadRecipe]:
     no probe block, so a check decodes nothing and every step can be checked for free.
     The half-deep window was better by LOSO on two training sets in a row (train-v2,
     train-v3), and on train-v3's test rows it flagged 79% of harmful requests at 3% of
-    benign, against 75% without it. The token head reads each token's own state near
-    the top, and that top layer's window mean and tail as well: on train-v3 they raised
-    LOSO (mean 0.960 -> 0.961, min 0.874 -> 0.881) and, at the query threshold the
-    per-answer rule chooses, the share of harmful test requests flagged from 64% to 70%
-    at the same share of benign (1.6%). A one-hidden-layer MLP read no better by LOSO
-    (its gain on the test split is on sources it trained on) and would need the states
-    themselves at every check. The lexical block did not add to the states by LOSO, so
+    benign, against 75% without it. The check reads the top layer's window mean and tail
+    as well: on train-v3 they raised LOSO (mean 0.960 -> 0.961, min 0.874 -> 0.881) and,
+    at the query threshold the per-answer rule chooses, the share of harmful test requests
+    flagged from 64% to 70% at the same share of benign (1.6%). A one-hidden-layer MLP
+    read no better by LOSO (its gain on the test split is on sources it trained on) and
+    would need the states themselves at every check. The token head reads each token's
+    own state near the top. The lexical block did not add to the states by LOSO, so
     the heads leave it out (it stays the baseline they must beat)."""
     low, mid, top = config.layers[0], config.layers[1], config.layers[-1]
     check = HeadRecipe(blocks=(f"l_out-{low}/mean", f"l_out-{low}/tail", f"l_out-{mid}/mean",
@@ -462,7 +462,7 @@ def train_answer_stage(model: Model, sha: str, data_dir: Path, head: Head, confi
     calibrated = replace(answer, threshold=threshold, extra={"answer_stage": stage})
     final = replace(head, threshold=chosen, answer_head=calibrated)
     metrics = {"recipe": recipe.describe(), "rule": rule.describe(), "threshold": threshold,
-               "val": rates(replay(final, *val), chosen, threshold),
+               "val": rates(val_rows, chosen, threshold),  # a replay does not depend on either threshold
                "test": rates(replay(final, *test), chosen, threshold),
                "answers": {"train": len(train[0]), "val": len(val[0]), "test": len(test[0])},
                "generated": {name: cost for name, (_, _, cost) in splits.items()}}
