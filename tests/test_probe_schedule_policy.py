@@ -110,6 +110,18 @@ def test_a_moving_average_rule_is_not_cut_by_one_spike_but_by_a_sustained_rise()
     assert rule.statistic([0.5, float("nan")])[-1] > 0.5  # a broken risk counts as harmful
 
 
+def test_a_prior_keeps_an_answers_first_checks_from_acting_as_a_second_query_check():
+    # "Give me steps to change a flat tyre": query risk 0.858 (let through), the answer head's
+    # first two checks 0.983 and 0.976, a threshold of 0.994 (a head trained on 1,400 answers).
+    first, prior = (AnswerRule("ema", alpha=0.95, query_weight=1.0),
+                    AnswerRule("ema", alpha=0.95, query_weight=1.0, prior=-2.0))
+    assert first.statistic([0.983, 0.976], 0.858)[-1] >= 0.994          # started at the first check: cut
+    assert prior.statistic([0.983, 0.976], 0.858)[-1] < 0.9             # started at a benign prior: not
+    sustained = prior.statistic([0.99] * 60, 0.858)
+    assert sustained[-1] >= 0.994 and sustained[20] < 0.994              # an answer that stays high is still cut, later
+    assert AnswerRule.parse("ema:0.95:1") == first and AnswerRule.parse("ema:0.95:1:-2") == prior
+
+
 def test_halt_stops_and_monitor_never_acts_but_records_what_it_saw():
     assert Policy("halt").on_query(True).kind == "halt"
     monitor = Policy("monitor", AnswerRule("streak", tau=1))
@@ -118,12 +130,13 @@ def test_halt_stops_and_monitor_never_acts_but_records_what_it_saw():
     assert monitor.triggered == "the query was judged malicious"
 
 
-@pytest.mark.parametrize("spec", ["ema", "ema:0.8", "streak:4"])
+@pytest.mark.parametrize("spec", ["ema", "ema:0.8", "ema:0.95:1:-2", "ema:0.9:0:-1.5", "streak:4"])
 def test_answer_rules_parse_and_describe_themselves(spec):
     rule = AnswerRule.parse(spec)
     assert AnswerRule.parse(rule.describe()) == rule
-    with pytest.raises(ValueError):
-        AnswerRule.parse("median:3")
+    for bad in ("median:3", "ema:0.9:1:-2:5", "ema:x"):
+        with pytest.raises(ValueError):
+            AnswerRule.parse(bad)
 
 
 @pytest.mark.parametrize("options", [{"policy": "maybe"}, {"tau": 0}, {"tau": True}, {"threshold": 1.5}])

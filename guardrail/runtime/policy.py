@@ -59,14 +59,18 @@ class AnswerRule:
     threshold; fewer than ``tau`` checks read 0). ``ema``: an exponential moving average of the
     checks' logits, ``alpha`` the weight of the past, so one spike cannot cut an answer, plus
     ``query_weight`` times the query check's own logit: a request the query check found
-    suspicious but not malicious needs less evidence from its answer. A risk that is not a
-    finite number counts as 1 (fail closed)."""
+    suspicious but not malicious needs less evidence from its answer. ``prior``, where set,
+    is the logit the average starts from instead of the first check's: an answer's first
+    checks read mostly the request, so without it the answer head acts as a second query
+    check there (README, "The answer stage"). A risk that is not a finite number counts as 1
+    (fail closed)."""
 
     kind: str = "streak"
     tau: int = 6
     alpha: float = 0.9
     min_checks: int = 2          # ema: no alarm before this many checks (one check alone never cuts)
     query_weight: float = 0.0    # ema: how much of the query check's logit the statistic carries
+    prior: float | None = None   # ema: the logit the average starts from (None: the first check's)
 
     def __post_init__(self) -> None:
         if self.kind not in RULES:
@@ -83,21 +87,26 @@ class AnswerRule:
     def describe(self) -> str:
         if self.kind == "streak":
             return f"streak:{self.tau}"
+        if self.prior is not None:
+            return f"ema:{self.alpha:g}:{self.query_weight:g}:{self.prior:g}"
         return f"ema:{self.alpha:g}" + (f":{self.query_weight:g}" if self.query_weight else "")
 
     @classmethod
     def parse(cls, spec: str) -> AnswerRule:
-        """``streak:TAU`` or ``ema:ALPHA[:QUERY_WEIGHT]``."""
+        """``streak:TAU`` or ``ema:ALPHA[:QUERY_WEIGHT[:PRIOR]]``."""
         kind, _, arg = spec.partition(":")
         try:
             if kind == "streak":
                 return cls("streak", tau=int(arg or 6))
             if kind == "ema":
-                alpha, _, weight = arg.partition(":")
-                return cls("ema", alpha=float(alpha or 0.9), query_weight=float(weight or 0.0))
+                parts = arg.split(":") if arg else []
+                if len(parts) <= 3:
+                    alpha, weight, prior = (parts + ["", "", ""])[:3]
+                    return cls("ema", alpha=float(alpha or 0.9), query_weight=float(weight or 0.0),
+                               prior=float(prior) if prior else None)
         except ValueError:
             pass
-        raise ValueError(f"unknown answer rule {spec!r}: use streak:TAU or ema:ALPHA[:QUERY_WEIGHT]")
+        raise ValueError(f"unknown answer rule {spec!r}: use streak:TAU or ema:ALPHA[:QUERY_WEIGHT[:PRIOR]]")
 
 
 class RuleState:
@@ -106,7 +115,7 @@ class RuleState:
     def __init__(self, rule: AnswerRule, query_risk: float | None = None):
         self.rule = rule
         self._recent: deque[float] = deque(maxlen=rule.tau)
-        self._ema: float | None = None
+        self._ema: float | None = rule.prior if rule.kind == "ema" else None
         self.seen = 0
         self._offset = rule.query_weight * _logit(query_risk) if query_risk is not None and rule.query_weight else 0.0
 
