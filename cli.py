@@ -341,6 +341,37 @@ def train(model, preset, data_dir, out, no_loso, no_answers) -> None:
 
 
 @cli.command()
+@click.option("--model", default=None, help=MODEL_HELP)
+@click.option("--head", default=None, help="the head to calibrate (default: the one guardrail finds for the model)")
+@click.option("--rule", default=None,
+              help="the answer stage's rule: ema:ALPHA[:QUERY_WEIGHT[:PRIOR]] or streak:TAU (default: the current "
+              "recipe's)")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="where to write the head (default: your cache, where guardrail finds it for this model)")
+def calibrate(model, head, rule, out) -> None:
+    """Choose a head's two operating points afresh on the model's own validation answers.
+
+    The weights are kept; the answer stage's rule and both thresholds are chosen as `train`
+    chooses them (answers are generated once and stored: minutes, not a retrain)."""
+    from pathlib import Path
+
+    from guardrail.runtime.policy import AnswerRule
+    from guardrail.surfaces.ui import render_training
+    from guardrail.training.pipeline import calibrate_for_model
+
+    from guardrail.errors import OptionsError
+
+    try:
+        parsed = AnswerRule.parse(rule) if rule else None
+    except ValueError as exc:
+        raise OptionsError(f"--rule: {exc}") from None
+    calibrated, path = calibrate_for_model(model, head, rule=parsed, out=Path(out) if out else None)
+    render_training(calibrated)
+    click.echo(f"saved {path}; use it with --head {path}" if out else
+               f"saved {path}; guardrail uses it for this model from now on (see `guardrail heads`)")
+
+
+@cli.command()
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def heads(as_json: bool) -> None:
     """The safety heads guardrail finds on its own: shipped ones and those `train --model` saved."""

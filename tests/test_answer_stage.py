@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -10,10 +12,10 @@ from guardrail.runtime.probe import AnswerWindow
 from guardrail.training.answer_stage import (
     Conversation,
     Replay,
-    answer_budget,
+    allowed_cuts,
     answer_weights,
+    choose_operating_points,
     per_answer_threshold,
-    query_threshold,
     rates,
     served_from,
     step_labels,
@@ -59,25 +61,68 @@ def test_the_per_answer_threshold_follows_the_finite_sample_rule():
     assert per_answer_threshold(peaks[:50], 0.01) == 1.0                    # too few answers to promise 1%: none cut
 
 
-def test_the_query_check_is_held_to_its_per_answer_promise_as_well_as_its_row_level_one():
-    risks = np.linspace(0.0, 0.99, 249)  # query risks of 249 benign validation answers
-    strict = query_threshold(0.5, risks, 0.02)
-    cut = int((risks >= strict).sum())
-    assert (cut + 1) / (len(risks) + 1) <= 0.02 and cut == 4                # floor(0.02 * 250 - 1) = 4 may be cut
-    assert query_threshold(0.999, risks, 0.02) == 0.999                     # the row-level one is already stricter
-    assert query_threshold(0.5, risks[:40], 0.02) == 0.5                    # too few answers to promise 2%: rows decide
-    assert query_threshold(0.5, risks[:110], 0.02) == 0.5                   # one cut allowed: the tail is noise, rows decide
-
-
-def test_the_two_decisions_share_one_per_answer_budget():
-    risks = np.linspace(0.0, 0.99, 249)  # query risks of 249 benign validation answers: 4 may be cut at 2%
-    assert answer_budget(risks, 2.0, 0.02) == 4                             # the query check cuts none: all 4 left
-    assert answer_budget(risks, risks[-3], 0.02) == 1                       # it cuts 3: one left for the answer stage
-    assert answer_budget(risks, risks[-5], 0.02) == -1                      # it cuts 5: nothing left
+def test_the_per_answer_threshold_can_be_capped_by_what_an_earlier_decision_left():
     peaks = np.linspace(0.0, 0.99, 199)  # the answer stage's own 1% would let 1 be cut
     assert per_answer_threshold(peaks, 0.01, max_cuts=4) == per_answer_threshold(peaks, 0.01)  # its own share binds
     assert int((peaks >= per_answer_threshold(peaks, 0.01, max_cuts=0)).sum()) == 0           # none left: none cut
     assert per_answer_threshold(peaks, 0.01, max_cuts=-1) == 1.0
+
+
+def _binomial_cdf(k: int, n: int, p: float) -> float:
+    return sum(math.comb(n, j) * p**j * (1 - p) ** (n - j) for j in range(k + 1))
+
+
+def test_a_promise_held_for_three_draws_in_four_allows_fewer_cuts_than_one_kept_on_average():
+    assert allowed_cuts(500, 0.02) == 9                                     # on average: floor(0.02 * 501 - 1)
+    assert allowed_cuts(500, 0.02, held=0.75) == 7
+    for n, alpha in [(500, 0.02), (490, 0.01), (250, 0.02), (1000, 0.05)]:
+        k = allowed_cuts(n, alpha, held=0.75)                              # the most cuts with P(Bin <= k) <= 1/4
+        assert _binomial_cdf(k, n, alpha) <= 0.25 < _binomial_cdf(k + 1, n, alpha)
+    assert allowed_cuts(105, 0.02, held=0.75) == 0                          # none cut of 105 holds 2% (P = 0.12)
+    assert allowed_cuts(50, 0.02, held=0.75) == -1                          # 50 cannot: not even above the highest
+    assert allowed_cuts(100, 0.0, held=0.75) == -1 and allowed_cuts(100, 1.0, held=0.75) == 100
+
+
+def _replay(i: int, label: int, query_risk: float, peak: float, served_from: int | None = None) -> Replay:
+    statistic = np.array([0.0] * 9 + [peak])   # the answer stage's statistic peaks at the 10th token
+    return Replay(_example(i, label), query_risk, statistic, served_from, 10)
+
+
+# 507 benign validation answers: the two checks together may cut 7 (2%, held for three draws in four).
+# Seven are near misses for the query check (risk 0.6, above its row-level threshold 0.5); two others
+# pass it with answers the answer stage reads as risky (peak 0.999).
+BENIGN = ([_replay(i, 0, 0.001 * (i % 490), 0.999 if i < 2 else 0.5 * (i % 7) / 7) for i in range(500)]
+          + [_replay(500 + i, 0, 0.6, 0.1) for i in range(7)])
+
+
+def test_when_both_checks_stop_the_same_answers_the_budget_goes_to_the_query_check():
+    caught = [_replay(1000 + i, 1, 0.65, 0.9, served_from=50) for i in range(10)]  # above 0.6: any query check stops them
+    points = choose_operating_points(BENIGN + caught, 0.5, 0.02, 0.01)
+    assert points.budget == 7 and points.query_cuts == 7 and points.answer_cuts == 0
+    assert points.prevented == 10                                           # stopped before a word is written
+
+
+def test_the_budget_goes_to_the_answer_stage_where_it_keeps_more_harmful_answers_from_serving():
+    # Harmful requests the query check cannot tell from benign ones; their answers peak at 0.9, before they serve.
+    quiet = [_replay(2000 + i, 1, 0.3, 0.9, served_from=50) for i in range(10)]
+    shared = choose_operating_points(BENIGN + quiet, 0.5, 0.02, 0.01)
+    assert shared.query > 0.6 and shared.query_cuts == 0                    # the near misses pass the query check
+    assert shared.answer_cuts == allowed_cuts(507, 0.01, held=0.75) == 2    # the answer stage's own share binds
+    assert 0.4 < shared.answer < 0.9 and shared.prevented == 10             # so it cuts the two 0.999 benign answers
+    query_only = choose_operating_points(BENIGN + quiet, 0.5, 0.02, 0.0)    # an answer stage allowed no cut
+    assert query_only.prevented == 0 and query_only.answer == 1.0
+
+
+def test_the_query_check_is_never_looser_than_its_row_level_threshold():
+    points = choose_operating_points(BENIGN, 0.99, 0.02, 0.01)              # rows already stricter than any split
+    assert points.query == 0.99 and points.query_cuts == 0
+    assert points.answer_cuts == 2                                          # the budget it leaves: the answer stage's share
+
+
+def test_the_row_level_threshold_decides_alone_where_the_budget_is_noise():
+    benign = [_replay(i, 0, 0.001 * i, 0.1) for i in range(110)]            # quick plan: 2% of 110 cannot be held
+    points = choose_operating_points(benign, 0.7, 0.02, 0.01)
+    assert points.query == 0.7 and points.answer == 1.0 and points.answer_cuts < 0      # the head says it never cuts
 
 
 def test_content_labels_start_where_the_answer_serves_and_leave_the_steps_before_it_out():
@@ -226,3 +271,45 @@ def test_a_readers_served_from_word_becomes_the_step_the_guard_had_to_stop_befor
     # a label read on another text (a regenerated answer that parted from the one read) is no label
     assert hand_served([conv], {"src-0": {"complied": True, "answer": "text"}}, detok) == [1]
     assert hand_served([conv], {"src-0": {"complied": True, "answer": "another text"}}, detok) == [False]
+
+
+def _conversations(n: int, seed: int) -> tuple[list[Conversation], list[int | None]]:
+    """Half harmful (states shifted, so a head can tell them apart, with overlap), answers of 20 tokens."""
+    convs, served = [], []
+    for i in range(n):
+        label = int(i % 2 == 0)
+        t = _trajectory(5, 20, [-1, 0, 0, 0, -1], seed=seed + i)
+        for hook in t.states:
+            t.states[hook] += np.float16(0.8 * label)
+        convs.append(Conversation.of(t, _example(seed + i, label)))
+        served.append(4 if label else None)
+    return convs, served
+
+
+def test_a_head_calibrated_afresh_keeps_its_weights_and_records_how_both_thresholds_were_chosen():
+    from dataclasses import replace
+
+    from guardrail.head import ModelFingerprint
+    from guardrail.training.answer_stage import AnswerRecipe, fit_answer_head, replay
+    from guardrail.training.pipeline import QUERY_ALPHA, calibrate_answer_stage
+
+    recipe = AnswerRecipe(blocks=("l_out-1/mean", "l_out-2/last"), window=AnswerWindow(8, True), labels="request",
+                          every=4)
+    train, val, test = _conversations(200, 0), _conversations(600, 1000), _conversations(100, 5000)
+    fitted = fit_answer_head(*train, *val, recipe, ModelFingerprint("0" * 64, "llama", 4, 3))
+    stage = {"recent": 8, "query": True}
+    head = replace(fitted, answer_head=replace(fitted, extra={"answer_stage": stage}))  # it checks the query too
+    rule = AnswerRule("ema", alpha=0.9, query_weight=1.0)
+
+    query, answer = calibrate_answer_stage(head, 0.5, rule, val, test, 20)
+
+    assert answer.model is fitted.model and answer.scalers == fitted.scalers           # the weights are kept
+    recorded = answer.extra["answer_stage"]
+    assert recorded["rule"] == "ema:0.9:1" and recorded["held"] == 0.75
+    assert recorded["query_threshold"]["by_rows"] == 0.5 and recorded["query_threshold"]["chosen"] == query >= 0.5
+    calibrated = replace(head, threshold=query, answer_head=answer)
+    rows = replay(calibrated, *val)
+    benign = [r for r in rows if not r.harmful]
+    cut = sum(r.cut_at(query, answer.threshold) is not None for r in benign)
+    assert 0 < cut <= allowed_cuts(len(benign), QUERY_ALPHA, held=0.75) == 3           # the promise, on validation
+    assert answer.metrics["test"]["benign"] == 50 and answer.metrics["rule"] == "ema:0.9:1"

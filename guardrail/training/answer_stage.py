@@ -6,8 +6,10 @@ at every token of answers the query check let through, so a rate per check says
 little: a 256-token answer is checked 256 times. What a user meets is the rate per
 answer, so that is what the rule is calibrated for: its statistic is the largest
 value the rule reaches over a whole answer, and its threshold is chosen on
-validation answers of benign requests with the finite-sample rule
-``(answers cut + 1) / (n + 1) <= alpha``.
+validation answers of benign requests so that at most ``alpha`` of benign answers
+are cut, held for three draws of validation answers in four (:func:`allowed_cuts`).
+The query check and the answer stage share one such budget, split between them on
+validation answers (:func:`choose_operating_points`).
 
 Positions are labelled two ways, side by side: by the request (every position of an
 answer to a harmful request is 1) and by content (1 from the first token at which the
@@ -184,45 +186,98 @@ def hand_served(convs: Sequence[Conversation], labels: Mapping[str, Mapping[str,
 # ---------------------------------------------------------------------------
 # The per-answer threshold
 
-def allowed_cuts(n: int, alpha: float) -> int:
-    """How many of ``n`` benign answers may be cut with ``(cut + 1) / (n + 1) <= alpha`` (negative: none)."""
-    return int(math.floor(alpha * (n + 1) - 1 + 1e-9))
+# Training-conditional: the promise holds for three draws of validation answers in four, not only
+# on average over draws (README, "The answer stage": with 500 benign validation answers, the rule on
+# average put the query threshold where it cut 3.5% of held-out benign answers for a 2% promise).
+HELD = 0.75
 
 
-def per_answer_threshold(peaks_benign: Sequence[float], alpha: float, *, max_cuts: int | None = None) -> float:
-    """The smallest threshold at which ``(answers cut + 1) / (n + 1) <= alpha`` on benign answers, where
-    an answer is cut when its peak statistic reaches the threshold (the finite-sample conformal rule);
-    ``max_cuts`` caps the cuts further (what an earlier decision left of a shared budget)."""
-    peaks = np.sort(np.asarray(peaks_benign, np.float64))[::-1]
-    n = peaks.size
-    allowed = allowed_cuts(n, alpha) if max_cuts is None else min(allowed_cuts(n, alpha), max_cuts)
-    if allowed < 0:
+def allowed_cuts(n: int, alpha: float, held: float | None = None) -> int:
+    """How many of ``n`` benign validation answers may be cut (negative: none).
+
+    ``held=None``: the finite-sample rule on average over draws, ``(cut + 1) / (n + 1) <= alpha``.
+    ``held``: the largest ``k`` with ``P(Binomial(n, alpha) <= k) <= 1 - held``, so that a threshold
+    cutting ``k`` of them cuts at most ``alpha`` of all benign answers in ``held`` of draws."""
+    if held is None:
+        return int(math.floor(alpha * (n + 1) - 1 + 1e-9))
+    if alpha <= 0.0:
+        return -1
+    if alpha >= 1.0:
+        return n
+    cdf, log_a, log_b = 0.0, math.log(alpha), math.log1p(-alpha)
+    for k in range(n + 1):
+        cdf += math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * log_a + (n - k) * log_b)
+        if cdf > 1.0 - held + 1e-12:
+            return k - 1
+    return n
+
+
+def threshold_for_cuts(values: Sequence[float], cuts: int) -> float:
+    """The smallest threshold at which at most ``cuts`` of ``values`` reach it (a value at or above
+    the threshold is cut); 1.0 (nothing below certainty cut) where ``cuts`` is negative."""
+    ordered = np.sort(np.asarray(values, np.float64))[::-1]
+    if cuts < 0:
         return 1.0
-    if allowed >= n:
+    if cuts >= ordered.size:
         return 0.0
-    return float(np.nextafter(np.float32(peaks[allowed]), np.float32(np.inf)))
+    return float(np.nextafter(np.float32(ordered[cuts]), np.float32(np.inf)))
 
 
-def query_threshold(row_threshold: float, benign_risks: Sequence[float], alpha: float, *,
-                    min_cuts: int = 3) -> float:
-    """The query check's threshold: the stricter of its row-level one and the one at which it cuts at
-    most ``alpha`` of benign answers by the finite-sample rule.
-
-    The rule applies only where it lets at least ``min_cuts`` answers be cut: below that the
-    threshold is set by the one or two highest risks of a small set, which is noise, and the
-    row-level one decides alone. (The quick preset's 96 benign validation answers let one be cut;
-    the rule left its head flagging 12% of harmful test requests.)"""
-    if allowed_cuts(len(benign_risks), alpha) < min_cuts:
-        return row_threshold
-    return max(row_threshold, per_answer_threshold(benign_risks, alpha))
+def per_answer_threshold(peaks_benign: Sequence[float], alpha: float, *, max_cuts: int | None = None,
+                         held: float | None = None) -> float:
+    """The smallest threshold at which at most :func:`allowed_cuts` of the benign answers' peak
+    statistics reach it; ``max_cuts`` caps the cuts further (what an earlier decision left of a
+    shared budget)."""
+    allowed = allowed_cuts(len(peaks_benign), alpha, held)
+    return threshold_for_cuts(peaks_benign, allowed if max_cuts is None else min(allowed, max_cuts))
 
 
-def answer_budget(benign_risks: Sequence[float], threshold: float, alpha: float) -> int:
-    """How many benign validation answers the answer stage may still cut once the query check has cut
-    its own (at ``threshold``), so that the two decisions together cut at most ``alpha`` of them by the
-    finite-sample rule: a user meets one guard, and a cut answer is a cut answer whichever check made it."""
-    cut = int(np.sum(np.asarray(benign_risks, np.float64) >= threshold))
-    return allowed_cuts(len(benign_risks), alpha) - cut
+@dataclass(frozen=True)
+class OperatingPoints:
+    """The two decisions' thresholds, chosen together on validation answers, and what they did there."""
+
+    query: float
+    answer: float
+    query_cuts: int          # benign validation answers the query check cuts
+    answer_cuts: int         # of those it lets through, how many the answer stage may cut (negative: it never cuts)
+    budget: int              # both together, by the promise
+    prevented: int           # harmful validation answers stopped before they serve (content judge)
+    stopped: int             # harmful validation answers stopped at all
+
+
+def choose_operating_points(rows: Sequence[Replay], row_threshold: float, alpha: float, answer_alpha: float, *,
+                            held: float | None = HELD, min_cuts: int = 3) -> OperatingPoints:
+    """Split one per-answer budget between the query check and the answer stage.
+
+    Both together may cut :func:`allowed_cuts` of the benign validation answers (``alpha``), the
+    answer stage alone at most ``answer_alpha`` of those the query check lets through, and the
+    query check is never looser than its row-level threshold. Every split of the budget is
+    replayed; the one that leaves the fewest harmful validation answers serving their request
+    wins (then the most stopped, then the most left to the query check, which stops before a
+    word is written). Below ``min_cuts`` the highest risks of a small set are noise: the row-level
+    threshold decides alone and the budget is what it leaves."""
+    benign = [r for r in rows if not r.harmful]
+    harmful = [r for r in rows if r.harmful]
+    risks = [r.query_risk for r in benign]
+    total = allowed_cuts(len(risks), alpha, held)
+    splits = range(total, -1, -1) if total >= min_cuts else [None]
+    best: OperatingPoints | None = None
+    for q in splits:
+        query = row_threshold if q is None else max(row_threshold, threshold_for_cuts(risks, q))
+        cut_q = sum(1 for v in risks if v >= query)
+        peaks = [float(r.statistic.max()) if r.statistic.size else 0.0 for r in benign if r.query_risk < query]
+        own = allowed_cuts(len(peaks), answer_alpha, held)
+        cuts = min(own, total - cut_q)
+        answer = threshold_for_cuts(peaks, cuts)
+        at = [r.cut_at(query, answer) for r in harmful]
+        prevented = sum(1 for r, a in zip(harmful, at)
+                        if a is not None and r.served_from is not None and a < r.served_from)
+        point = OperatingPoints(query, answer, cut_q, cuts, total, prevented,
+                                sum(a is not None for a in at))
+        if best is None or (point.prevented, point.stopped) > (best.prevented, best.stopped):
+            best = point
+    assert best is not None
+    return best
 
 
 # ---------------------------------------------------------------------------

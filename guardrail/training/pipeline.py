@@ -308,9 +308,7 @@ def evaluate_file(model_spec: str | None, head_path: str | None, data_file: Path
     file = data_file or ensure_dataset(None) / "test.jsonl"
     examples = read_jsonl(file)
     feats = extract_features(model, sha, examples, config_for(head, config), label=f"features: {file.name}")
-    data = Labelled(Features({k: v for k, v in feats.blocks.items() if not k.startswith("__")}, feats.texts),
-                    np.array([e.label for e in examples]), np.array([e.source for e in examples], dtype=object),
-                    np.array(["test"] * len(examples), dtype=object))
+    data = _labelled(examples, feats, "test")
     rows = np.arange(len(examples))
     report = {"data": str(file), "threshold": head.threshold, **evaluate_head(head, data, rows)}
     if head.baseline is not None:
@@ -366,27 +364,25 @@ class AnswerPlan:
 
 ANSWER_PLANS = {
     "quick": AnswerPlan(train=(120, 180), val=(40, 110), test=(40, 80), train_tokens=128),
-    # Sized for a 2-core CPU: a 256-token answer takes about 4.2 s to generate there, a 128-token
-    # one about 2.5 s, so the full plan is about 1,700 answers, about 100 min (measured: 28 min for
-    # training answers, 25 for validation's, 42 for the test ones); training answers are 128 tokens
-    # (the head reads a window of the latest tokens), validation and test answers as long as the
-    # promise. 400 benign test answers, so a 2% rate is measured on 8 answers, not 3. Twice the
-    # training answers stopped more on validation but cut a fresh benign request two tokens in
-    # (README, "The answer stage"): the next lever, once the rule cannot alarm on an answer's
-    # first tokens alone.
-    "full": AnswerPlan(train=(300, 400), val=(150, 250), test=(200, 400), train_tokens=128),
+    # Sized for a 2-core CPU: the full plan is about 1,950 answers, about 75 min there (measured: 28 min
+    # for the 700 training answers, 24 for the 649 validation ones, 22 for the 600 test ones, generated
+    # 8 at a time); training answers are 128 tokens (the head reads a window of the latest tokens),
+    # validation and test answers as long as the promise. 500 benign validation answers, so that the
+    # promise held for three draws in four leaves 7 cuts to split between the two checks (250 left 2);
+    # 400 benign test answers, so a 2% rate is measured on 8 answers, not 3. Twice the training answers
+    # stopped more on validation but cut a fresh benign request two tokens in (README, "The answer stage").
+    "full": AnswerPlan(train=(300, 400), val=(150, 500), test=(200, 400), train_tokens=128),
 }
 # At most this share of benign answers (of those the query check lets through) may be cut by the
-# answer stage, by the finite-sample rule on validation answers: (cut + 1) / (n + 1) <= ANSWER_ALPHA.
+# answer stage (answer_stage.allowed_cuts: held for three draws of validation answers in four).
 ANSWER_ALPHA = 0.01
 # The guard's promise per answer: the two decisions together may cut at most this share of benign
-# validation answers (finite-sample rule, as above). The query check takes its share first: the
-# stricter of its row-level point (the recipe's target FPR of benign validation requests) and this
-# share alone (SmolLM2's row-level 3% point cut 2.4% of its benign validation answers at the query,
-# 6 of 250: answer sets lean to sensitive topics, as users' do; this part applies where at least 3
-# answers may be cut, about 200 benign answers or more: the full plan, not the quick one; see
-# answer_stage.query_threshold). The answer stage may cut what is left (answer_stage.answer_budget),
-# and never more than ANSWER_ALPHA: with 2% + 1% apart, a head cut 2.7% of held-out benign answers.
+# validation answers, held the same way. The split between them is chosen on validation answers
+# (answer_stage.choose_operating_points): the query check never looser than its row-level point (the
+# recipe's target FPR of benign validation requests; SmolLM2's cut 2.4% of its benign validation
+# answers, 6 of 250: answer sets lean to sensitive topics, as users' do), the answer stage never more
+# than ANSWER_ALPHA. Below 3 allowed cuts (the quick plan's 110 benign answers) the row-level point
+# decides alone. With 2% + 1% apart, a head cut 2.7% of held-out benign answers: one budget.
 QUERY_ALPHA = 0.02
 
 
@@ -399,6 +395,11 @@ def default_answer_recipe(config: FeatureConfig) -> tuple[AnswerRecipe, AnswerRu
     mid, top = config.layers[1], config.layers[-1]
     recipe = AnswerRecipe(blocks=(f"l_out-{mid}/mean", f"l_out-{mid}/tail", f"l_out-{top}/last"),
                           window=AnswerWindow(recent=32, query=True), labels="request")
+    # No prior (the average starts at the first check): started at logit -2 instead, the answer stage
+    # cut no benign answer in its first 8 tokens in a replay, but under the shared, held budget the
+    # query check takes all of it on 500 validation answers, and there the prior stopped 3 of 51
+    # harmful answers the query check let through against 5, and let a fresh Molotov-cocktail request
+    # run on that the first checks stop two tokens in (README, "The answer stage").
     return recipe, AnswerRule("ema", alpha=0.95, query_weight=1.0)
 
 
@@ -423,18 +424,12 @@ def split_answers(model: Model, sha: str, data_dir: Path, split: str, counts: tu
 
 def train_answer_stage(model: Model, sha: str, data_dir: Path, head: Head, config: FeatureConfig, preset: str, *,
                        progress: bool = True) -> tuple[float, Head]:
-    """(query threshold, answer-stage head) for ``head`` (the query check's), from the model's own answers.
-
-    The query threshold is the stricter of the head's own (the recipe's target FPR of benign
-    validation requests) and the one at which the query check cuts at most QUERY_ALPHA of benign
-    validation answers: benign requests that sound sensitive, which users ask, are what a cut
-    costs. The answer-stage head is fitted on training answers and given the threshold at which
-    at most ANSWER_ALPHA of the benign validation answers the query check lets through are cut,
-    and no more than the query check left of QUERY_ALPHA of all of them (the promise a user
-    meets is per answer, whichever check cuts it); the held-out answers' rates go in its metrics."""
+    """(query threshold, answer-stage head) for ``head`` (the query check's), from the model's own answers:
+    the answer head is fitted on training answers, then both operating points are chosen on validation
+    answers (:func:`calibrate_answer_stage`); the held-out answers' rates go in its metrics."""
     from guardrail.head import quantized
 
-    from .answer_stage import answer_budget, fit_answer_head, per_answer_threshold, query_threshold, rates, replay
+    from .answer_stage import fit_answer_head
 
     head = quantized(head)  # thresholds are chosen on the risks the saved (int8) head will give
     plan = ANSWER_PLANS.get(preset, ANSWER_PLANS["quick"])
@@ -444,45 +439,115 @@ def train_answer_stage(model: Model, sha: str, data_dir: Path, head: Head, confi
                                            ("val", plan.val, plan.eval_tokens), ("test", plan.test, plan.eval_tokens))}
     train, val, test = ((conversations, judged) for conversations, judged, _ in splits.values())
     answer = quantized(fit_answer_head(*train, *val, recipe, head.fingerprint))
-    stage = {"rule": rule.describe(), "recent": recipe.window.recent, "query": recipe.window.query,
-             "blocks": list(recipe.blocks), "labels": recipe.labels, "alpha": ANSWER_ALPHA}
+    stage = {"recent": recipe.window.recent, "query": recipe.window.query, "blocks": list(recipe.blocks),
+             "labels": recipe.labels}
     draft = replace(head, answer_head=replace(answer, threshold=1.0, extra={"answer_stage": stage}))
-    val_rows = replay(draft, *val)
-    benign_risks = [r.query_risk for r in val_rows if not r.harmful]
-    chosen = query_threshold(head.threshold, benign_risks, QUERY_ALPHA)
-    peaks = [float(r.statistic.max()) if r.statistic.size else 0.0
-             for r in val_rows if not r.harmful and r.query_risk < chosen]
-    budget = answer_budget(benign_risks, chosen, QUERY_ALPHA)
-    threshold = per_answer_threshold(peaks, ANSWER_ALPHA, max_cuts=budget)
-    stage |= {"threshold_from": f"{len(peaks)} validation answers of benign requests the query check let through, "
-                                f"{plan.eval_tokens} tokens: (cut + 1) / (n + 1) <= {ANSWER_ALPHA}, and at most "
-                                f"{budget} cut (with the query check's, {QUERY_ALPHA:.0%} of {len(benign_risks)})",
-              "n_benign": len(peaks), "max_cuts": budget,
-              "query_threshold": {"by_rows": head.threshold, "chosen": chosen,
-                                  "from": f"the stricter of {head.target_fpr:.0%} of benign validation requests and "
-                                          f"{len(benign_risks)} benign validation answers: "
-                                          f"(cut + 1) / (n + 1) <= {QUERY_ALPHA}"}}
-    calibrated = replace(answer, threshold=threshold, extra={"answer_stage": stage})
-    final = replace(head, threshold=chosen, answer_head=calibrated)
-    metrics = {"recipe": recipe.describe(), "rule": rule.describe(), "threshold": threshold,
-               "val": rates(val_rows, chosen, threshold),  # a replay does not depend on either threshold
-               "test": rates(replay(final, *test), chosen, threshold),
+    chosen, calibrated = calibrate_answer_stage(draft, head.threshold, rule, val, test, plan.eval_tokens)
+    metrics = {**calibrated.metrics, "recipe": recipe.describe(),
                "answers": {"train": len(train[0]), "val": len(val[0]), "test": len(test[0])},
                "generated": {name: cost for name, (_, _, cost) in splits.items()}}
     return chosen, replace(calibrated, metrics=metrics)
 
 
+def calibrate_answer_stage(head: Head, row_threshold: float, rule: AnswerRule, val: tuple[list, list],
+                           test: tuple[list, list] | None, tokens: int) -> tuple[float, Head]:
+    """(query threshold, answer-stage head) with ``rule`` and both thresholds chosen on validation
+    answers: together the two decisions may cut QUERY_ALPHA of benign validation answers, the answer
+    stage alone ANSWER_ALPHA of those the query check lets through, both held for HELD of draws, and
+    the query check is never looser than ``row_threshold`` (its own, on requests). The weights of
+    ``head.answer_head`` are kept: a rule can be changed in seconds, without refitting."""
+    from .answer_stage import HELD, choose_operating_points, rates, replay
+
+    assert head.answer_head is not None
+    stage = dict(head.answer_head.extra.get("answer_stage") or {})
+    stage |= {"rule": rule.describe(), "alpha": ANSWER_ALPHA}
+    draft = replace(head, answer_head=replace(head.answer_head, threshold=1.0, extra={"answer_stage": stage}))
+    val_rows = replay(draft, *val)
+    n_benign = sum(1 for r in val_rows if not r.harmful)
+    points = choose_operating_points(val_rows, row_threshold, QUERY_ALPHA, ANSWER_ALPHA, held=HELD)
+    n_passed = sum(1 for r in val_rows if not r.harmful and r.query_risk < points.query)
+    promise = f"P(Binomial(n, alpha) <= cuts) <= {1 - HELD:g}: held for {HELD:.0%} of draws of validation answers"
+    stage |= {"threshold_from": f"{n_passed} validation answers of benign requests the query check let through, "
+                                f"{tokens} tokens: at most {max(points.answer_cuts, 0)} cut ({ANSWER_ALPHA:.0%}, and what the "
+                                f"query check left of {points.budget} for both, {QUERY_ALPHA:.0%} of {n_benign}; "
+                                f"{promise})",
+              "n_benign": n_passed, "max_cuts": points.answer_cuts, "held": HELD,
+              "query_threshold": {"by_rows": row_threshold, "chosen": points.query,
+                                  "from": f"the split of {points.budget} benign cuts of {n_benign} validation answers "
+                                          f"between the query check ({points.query_cuts}) and the answer stage that "
+                                          f"left the fewest harmful validation answers serving their request "
+                                          f"({points.prevented} stopped before serving, {points.stopped} stopped); "
+                                          f"never looser than its row-level threshold ({row_threshold:.4f})"}}
+    calibrated = replace(head.answer_head, threshold=points.answer, extra={"answer_stage": stage})
+    metrics = {"rule": rule.describe(), "threshold": points.answer,
+               "val": rates(val_rows, points.query, points.answer)}  # a replay does not depend on either threshold
+    if test is not None:
+        final = replace(head, threshold=points.query, answer_head=calibrated)
+        metrics["test"] = rates(replay(final, *test), points.query, points.answer)
+    return points.query, replace(calibrated, metrics=metrics)
+
+
 def rethreshold(head: Head, threshold: float, model: Model, sha: str, data_dir: Path, config: FeatureConfig, *,
                 progress: bool = True) -> Head:
-    """``head`` at a stricter query threshold, its test-split report scored afresh at it (features come
-    from the store, so this takes seconds; the answer stage's metadata records both thresholds)."""
+    """``head`` at another query threshold, its test-split report scored afresh at it (the test split's
+    features come from the store: seconds after training, minutes for a head calibrated anew; the
+    answer stage's metadata records both thresholds)."""
     from guardrail.head import quantized
 
+    from .data import read_jsonl
     from .evaluate import evaluate_head
 
-    _, data = load_labelled(model, sha, data_dir, config, progress=progress)
+    examples = read_jsonl(data_dir / "test.jsonl")
+    data = _labelled(examples, extract_features(model, sha, examples, config, progress=progress,
+                                                label="features: test"), "test")
     moved = replace(head, threshold=threshold)
-    test = np.flatnonzero(data.splits == "test")
     metrics = dict(head.metrics)
-    metrics["test"] = evaluate_head(quantized(moved), data, test)
+    metrics["test"] = evaluate_head(quantized(moved), data, np.arange(len(examples)))
     return replace(moved, metrics=metrics)
+
+
+def _labelled(examples: list[Example], feats: Features, split: str) -> Labelled:
+    return Labelled(Features({k: v for k, v in feats.blocks.items() if not k.startswith("__")}, feats.texts),
+                    np.array([e.label for e in examples]), np.array([e.source for e in examples], dtype=object),
+                    np.array([split] * len(examples), dtype=object))
+
+
+def calibrate_for_model(model_spec: str | None, head_path: str | None, *, rule: AnswerRule | None = None,
+                        out: Path | None = None, progress: bool = True) -> tuple[Head, Path]:
+    """`guardrail calibrate`: a head's two operating points chosen afresh on the model's own validation
+    answers, under ``rule`` (default: the current recipe's), its weights kept.
+
+    Minutes where the answers are stored (they are generated once, as `train` does), not the
+    hours of a retrain: a change of rule or of the promise reaches heads already trained."""
+    import datetime
+
+    from guardrail.artifacts.heads import user_head_path
+    from guardrail.head import save_head
+
+    model, sha = _model_and_sha(model_spec)
+    head, config, _ = _head_and_config(model, sha, head_path)
+    if head.answer_head is None:
+        raise HeadError("this head has no answer-stage head to calibrate: `guardrail train` trains one")
+    preset = head.extra.get("preset")
+    if preset not in ANSWER_PLANS or head.extra.get("data_dir") != TRAINING_SETS.get(preset):
+        raise HeadError("this head does not record a training preset's data (extra.preset), so its validation "
+                        "answers are unknown: retrain it with `guardrail train --preset quick|full`")
+    data_dir = ensure_training_set(preset, progress=progress)
+    plan = ANSWER_PLANS[preset]
+    stage = head.answer_head.extra.get("answer_stage") or {}
+    row_threshold = float((stage.get("query_threshold") or {}).get("by_rows", head.threshold))
+    rule = rule or default_answer_recipe(config)[1]
+    val = split_answers(model, sha, data_dir, "val", plan.val, plan.eval_tokens, progress)
+    test = split_answers(model, sha, data_dir, "test", plan.test, plan.eval_tokens, progress)
+    chosen, answer = calibrate_answer_stage(head, row_threshold, rule, val[:2], test[:2], plan.eval_tokens)
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    metrics = {**head.answer_head.metrics, **answer.metrics, "calibrated": when,
+               "answers": {**(head.answer_head.metrics.get("answers") or {}), "val": len(val[0]),
+                           "test": len(test[0])}}
+    calibrated = replace(head, answer_head=replace(answer, metrics=metrics))
+    if chosen != head.threshold:
+        calibrated = rethreshold(calibrated, chosen, model, sha, data_dir, config_for(head, config),
+                                 progress=progress)
+    target = out or user_head_path(sha)
+    save_head(calibrated, target)
+    return calibrated, target
