@@ -355,11 +355,10 @@ def calibrate(model, head, rule, out) -> None:
     chooses them (answers are generated once and stored: minutes, not a retrain)."""
     from pathlib import Path
 
+    from guardrail.errors import OptionsError
     from guardrail.runtime.policy import AnswerRule
     from guardrail.surfaces.ui import render_training
     from guardrail.training.pipeline import calibrate_for_model
-
-    from guardrail.errors import OptionsError
 
     try:
         parsed = AnswerRule.parse(rule) if rule else None

@@ -15,10 +15,10 @@ from guardrail.training.answer_stage import (
     allowed_cuts,
     answer_weights,
     choose_operating_points,
-    per_answer_threshold,
     rates,
     served_from,
     step_labels,
+    threshold_for_cuts,
 )
 from guardrail.training.answers import AnswerSpec, AnswerStore, Trajectory, _save, choose_requests, load_trajectory
 from guardrail.training.data.format import Example, Message
@@ -55,17 +55,18 @@ def test_a_prefill_is_part_of_the_answer_the_answer_stage_reads():
 
 def test_the_per_answer_threshold_follows_the_finite_sample_rule():
     peaks = np.linspace(0.0, 0.99, 199)  # 199 benign answers
-    t = per_answer_threshold(peaks, 0.01)
+    t = threshold_for_cuts(peaks, allowed_cuts(len(peaks), 0.01))
     cut = int((peaks >= t).sum())
     assert (cut + 1) / (len(peaks) + 1) <= 0.01 and cut == 1               # floor(0.01 * 200 - 1) = 1 may be cut
-    assert per_answer_threshold(peaks[:50], 0.01) == 1.0                    # too few answers to promise 1%: none cut
+    assert threshold_for_cuts(peaks[:50], allowed_cuts(50, 0.01)) == 1.0    # too few answers to promise 1%: none cut
 
 
-def test_the_per_answer_threshold_can_be_capped_by_what_an_earlier_decision_left():
-    peaks = np.linspace(0.0, 0.99, 199)  # the answer stage's own 1% would let 1 be cut
-    assert per_answer_threshold(peaks, 0.01, max_cuts=4) == per_answer_threshold(peaks, 0.01)  # its own share binds
-    assert int((peaks >= per_answer_threshold(peaks, 0.01, max_cuts=0)).sum()) == 0           # none left: none cut
-    assert per_answer_threshold(peaks, 0.01, max_cuts=-1) == 1.0
+def test_the_per_answer_threshold_cuts_no_more_than_it_is_allowed():
+    peaks = np.linspace(0.0, 0.99, 199)
+    assert threshold_for_cuts(peaks, 1) == threshold_for_cuts(peaks, allowed_cuts(199, 0.01))
+    assert int((peaks >= threshold_for_cuts(peaks, 0)).sum()) == 0           # none allowed: none cut
+    assert int((peaks >= threshold_for_cuts(peaks, 4)).sum()) == 4
+    assert threshold_for_cuts(peaks, -1) == 1.0
 
 
 def _binomial_cdf(k: int, n: int, p: float) -> float:

@@ -223,15 +223,6 @@ def threshold_for_cuts(values: Sequence[float], cuts: int) -> float:
     return float(np.nextafter(np.float32(ordered[cuts]), np.float32(np.inf)))
 
 
-def per_answer_threshold(peaks_benign: Sequence[float], alpha: float, *, max_cuts: int | None = None,
-                         held: float | None = None) -> float:
-    """The smallest threshold at which at most :func:`allowed_cuts` of the benign answers' peak
-    statistics reach it; ``max_cuts`` caps the cuts further (what an earlier decision left of a
-    shared budget)."""
-    allowed = allowed_cuts(len(peaks_benign), alpha, held)
-    return threshold_for_cuts(peaks_benign, allowed if max_cuts is None else min(allowed, max_cuts))
-
-
 @dataclass(frozen=True)
 class OperatingPoints:
     """The two decisions' thresholds, chosen together on validation answers, and what they did there."""
@@ -469,7 +460,7 @@ def fit_answer_head(train: Sequence[Conversation], train_served: Sequence[int | 
                     val_served: Sequence[int | None], recipe: AnswerRecipe, fingerprint: ModelFingerprint,
                     seed: int = 0) -> Head:
     """A calibrated logistic head on sampled steps of the model's own answers (threshold: set later,
-    per answer, by :func:`per_answer_threshold`)."""
+    per answer, by :func:`choose_operating_points`)."""
     from guardrail.head import FeatureBlock
     from guardrail.head.model import Standardizer, sigmoid
 
