@@ -114,6 +114,15 @@ def test_the_budget_goes_to_the_answer_stage_where_it_keeps_more_harmful_answers
     assert query_only.prevented == 0 and query_only.answer == 1.0
 
 
+def test_every_split_replayed_is_kept_with_what_it_did_and_none_kept_more_from_serving_than_the_chosen():
+    quiet = [_replay(2000 + i, 1, 0.3, 0.9, served_from=50) for i in range(10)]
+    points = choose_operating_points(BENIGN + quiet, 0.5, 0.02, 0.01)
+    assert len(points.splits) == points.budget + 1 == 8                     # 7 cuts to the query check, 6, ..., none
+    assert (points.query_cuts, points.answer_cuts, points.prevented, points.stopped) in points.splits
+    assert max(prevented for _, _, prevented, _ in points.splits) == points.prevented
+    assert (7, 0, 0, 0) in points.splits                                    # all to the query check: the quiet ones serve
+
+
 def test_the_query_check_is_never_looser_than_its_row_level_threshold():
     points = choose_operating_points(BENIGN, 0.99, 0.02, 0.01)              # rows already stricter than any split
     assert points.query == 0.99 and points.query_cuts == 0
@@ -124,6 +133,7 @@ def test_the_row_level_threshold_decides_alone_where_the_budget_is_noise():
     benign = [_replay(i, 0, 0.001 * i, 0.1) for i in range(110)]            # quick plan: 2% of 110 cannot be held
     points = choose_operating_points(benign, 0.7, 0.02, 0.01)
     assert points.query == 0.7 and points.answer == 1.0 and points.answer_cuts < 0      # the head says it never cuts
+    assert len(points.splits) == 1                                                      # no split was weighed
 
 
 def test_content_labels_start_where_the_answer_serves_and_leave_the_steps_before_it_out():
@@ -314,3 +324,34 @@ def test_a_head_calibrated_afresh_keeps_its_weights_and_records_how_both_thresho
     cut = sum(r.cut_at(query, answer.threshold) is not None for r in benign)
     assert 0 < cut <= allowed_cuts(len(benign), QUERY_ALPHA, held=0.75) == 3           # the promise, on validation
     assert answer.metrics["test"]["benign"] == 50 and answer.metrics["rule"] == "ema:0.9:1"
+    splits = recorded["splits"]                                                       # what the choice won against
+    assert len(splits) == 4 and sum(s["chosen"] for s in splits) == 1
+    chosen = next(s for s in splits if s["chosen"])
+    assert chosen["answer_cuts"] == recorded["max_cuts"] and chosen["prevented"] == max(s["prevented"] for s in splits)
+
+
+def test_a_trained_heads_report_shows_each_split_of_the_budget_and_marks_the_chosen_one():
+    import io
+    from dataclasses import replace
+
+    from rich.console import Console
+
+    from guardrail.head import ModelFingerprint
+    from guardrail.surfaces.ui import render_training
+    from guardrail.training.answer_stage import AnswerRecipe, fit_answer_head
+    from guardrail.training.pipeline import calibrate_answer_stage
+
+    recipe = AnswerRecipe(blocks=("l_out-1/mean", "l_out-2/last"), window=AnswerWindow(8, True), labels="request",
+                          every=4)
+    train, val = _conversations(200, 0), _conversations(600, 1000)
+    fitted = fit_answer_head(*train, *val, recipe, ModelFingerprint("0" * 64, "llama", 4, 3))
+    head = replace(fitted, answer_head=replace(fitted, extra={"answer_stage": {"recent": 8, "query": True}}))
+    query, answer = calibrate_answer_stage(head, 0.5, AnswerRule("ema", alpha=0.9, query_weight=1.0), val, None, 20)
+    out = io.StringIO()
+    render_training(replace(head, threshold=query, answer_head=answer), Console(file=out, width=400))
+    line = next(line for line in out.getvalue().splitlines() if "splits" in line)
+    listed = line.split("chosen): ", 1)[1]
+    for split in answer.extra["answer_stage"]["splits"]:
+        mark = "*" if split["chosen"] else ""
+        assert f"{mark}{split['query_cuts']}+{max(split['answer_cuts'], 0)}: {split['prevented']}, " in listed
+    assert listed.count("*") == 1

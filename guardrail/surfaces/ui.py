@@ -323,6 +323,12 @@ def render_training(head: Any, out: Console | None = None) -> None:
                       f"mid-answer {_pct(r.get('benign_cut_mid_answer'))} of {r.get('benign')}; harmful let through "
                       f"by the query check stopped {_pct(r.get('passed_stopped_mid_answer'))} of "
                       f"{r.get('passed_query')}, before serving {_pct(r.get('passed_served_stopped_before'))}")
+        splits = (answer.extra.get("answer_stage") or {}).get("splits") or []
+        if len(splits) > 1:
+            out.print("the budget's splits on validation answers (benign cuts at the query + mid-answer: harmful "
+                      "stopped before serving, stopped at all; * chosen): "
+                      + ", ".join(f"{'*' if s.get('chosen') else ''}{s['query_cuts']}+{max(s['answer_cuts'], 0)}: "
+                                  f"{s['prevented']}, {s['stopped']}" for s in splits))
     q = metrics.get("quantization", {})
     secs = metrics.get("seconds", {})
     out.print(f"int8 vs float: max |Δp| {_number(q.get('max_abs_diff'), 4)}, AUROC {_number(q.get('auroc_float'))} vs "

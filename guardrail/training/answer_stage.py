@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -234,6 +234,9 @@ class OperatingPoints:
     budget: int              # both together, by the promise
     prevented: int           # harmful validation answers stopped before they serve (content judge)
     stopped: int             # harmful validation answers stopped at all
+    # Every split replayed, (query_cuts, answer_cuts, prevented, stopped), the chosen one among them: the
+    # head file keeps them so a reader sees what the chosen split won against, not only that it won.
+    splits: tuple[tuple[int, int, int, int], ...] = ()
 
 
 def choose_operating_points(rows: Sequence[Replay], row_threshold: float, alpha: float, answer_alpha: float, *,
@@ -253,6 +256,7 @@ def choose_operating_points(rows: Sequence[Replay], row_threshold: float, alpha:
     total = allowed_cuts(len(risks), alpha, held)
     splits = range(total, -1, -1) if total >= min_cuts else [None]
     best: OperatingPoints | None = None
+    tried: list[tuple[int, int, int, int]] = []
     for q in splits:
         query = row_threshold if q is None else max(row_threshold, threshold_for_cuts(risks, q))
         cut_q = sum(1 for v in risks if v >= query)
@@ -265,10 +269,11 @@ def choose_operating_points(rows: Sequence[Replay], row_threshold: float, alpha:
                         if a is not None and r.served_from is not None and a < r.served_from)
         point = OperatingPoints(query, answer, cut_q, cuts, total, prevented,
                                 sum(a is not None for a in at))
+        tried.append((point.query_cuts, point.answer_cuts, point.prevented, point.stopped))
         if best is None or (point.prevented, point.stopped) > (best.prevented, best.stopped):
             best = point
     assert best is not None
-    return best
+    return replace(best, splits=tuple(tried))
 
 
 # ---------------------------------------------------------------------------

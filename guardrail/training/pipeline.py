@@ -370,7 +370,8 @@ ANSWER_PLANS = {
     # validation and test answers as long as the promise. 500 benign validation answers, so that the
     # promise held for three draws in four leaves 7 cuts to split between the two checks (250 left 2);
     # 400 benign test answers, so a 2% rate is measured on 8 answers, not 3. Twice the training answers
-    # stopped more on validation but cut a fresh benign request two tokens in (README, "The answer stage").
+    # stopped more on validation but cut a fresh benign request two tokens in; under the held, shared
+    # budget they earned no validation cut and stopped fewer (README, "The answer stage").
     "full": AnswerPlan(train=(300, 400), val=(150, 500), test=(200, 400), train_tokens=128),
 }
 # At most this share of benign answers (of those the query check lets through) may be cut by the
@@ -466,12 +467,15 @@ def calibrate_answer_stage(head: Head, row_threshold: float, rule: AnswerRule, v
     n_benign = sum(1 for r in val_rows if not r.harmful)
     points = choose_operating_points(val_rows, row_threshold, QUERY_ALPHA, ANSWER_ALPHA, held=HELD)
     n_passed = sum(1 for r in val_rows if not r.harmful and r.query_risk < points.query)
+    chosen = points.splits.index((points.query_cuts, points.answer_cuts, points.prevented, points.stopped))
     promise = f"P(Binomial(n, alpha) <= cuts) <= {1 - HELD:g}: held for {HELD:.0%} of draws of validation answers"
     stage |= {"threshold_from": f"{n_passed} validation answers of benign requests the query check let through, "
                                 f"{tokens} tokens: at most {max(points.answer_cuts, 0)} cut ({ANSWER_ALPHA:.0%}, and what the "
                                 f"query check left of {points.budget} for both, {QUERY_ALPHA:.0%} of {n_benign}; "
                                 f"{promise})",
               "n_benign": n_passed, "max_cuts": points.answer_cuts, "held": HELD,
+              "splits": [{"query_cuts": q, "answer_cuts": a, "prevented": p, "stopped": s, "chosen": i == chosen}
+                         for i, (q, a, p, s) in enumerate(points.splits)],
               "query_threshold": {"by_rows": row_threshold, "chosen": points.query,
                                   "from": f"the split of {points.budget} benign cuts of {n_benign} validation answers "
                                           f"between the query check ({points.query_cuts}) and the answer stage that "
