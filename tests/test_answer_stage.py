@@ -297,24 +297,35 @@ def _conversations(n: int, seed: int) -> tuple[list[Conversation], list[int | No
     return convs, served
 
 
-def test_a_head_calibrated_afresh_keeps_its_weights_and_records_how_both_thresholds_were_chosen():
+@pytest.fixture(scope="module")
+def fitted_head():
+    """A head with an answer-stage head fitted on synthetic answers that checks the query too, and its
+    validation and test answers."""
     from dataclasses import replace
 
     from guardrail.head import ModelFingerprint
-    from guardrail.training.answer_stage import AnswerRecipe, fit_answer_head, replay
-    from guardrail.training.pipeline import QUERY_ALPHA, calibrate_answer_stage
+    from guardrail.training.answer_stage import AnswerRecipe, fit_answer_head
 
     recipe = AnswerRecipe(blocks=("l_out-1/mean", "l_out-2/last"), window=AnswerWindow(8, True), labels="request",
                           every=4)
     train, val, test = _conversations(200, 0), _conversations(600, 1000), _conversations(100, 5000)
     fitted = fit_answer_head(*train, *val, recipe, ModelFingerprint("0" * 64, "llama", 4, 3))
-    stage = {"recent": 8, "query": True}
-    head = replace(fitted, answer_head=replace(fitted, extra={"answer_stage": stage}))  # it checks the query too
+    head = replace(fitted, answer_head=replace(fitted, extra={"answer_stage": {"recent": 8, "query": True}}))
+    return head, val, test
+
+
+def test_a_head_calibrated_afresh_keeps_its_weights_and_records_how_both_thresholds_were_chosen(fitted_head):
+    from dataclasses import replace
+
+    from guardrail.training.answer_stage import replay
+    from guardrail.training.pipeline import QUERY_ALPHA, calibrate_answer_stage
+
+    head, val, test = fitted_head
     rule = AnswerRule("ema", alpha=0.9, query_weight=1.0)
 
     query, answer = calibrate_answer_stage(head, 0.5, rule, val, test, 20)
 
-    assert answer.model is fitted.model and answer.scalers == fitted.scalers           # the weights are kept
+    assert answer.model is head.model and answer.scalers == head.scalers               # the weights are kept
     recorded = answer.extra["answer_stage"]
     assert recorded["rule"] == "ema:0.9:1" and recorded["held"] == 0.75
     assert recorded["query_threshold"]["by_rows"] == 0.5 and recorded["query_threshold"]["chosen"] == query >= 0.5
@@ -330,22 +341,16 @@ def test_a_head_calibrated_afresh_keeps_its_weights_and_records_how_both_thresho
     assert chosen["answer_cuts"] == recorded["max_cuts"] and chosen["prevented"] == max(s["prevented"] for s in splits)
 
 
-def test_a_trained_heads_report_shows_each_split_of_the_budget_and_marks_the_chosen_one():
+def test_a_trained_heads_report_shows_each_split_of_the_budget_and_marks_the_chosen_one(fitted_head):
     import io
     from dataclasses import replace
 
     from rich.console import Console
 
-    from guardrail.head import ModelFingerprint
     from guardrail.surfaces.ui import render_training
-    from guardrail.training.answer_stage import AnswerRecipe, fit_answer_head
     from guardrail.training.pipeline import calibrate_answer_stage
 
-    recipe = AnswerRecipe(blocks=("l_out-1/mean", "l_out-2/last"), window=AnswerWindow(8, True), labels="request",
-                          every=4)
-    train, val = _conversations(200, 0), _conversations(600, 1000)
-    fitted = fit_answer_head(*train, *val, recipe, ModelFingerprint("0" * 64, "llama", 4, 3))
-    head = replace(fitted, answer_head=replace(fitted, extra={"answer_stage": {"recent": 8, "query": True}}))
+    head, val, _ = fitted_head
     query, answer = calibrate_answer_stage(head, 0.5, AnswerRule("ema", alpha=0.9, query_weight=1.0), val, None, 20)
     out = io.StringIO()
     render_training(replace(head, threshold=query, answer_head=answer), Console(file=out, width=400))
