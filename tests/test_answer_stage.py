@@ -263,6 +263,26 @@ def test_the_answer_store_writes_each_answer_once_and_resumes(model, tmp_path, m
     assert t.states["l_out-10"].shape == (len(t.ids), model.info.n_embd)
 
 
+@pytest.mark.model
+def test_a_draw_read_by_hand_is_written_whole_so_a_resumed_run_gives_the_uninterrupted_answers(
+        model, tmp_path, monkeypatch):
+    monkeypatch.setenv("GUARDRAIL_CACHE", str(tmp_path))
+    store = AnswerStore(model, "f" * 64, (10, 20))
+    items = [(_example(i, 0), AnswerSpec(max_tokens=8)) for i in range(5)]
+    assert store.generate(items, n_parallel=2, whole=True)["answers"] == 5
+    keys = store.keys(items)
+    first = {k: store.load(k) for k in keys}
+    store.path(keys[3]).unlink()                      # killed before the fourth answer was written
+    assert store.todo(items, whole=True) == [0, 1, 2, 3, 4]
+    assert store.generate(items, n_parallel=2, whole=True)["answers"] == 5
+    for key in keys:                                  # the same draw, bit for bit
+        again = store.load(key)
+        assert again.ids.tolist() == first[key].ids.tolist() and again.text == first[key].text
+        assert all(np.array_equal(again.states[h], first[key].states[h]) for h in first[key].states)
+    assert store.generate(items, n_parallel=2, whole=True)["answers"] == 0   # a complete draw is kept
+    assert store.todo(items + items[:1], whole=True) == []
+
+
 def test_a_readers_served_from_word_becomes_the_step_the_guard_had_to_stop_before():
     from guardrail.training.answer_stage import hand_served, step_of_word
 

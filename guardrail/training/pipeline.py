@@ -417,9 +417,12 @@ def split_answers(model: Model, sha: str, data_dir: Path, split: str, counts: tu
     rows = read_jsonl(data_dir / f"{split}.jsonl")
     items = choose_requests(rows, *counts, salt=f"answers-{split}", max_tokens=tokens)
     store = AnswerStore(model, sha, answer_layers(model))
+    # Validation and test answers are read by hand (tests/fixtures), so each is one draw, written in
+    # one run; training answers resume one by one (AnswerStore.generate).
+    whole = split != "train"
     with progress_bar(progress) as bar:
-        task = bar.add_task(f"the model's own answers: {split}", total=len(store.missing(items)))
-        cost = store.generate(items, progress=lambda n: bar.advance(task, n))
+        task = bar.add_task(f"the model's own answers: {split}", total=len(store.todo(items, whole=whole)))
+        cost = store.generate(items, whole=whole, progress=lambda n: bar.advance(task, n))
     return (*load_conversations(store, items, {r.id: r for r in rows}, model.detokenize), cost)
 
 
