@@ -149,23 +149,25 @@ class AnswerStore:
     def keys(self, items: Sequence[tuple[Example, AnswerSpec]]) -> list[str]:
         return [answer_key(self.model_sha, self.hooks, e, s) for e, s in items]
 
-    def missing(self, items: Sequence[tuple[Example, AnswerSpec]]) -> list[int]:
+    def _unique(self, items: Sequence[tuple[Example, AnswerSpec]]) -> list[tuple[int, str]]:
+        """(index, key) of each item whose key was not given before it."""
         seen: set[str] = set()
         out = []
         for i, key in enumerate(self.keys(items)):
-            if key not in seen and not self.path(key).is_file():
-                out.append(i)
+            if key not in seen:
+                out.append((i, key))
             seen.add(key)
         return out
+
+    def missing(self, items: Sequence[tuple[Example, AnswerSpec]]) -> list[int]:
+        return [i for i, key in self._unique(items) if not self.path(key).is_file()]
 
     def todo(self, items: Sequence[tuple[Example, AnswerSpec]], *, whole: bool = False) -> list[int]:
         """The items :meth:`generate` writes: the missing ones, or, for a ``whole`` draw with any
         missing, every one (each key once)."""
-        missing = self.missing(items)
-        if not whole or not missing:
-            return missing
-        first = {key: i for i, key in reversed(list(enumerate(self.keys(items))))}
-        return sorted(first.values())
+        unique = self._unique(items)
+        missing = [i for i, key in unique if not self.path(key).is_file()]
+        return [i for i, _ in unique] if whole and missing else missing
 
     def generate(self, items: Sequence[tuple[Example, AnswerSpec]], *, n_parallel: int = 12, whole: bool = False,
                  progress: Callable[[int], None] | None = None) -> dict[str, float]:
