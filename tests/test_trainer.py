@@ -90,6 +90,25 @@ def test_models_compute_their_logits_as_documented():
     assert (lin.kind, mlp.kind, mlp.hidden, mlp.n_features) == ("logreg", "mlp", 3, 4)
 
 
+def test_fits_from_several_seeds_average_into_one_mlp_of_their_mean_logit():
+    X, y = separable(300)
+    fits = [train_mlp(X, y, hidden=5, max_epochs=3, seed=s) for s in range(3)]
+    mean = MLPModel.averaged(fits)
+    assert (mean.hidden, mean.n_features) == (15, X.shape[1])
+    np.testing.assert_allclose(mean.logits(X), np.mean([m.logits(X) for m in fits], axis=0), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError):
+        MLPModel.averaged([])
+
+
+def test_a_recipe_averages_seeds_only_for_an_mlp():
+    from guardrail.training.evaluate import HeadRecipe
+
+    assert HeadRecipe(blocks=("l_out-1/mean",), kind="mlp", seeds=3).describe() == "mlpx3[l_out-1/mean + lexical]"
+    for bad in (dict(kind="logreg", seeds=2), dict(kind="mlp", seeds=0)):
+        with pytest.raises(ValueError):
+            HeadRecipe(blocks=("l_out-1/mean",), **bad)
+
+
 def test_sample_weights_shift_the_decision():
     X, y = separable(400)
     plain = train_logreg(X, y, max_epochs=30, lr=1e-2)

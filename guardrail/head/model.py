@@ -6,6 +6,7 @@ scores them); nothing here knows how they were fitted.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -71,6 +72,18 @@ class MLPModel:
     def logits(self, X: np.ndarray) -> np.ndarray:
         h = np.maximum(np.asarray(X, dtype=np.float32) @ self.w1 + self.b1, np.float32(0.0))
         return np.asarray(h @ self.w2 + np.float32(self.b2))
+
+    @classmethod
+    def averaged(cls, models: Sequence[MLPModel]) -> MLPModel:
+        """Fits from several seeds as one MLP whose logit is their mean: their hidden layers side by side.
+
+        Averaging seeds cuts the variance a single fit has on data it never saw, and the
+        result is still one MLP, so the head file and the runtime need nothing new."""
+        if not models:
+            raise ValueError("averaged() needs at least one model")
+        k = np.float32(len(models))
+        return cls(np.concatenate([m.w1 for m in models], axis=1), np.concatenate([m.b1 for m in models]),
+                   np.concatenate([m.w2 for m in models]) / k, float(sum(m.b2 for m in models) / len(models)))
 
 
 @dataclass(eq=False)

@@ -18,7 +18,7 @@ import numpy as np
 from guardrail._json import json_safe
 from guardrail.head import LEXICAL, FeatureBlock, Head, ModelFingerprint
 from guardrail.head.lexical import HashedNgrams
-from guardrail.head.model import Standardizer, sigmoid
+from guardrail.head.model import LinearModel, MLPModel, Standardizer, sigmoid
 
 from .extraction import Features
 from .metrics import auroc, summarize, threshold_at_fpr
@@ -34,12 +34,18 @@ class HeadRecipe:
     kind: str = "logreg"              # logreg | mlp
     l2: float = 1e-2
     hidden: int = 64
+    seeds: int = 1                    # an MLP fitted from this many seeds, logits averaged (MLPModel.averaged)
     target_fpr: float = 0.03
     lexical_buckets: int = 2 ** 15
 
+    def __post_init__(self) -> None:
+        if self.seeds < 1 or (self.seeds > 1 and self.kind != "mlp"):
+            raise ValueError(f"seeds={self.seeds}: an average over seeds is for an MLP (a logistic fit is convex)")
+
     def describe(self) -> str:
         parts = list(self.blocks) + ([LEXICAL] if self.lexical else [])
-        return f"{self.kind}[{' + '.join(parts)}]"
+        kind = self.kind if self.seeds == 1 else f"{self.kind}x{self.seeds}"
+        return f"{kind}[{' + '.join(parts)}]"
 
 
 @dataclass
@@ -76,9 +82,13 @@ def fit_head(data: Labelled, train: np.ndarray, val: np.ndarray, recipe: HeadRec
     y, y_val = data.labels[train], data.labels[val]
     w = balanced_weights(y, data.sources[train])
     w_val = balanced_weights(y_val, data.sources[val])
-    trainer: Callable = train_mlp if recipe.kind == "mlp" else train_logreg
-    extra = {"hidden": recipe.hidden} if recipe.kind == "mlp" else {}
-    model = trainer(X, y, sample_weight=w, l2=recipe.l2, X_val=X_val, y_val=y_val, w_val=w_val, seed=seed, **extra)
+    model: LinearModel | MLPModel
+    if recipe.kind == "mlp":
+        model = MLPModel.averaged([train_mlp(X, y, sample_weight=w, l2=recipe.l2, X_val=X_val, y_val=y_val,
+                                             w_val=w_val, seed=seed + k, hidden=recipe.hidden)
+                                   for k in range(recipe.seeds)])
+    else:
+        model = train_logreg(X, y, sample_weight=w, l2=recipe.l2, X_val=X_val, y_val=y_val, w_val=w_val, seed=seed)
     logits_val = model.logits(X_val)
     temperature = fit_temperature(logits_val, y_val, sample_weight=w_val)
     p_val = sigmoid(logits_val / temperature)
