@@ -164,7 +164,7 @@ def default_config(model: Model) -> FeatureConfig:
     return FeatureConfig(layers=layers, probes=(EOT_PROBE,), max_tokens=MAX_TOKENS)
 
 
-def default_recipes(config: FeatureConfig) -> tuple[HeadRecipe, HeadRecipe]:
+def default_recipes(config: FeatureConfig, kind: str = "mlp") -> tuple[HeadRecipe, HeadRecipe]:
     """(check head, token head), chosen by leave-one-source-out (README, "Choosing the features").
 
     The check reads the window's mean state and the mean of its last tokens at the
@@ -176,15 +176,24 @@ def default_recipes(config: FeatureConfig) -> tuple[HeadRecipe, HeadRecipe]:
     benign, against 75% without it. The check reads the top layer's window mean and tail
     as well: on train-v3 they raised LOSO (mean 0.960 -> 0.961, min 0.874 -> 0.881) and,
     at the query threshold the per-answer rule chooses, the share of harmful test requests
-    flagged from 64% to 70% at the same share of benign (1.6%). A one-hidden-layer MLP
-    read no better by LOSO (its gain on the test split is on sources it trained on) and
-    would need the states themselves at every check. The token head reads each token's
-    own state near the top. The lexical block did not add to the states by LOSO, so
-    the heads leave it out (it stays the baseline they must beat)."""
+    flagged from 64% to 70% at the same share of benign (1.6%). The head is an MLP (64
+    ReLU units) fitted from three seeds, logits averaged (one 192-unit MLP): one MLP fit
+    read no better than the linear head by LOSO, but the average of three did (mean 0.959
+    -> 0.966, min 0.880 -> 0.889, better on 20 of 23 held-out sources), and under the
+    per-answer budget it flags far more harmful requests for the same benign validation
+    cuts (README, "The safety head"). It needs the states
+    themselves, not tracked projections, but with an answer-stage head it is read once per
+    answer, at the query check; ``kind="logreg"`` gives the linear head for a head read at
+    every token (no answer stage) or trained on the quick preset, where the average was not
+    measured. The token head reads each token's own state near the top.
+    The lexical block did not add to the states by LOSO, so the heads leave it out (it
+    stays the baseline they must beat)."""
     low, mid, top = config.layers[0], config.layers[1], config.layers[-1]
     check = HeadRecipe(blocks=(f"l_out-{low}/mean", f"l_out-{low}/tail", f"l_out-{mid}/mean",
                                f"l_out-{mid}/tail", f"l_out-{top}/last", f"l_out-{top}/mean",
                                f"l_out-{top}/tail"), lexical=False)
+    if kind == "mlp":
+        check = replace(check, kind="mlp", hidden=64, seeds=3)
     token = HeadRecipe(blocks=(f"l_out-{top}/last",), lexical=False)
     return check, token
 
@@ -253,7 +262,10 @@ def train_for_model(model_spec: str | None, *, preset: str = "quick", data_dir: 
     started = time.perf_counter()
     data_dir = data_dir or ensure_training_set(preset, progress=progress)
     config = default_config(model)
-    check, token = default_recipes(config)
+    # The averaged MLP was measured on the full preset, where the answer-stage head reads the answer and
+    # the check head is read once per answer; read at every token (no answer stage) a linear head costs
+    # nothing (tracked projections), and on the quick preset's rows the MLP was not measured.
+    check, token = default_recipes(config, "mlp" if answers and preset == "full" else "logreg")
     head = train_head(model, sha, data_dir, config, check, token, loso_sources=loso_sources, progress=progress)
     if answers:
         query_threshold, answer_head = train_answer_stage(model, sha, data_dir, head, config, preset,
@@ -261,7 +273,7 @@ def train_for_model(model_spec: str | None, *, preset: str = "quick", data_dir: 
         head = replace(head, answer_head=answer_head)
         if query_threshold != head.threshold:
             head = rethreshold(head, query_threshold, model, sha, data_dir, config, progress=progress)
-    extra = {"feature_config": asdict(config), "data_dir": data_dir.name,
+    extra = {"feature_config": asdict(config), "recipe": asdict(check), "data_dir": data_dir.name,
              "preset": preset if data_dir.name == TRAINING_SETS.get(preset) else None,
              "model_file": model.path.name, "wall_seconds": time.perf_counter() - started,
              "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
@@ -292,6 +304,9 @@ def _head_and_config(model: Model, sha: str, head_path: str | None) -> tuple[Hea
     config = FeatureConfig(**stored)
     recipe = HeadRecipe(blocks=tuple(b.name for b in head.blocks if b.name != "lexical"),
                         lexical=head.lexical is not None, kind=head.kind, target_fpr=head.target_fpr)
+    fitted = head.extra.get("recipe")  # how it was fitted (seeds, width, L2): what `eval --loso` refits
+    if isinstance(fitted, dict):
+        recipe = replace(recipe, **{k: fitted[k] for k in ("l2", "hidden", "seeds") if k in fitted})
     return head, config, recipe
 
 
