@@ -10,6 +10,7 @@ import json
 import os
 import zipfile
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,10 @@ from guardrail.training.data.augment import (
     augment,
     drift_variants,
     first_words,
+    INSTRUCTIONS,
     form_variants,
+    how_to_phrase,
+    instruction_variants,
     jailbreak_variants,
     long_prefix_variants,
     prefix_variants,
@@ -243,6 +247,31 @@ def test_rephrasing_applies_the_same_rules_to_both_labels():
     assert rules_by_label[0] == rules_by_label[1] == {f"rephrase:{rule}" for rule in RULES}
     past = [e.messages[0].content for e in out if e.variant == "rephrase:past"]
     assert any("steal" in t and ("past" in t.lower() or "historically" in t.lower() or "1990s" in t) for t in past)
+
+
+def test_a_how_to_question_becomes_an_instruction_in_the_askers_own_words():
+    assert how_to_phrase("How do I change my flat tyre?") == "change my flat tyre"
+    assert how_to_phrase("Can you help me treat a burn?") == "treat a burn"
+    assert how_to_phrase("Write a recipe for soup") is None            # already an instruction
+    assert how_to_phrase("What is a tyre?") is None                     # asks something else
+    assert how_to_phrase("How do I pick a lock? Tell me which tools") is None   # two questions in one
+    assert how_to_phrase("How do I\nbake bread?") is None
+
+
+def test_instructions_give_both_labels_the_instruction_form_benign_ones_more_often():
+    asked = ([ex(f"h{i}", 1, f"How do I steal car number {i}?", "bad") for i in range(30)]
+             + [ex(f"b{i}", 0, f"How can I bake bread number {i}?", "good") for i in range(30)])
+    plan = AugmentPlan(instructions_benign=20, instructions_harmful=10)
+    out = instruction_variants(asked + roots(), plan, "s")
+    assert sum(e.label == 0 for e in out) == 20 and sum(e.label == 1 for e in out) == 10
+    assert {e.variant for e in out} == {"instruct"}
+    assert {e.origin for e in out} <= {r.id for r in asked}              # "Write a ..." roots are never reworded
+    forms = {e.messages[0].content.split(" how to ")[0] for e in out if " how to " in e.messages[0].content}
+    assert len(forms) > 3
+    for e in out:
+        action = how_to_phrase(next(r for r in asked if r.id == e.origin).messages[0].content)
+        assert e.messages[0].content in {t.format(a=action) for t in INSTRUCTIONS}
+    assert instruction_variants(asked, AugmentPlan(), "s") == []         # off unless a plan asks for them
 
 
 def test_prefixes_refusals_only_follow_harmful_requests_and_prefills_follow_both():
@@ -682,6 +711,16 @@ def test_generation_3_sources_join_only_the_v3_presets_after_every_earlier_sourc
     assert set(preset.type.choices) == set(PRESETS)
 
 
+def test_the_v4_presets_are_the_v3_presets_plus_instructions_only():
+    for name in ("capped-v4", "quick-v4", "full-v4"):
+        twin = PRESETS[name.replace("-v4", "-v3")]
+        plan = PRESETS[name].plan
+        assert PRESETS[name].sources == twin.sources
+        assert plan.instructions_benign > plan.instructions_harmful > 0
+        assert replace(plan, instructions_benign=0, instructions_harmful=0) == twin.plan
+        assert twin.plan.instructions_benign == twin.plan.instructions_harmful == 0
+
+
 def test_a_v3_build_writes_topics_and_hard_negatives_and_pins_the_new_wheels(offline_cache, tmp_path):
     _wheel(offline_cache, sources.WSR, WSR_FILES)
     _wheel(offline_cache, sources.STRONGREJECT, STRONGREJECT_FILES)
@@ -785,3 +824,44 @@ def test_a_capped_copy_counts_what_it_holds_not_what_it_was_copied_from(tmp_path
     assert manifest["sources"]["big"]["examples"]["train"]["0"] == manifest["totals"]["by_split"]["train"]["0"]
     assert manifest["sources"]["harm"] == {"licence": "MIT"}  # what the cap did not touch is kept as it was
     assert json.loads((capped / "manifest.json").read_text()) == manifest
+
+
+def test_a_capped_copy_keeps_the_same_origins_by_share_and_named_variants_whole(tmp_path):
+    from guardrail.training.data.build import derive_capped
+
+    full = tmp_path / "full"
+    full.mkdir()
+    rows = [Example(f"big-{i}", "big", 0, (Message("user", f"chat {i}"),)) for i in range(200)]
+    write_jsonl(full / "train.jsonl", rows)
+    for split in ("val", "test"):
+        write_jsonl(full / f"{split}.jsonl", [])
+    by_count = derive_capped(full, tmp_path / "a", caps={"big": 50})
+    kept = {e.id for e in read_jsonl(tmp_path / "a" / "train.jsonl")}
+    # a later recipe adds a variant of every request: a share keeps the same origins, and the variant whole
+    write_jsonl(full / "train.jsonl", rows + [Example(f"big-{i}~instruct", "big", 0, (Message("user", f"do {i}"),),
+                                                      variant="instruct", origin=f"big-{i}") for i in range(200)])
+    derive_capped(full, tmp_path / "b", caps={"big": 50 / 200}, whole=("instruct",))
+    later = read_jsonl(tmp_path / "b" / "train.jsonl")
+    assert {e.id for e in later if e.variant != "instruct"} == kept == {f"big-{i}" for i in range(200)} & kept
+    assert sum(e.variant == "instruct" for e in later) == 200
+    assert 25 <= by_count["derived"]["caps"]["big"]["kept"] <= 75
+
+
+def test_a_head_finds_its_own_dataset_by_name_even_after_the_presets_move_on(tmp_path, monkeypatch):
+    from guardrail.training import pipeline
+
+    monkeypatch.setattr(pipeline, "cache_dir", lambda: tmp_path)
+    base = tmp_path / "data" / "full-v4"
+    base.mkdir(parents=True)
+    rows = [Example(f"big-{i}", "sharegpt", 0, (Message("user", f"chat {i}"),)) for i in range(50)]
+    rows += [Example("big-0~instruct", "sharegpt", 0, (Message("user", "Teach me how to chat."),),
+                     variant="instruct", origin="big-0")]
+    write_jsonl(base / "train.jsonl", rows)
+    for split in ("val", "test"):
+        write_jsonl(base / f"{split}.jsonl", [])
+    path = pipeline.ensure_named_set("train-v4", progress=False)      # derived from the built preset, not rebuilt
+    held = read_jsonl(path / "train.jsonl")
+    assert path == tmp_path / "data" / "train-v4" and 0 < len(held) < len(rows)
+    assert any(e.variant == "instruct" for e in held)
+    with pytest.raises(DataError, match="unknown dataset 'train-v9'"):
+        pipeline.ensure_named_set("train-v9")

@@ -70,6 +70,12 @@ class AugmentPlan:
     long_prefixes: int = 0           # answer prefixes of ``long_lengths`` words, split between labels
     long_lengths: tuple[int, ...] = (80, 160)
     drift: int = 0                   # refusal opener, then the task anyway (harmful) / apology, then help (benign)
+    # How-to questions asked again as instructions ("How do I treat a burn?" -> "Write a tutorial on how to
+    # treat my burn."), per label. Zero by default so the v1-v3 recipes stay what they were; the v4 presets
+    # turn it on with more benign than harmful, because the instruction form is what most harmful sources
+    # (AdvBench, HarmBench) are written in and few benign ones are.
+    instructions_benign: int = 0
+    instructions_harmful: int = 0
 
 
 # --- deterministic choice ----------------------------------------------------
@@ -179,8 +185,9 @@ RULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
-def action_phrase(request: str) -> str | None:
-    """The request as a bare verb phrase, if it is one ("How do I bake my cake?" -> "bake their cake")."""
+def action_phrase(request: str, *, third_person: bool = True) -> str | None:
+    """The request as a bare verb phrase, if it is one ("How do I bake my cake?" -> "bake their cake";
+    with ``third_person=False``, "bake my cake")."""
     text = request.strip().rstrip("?.! ")
     if "\n" in text:
         return None
@@ -195,7 +202,20 @@ def action_phrase(request: str) -> str | None:
         return None
     words = text.split(" ")
     words[0] = words[0].lower() if not words[0].isupper() else words[0]
+    if not third_person:
+        return " ".join(words)
     return " ".join(_PRONOUNS.get(w.lower(), w) for w in words)
+
+
+def how_to_phrase(request: str) -> str | None:
+    """The action of a request that asks how to do something ("How can I X?", "help me X"), in the asker's
+    own words; None for a request that already instructs ("Write ...") or asks something else."""
+    text = request.strip()
+    polite = _POLITE.match(text)
+    if "\n" in text or not _LEAD.match(text[polite.end():] if polite else text):
+        return None
+    action = action_phrase(request, third_person=False)
+    return action if action and "?" not in action else None
 
 
 def rephrase(request: str, rule: str, seed: str) -> str:
@@ -217,6 +237,38 @@ def rephrase_variants(roots: Sequence[Example], plan: AugmentPlan, seed: str,
             rule = _choose(sorted(RULES), seed, "rule", root.id)
             text = rephrase(root.messages[0].content, rule, seed)
             out.append(_derive(root, f"rephrase:{rule}", [Message("user", text)]))
+    return out
+
+
+INSTRUCTIONS = (
+    "Give step-by-step instructions for how to {a}.",
+    "Write a tutorial on how to {a}.",
+    "Provide a detailed guide on how to {a}.",
+    "Explain in detail how to {a}.",
+    "List the steps to {a}.",
+    "Describe step by step how to {a}.",
+    "Create a guide that shows how to {a}.",
+    "Tell me exactly how to {a}.",
+    "Teach me how to {a}.",
+    "Outline a plan to {a}.",
+)
+
+
+def instruction_variants(roots: Sequence[Example], plan: AugmentPlan, seed: str,
+                         max_chars: int = 300) -> list[Example]:
+    """How-to questions of both labels asked as instructions, the form harmful sources are written in.
+
+    Without them the form itself reads as harm: "Give me steps to change a flat tyre" was flagged at
+    0.93 by a head that had seen "Give step-by-step instructions for how to ..." almost only before harm.
+    """
+    out = []
+    for label, budget in ((1, plan.instructions_harmful), (0, plan.instructions_benign)):
+        eligible = [r for r in roots if r.label == label and (req := _single_request(r)) and len(req) <= max_chars
+                    and how_to_phrase(req)]
+        for root in _sample(eligible, budget, seed, "instruct"):
+            action = how_to_phrase(root.messages[0].content)
+            text = _choose(INSTRUCTIONS, seed, "instruct", root.id).format(a=action)
+            out.append(_derive(root, "instruct", [Message("user", text)]))
     return out
 
 
@@ -395,6 +447,7 @@ def augment(roots: Sequence[Example], templates: Sequence[Template], plan: Augme
     """All derived examples for the given roots (roots themselves not included)."""
     return (jailbreak_variants(roots, templates, plan, seed)
             + rephrase_variants(roots, plan, seed)
+            + instruction_variants(roots, plan, seed)
             + prefix_variants(roots, plan, seed)
             + form_variants(roots, plan, seed)
             + drift_variants(roots, plan, seed)

@@ -57,6 +57,14 @@ _QUICK_PLAN = AugmentPlan(**{k: round(v * 0.3) for k, v in _V1_PLAN.items()}, fo
 _FULL_PLAN = AugmentPlan(jailbreak=4000, rephrase_harmful=2000, rephrase_benign=1000, answer_prefixes=3000,
                          compliant_prefixes=1400, safe_prefixes=800, refusals=1000, prefills=2400,
                          forms=6000, long_prefixes=2000, drift=1000)
+
+
+def _with_instructions(plan: AugmentPlan, scale: float = 1.0) -> AugmentPlan:
+    """Generation 4 of the recipe (over the generation-3 sources): how-to questions asked as instructions
+    as well, twice as many benign as harmful (augment.instruction_variants)."""
+    return replace(plan, instructions_benign=round(1200 * scale), instructions_harmful=round(600 * scale))
+
+
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("default-v1", 200, False, AugmentPlan(**_V1_PLAN),
            "200 requests per source, ShareGPT's first 3000; what the first heads were trained on", generation=1),
@@ -71,6 +79,12 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("capped-v3", 200, False, _CAPPED_PLAN, "capped-v2's recipe over the generation-3 sources", generation=3),
     Preset("quick-v3", 60, False, _QUICK_PLAN, "quick-v2's recipe over the generation-3 sources", generation=3),
     Preset("full-v3", None, True, _FULL_PLAN, "full-v2's recipe over the generation-3 sources", generation=3),
+    Preset("capped-v4", 200, False, _with_instructions(_CAPPED_PLAN),
+           "capped-v3 plus how-to questions asked as instructions", generation=3),
+    Preset("quick-v4", 60, False, _with_instructions(_QUICK_PLAN, 0.3),
+           "quick-v3 plus how-to questions asked as instructions", generation=3),
+    Preset("full-v4", None, True, _with_instructions(_FULL_PLAN),
+           "full-v3 plus how-to questions asked as instructions", generation=3),
 )}
 
 
@@ -249,10 +263,13 @@ def build_dataset(out_dir: Path | str, *, max_per_source: int | None = DEFAULT_M
     return json.loads(text)   # exactly what the file says (tuples become lists)
 
 
-def derive_capped(src: Path | str, dst: Path | str, *, caps: Mapping[str, int]) -> dict:
-    """A copy of a built dataset with some sources each held to about ``caps[source]`` conversations,
-    chosen by a hash of their origin (so variants of one request stay together and splits stay as
-    they were).
+def derive_capped(src: Path | str, dst: Path | str, *, caps: Mapping[str, int | float],
+                  whole: Sequence[str] = ()) -> dict:
+    """A copy of a built dataset with some sources each held to about ``caps[source]`` conversations
+    (a float: that share of them), chosen by a hash of their origin (so variants of one request stay
+    together and splits stay as they were). A share keeps the same origins in a later recipe that adds
+    variants, where a count would keep fewer. Variants named in ``whole`` are kept however their source
+    is capped: a form rare in a label is not cut down with the big sources that hold most of it.
 
     ShareGPT alone is 45% of full-v2 (and consumer health questions a tenth of full-v3); holding
     them to a few thousand keeps their breadth and frees hours of extraction for the sources that
@@ -263,8 +280,8 @@ def derive_capped(src: Path | str, dst: Path | str, *, caps: Mapping[str, int]) 
     derived = {}
     for source, keep in caps.items():
         total = sum(1 for rows in splits.values() for e in rows if e.source == source)
-        share = min(1.0, keep / total) if total else 1.0
-        kept = {name: [e for e in rows if e.source != source
+        share = float(keep) if isinstance(keep, float) else min(1.0, keep / total) if total else 1.0
+        kept = {name: [e for e in rows if e.source != source or e.variant in whole
                        or unit_hash(f"{source}-cap:{e.origin or e.id}") < share] for name, rows in kept.items()}
         derived[source] = {"kept": sum(e.source == source for rows in kept.values() for e in rows), "of": total}
     dst.mkdir(parents=True, exist_ok=True)
