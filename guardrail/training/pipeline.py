@@ -224,19 +224,7 @@ def ensure_named_set(name: str, progress: bool = True) -> Path:
         return path
     if name in DERIVED_SETS:
         base, caps, whole = DERIVED_SETS[name]
-        full = cache_dir() / "data" / base
-        if not all((full / f"{s}.jsonl").is_file() for s in SPLITS):
-            build_preset(full, base, progress=progress)
-        derive_capped(full, path, caps=caps, whole=whole)
-    else:
-        build_preset(path, name, progress=progress)
-    return path
-    if name in DERIVED_SETS:
-        base, caps, whole = DERIVED_SETS[name]
-        full = cache_dir() / "data" / base
-        if not all((full / f"{s}.jsonl").is_file() for s in SPLITS):
-            build_preset(full, base, progress=progress)
-        derive_capped(full, path, caps=caps, whole=whole)
+        derive_capped(ensure_named_set(base, progress), path, caps=caps, whole=whole)
     else:
         build_preset(path, name, progress=progress)
     return path
