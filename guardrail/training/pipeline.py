@@ -212,13 +212,20 @@ def ensure_training_set(preset: str, progress: bool = True) -> Path:
     return ensure_named_set(TRAINING_SETS[preset], progress=progress)
 
 
+def named_sets() -> list[str]:
+    """The dataset names guardrail can build: ``data.build``'s presets and the sets derived from them."""
+    from .data.build import PRESETS
+
+    return [*PRESETS, *DERIVED_SETS]
+
+
 def ensure_named_set(name: str, progress: bool = True) -> Path:
     """A dataset by the name a head records (``extra.data_dir``): a preset of ``data.build`` or a set derived
     from one, built on first use. A head trained on an earlier set still finds its own answers."""
-    from .data.build import PRESETS, build_preset, derive_capped
+    from .data.build import build_preset, derive_capped
 
-    if name not in DERIVED_SETS and name not in PRESETS:
-        raise DataError(f"unknown dataset {name!r}; known: {', '.join([*PRESETS, *DERIVED_SETS])}")
+    if name not in named_sets():
+        raise DataError(f"unknown dataset {name!r}; known: {', '.join(named_sets())}")
     path = cache_dir() / "data" / name
     if all((path / f"{s}.jsonl").is_file() for s in SPLITS):
         return path
@@ -557,14 +564,12 @@ def calibrate_for_model(model_spec: str | None, head_path: str | None, *, rule: 
     from guardrail.artifacts.heads import user_head_path
     from guardrail.head import save_head
 
-    from .data.build import PRESETS
-
     model, sha = _model_and_sha(model_spec)
     head, config, _ = _head_and_config(model, sha, head_path)
     if head.answer_head is None:
         raise HeadError("this head has no answer-stage head to calibrate: `guardrail train` trains one")
     preset, name = head.extra.get("preset"), head.extra.get("data_dir")
-    if preset not in ANSWER_PLANS or not isinstance(name, str) or name not in {*DERIVED_SETS, *PRESETS}:
+    if preset not in ANSWER_PLANS or not isinstance(name, str) or name not in named_sets():
         raise HeadError("this head does not record a training preset's data (extra.preset), so its validation "
                         "answers are unknown: retrain it with `guardrail train --preset quick|full`")
     data_dir = ensure_named_set(name, progress=progress)
