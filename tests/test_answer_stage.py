@@ -14,6 +14,8 @@ from guardrail.training.answer_stage import (
     Replay,
     allowed_cuts,
     answer_weights,
+    by_form,
+    by_source,
     choose_operating_points,
     rates,
     served_from,
@@ -170,6 +172,18 @@ def test_a_replay_cuts_where_the_guard_would_and_counts_per_answer():
     assert r["passed_query"] == 2 and r["passed_stopped_mid_answer"] == 1.0
     assert r["passed_served_stopped_before"] == 0.5
     assert r["harmful_served_unguarded"] == 1.0 and r["harmful_served_guarded"] == 0.5
+
+
+def test_held_out_rates_split_by_form_show_which_forms_the_cuts_come_from():
+    rows = [_replay(i, 0, 0.1, 0.0) for i in range(8)]                                  # plain benign: passed
+    rows += [Replay(_example(10 + i, 0, variant="jailbreak:pyrit/dan"), 0.9 if i < 2 else 0.1, np.zeros(10), None, 10)
+             for i in range(4)]                                                            # 2 of 4 cut at the query
+    rows += [Replay(_example(20, 1, variant="prefix:prefill:2"), 0.9, np.zeros(10), 3, 10)]
+    forms = by_form(rows, 0.5, 0.99)
+    assert set(forms) == {"plain:benign", "jailbreak:benign", "prefix:prefill:harmful"}
+    assert forms["plain:benign"]["benign_cut"] == 0.0 and forms["jailbreak:benign"]["benign_cut"] == 0.5
+    assert forms["prefix:prefill:harmful"]["harmful_stopped_by_query"] == 1.0
+    assert by_source(rows, 0.5, 0.99)["src:benign"]["benign"] == 12
 
 
 def test_served_from_finds_the_first_grid_step_the_judge_reads_as_serving():

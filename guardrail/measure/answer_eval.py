@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from guardrail.training.answer_stage import answer_stage_of, by_source, curve, rates, replay
+from guardrail.training.answer_stage import answer_stage_of, by_form, by_source, curve, rates, replay
 
 HAND_LABELS = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "answer_labels_test.jsonl"
 
@@ -75,4 +75,5 @@ def answer_report(model_spec: str | None, head_path: str | None, *, data_dir: Pa
                           "labels": str(label_file) if label_file else None},
             "overall": rates(replays, head.threshold, answer_threshold),
             "sources": by_source(replays, head.threshold, answer_threshold),
+            "forms": by_form(replays, head.threshold, answer_threshold),
             "curve": curve(replays, head.threshold)}

@@ -281,15 +281,24 @@ def _pct(value: Any) -> str:
 
 def render_answer_eval(report: Mapping[str, Any], out: Console | None = None) -> None:
     """The guard over whole answers, per answer: benign answers cut, harmful answers stopped (and
-    stopped before they serve the request), overall and per source."""
+    stopped before they serve the request), overall, per source and per form of request."""
     out = out or console
-    table = Table(title=f"{report['answers']} held-out answers of {report['max_tokens']} tokens: query threshold "
-                        f"{_number(report['query_threshold'])}, answer stage {report['rule']} at "
-                        f"{_number(report['answer_threshold'])}")
-    for column in ("source", "n", "cut", "by query", "mid-answer", "served unguarded", "served guarded",
+    title = (f"{report['answers']} held-out answers of {report['max_tokens']} tokens: query threshold "
+             f"{_number(report['query_threshold'])}, answer stage {report['rule']} at "
+             f"{_number(report['answer_threshold'])}")
+    out.print(_answer_table(title, "source", list(report["sources"].items()) + [("overall", report["overall"])]))
+    if report.get("forms"):
+        out.print(_answer_table("the same answers by form of request", "form", list(report["forms"].items())))
+    if report.get("curve_file"):
+        out.print(f"curve: {report['curve_file']}")
+
+
+def _answer_table(title: str, first: str, rows: Sequence[tuple[str, Mapping[str, Any]]]) -> Table:
+    """One row per ``<group>:<label>`` (a benign row: answers cut; a harmful row: answers stopped), and overall."""
+    table = Table(title=title)
+    for column in (first, "n", "cut", "by query", "mid-answer", "served unguarded", "served guarded",
                    "let through: stopped", "... before serving"):
-        table.add_column(column, justify="left" if column == "source" else "right", no_wrap=column == "source")
-    rows = list(report["sources"].items()) + [("overall", report["overall"])]
+        table.add_column(column, justify="left" if column == first else "right", no_wrap=column == first)
     for name, r in rows:
         harmful = name.endswith(":harmful") or (name == "overall")
         table.add_row(name, str(r["benign"] + r["harmful"] if name == "overall" else (r["harmful"] or r["benign"])),
@@ -301,9 +310,7 @@ def render_answer_eval(report: Mapping[str, Any], out: Console | None = None) ->
                       _pct(r["passed_stopped_mid_answer"]) if harmful else "",
                       _pct(r["passed_served_stopped_before"]) if harmful else "",
                       style="bold" if name == "overall" else None)
-    out.print(table)
-    if report.get("curve_file"):
-        out.print(f"curve: {report['curve_file']}")
+    return table
 
 
 def render_training(head: Any, out: Console | None = None) -> None:

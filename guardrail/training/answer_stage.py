@@ -34,7 +34,7 @@ from guardrail.runtime.options import GuardOptions
 from guardrail.runtime.policy import AnswerRule
 from guardrail.runtime.probe import AnswerWindow, WindowParams, runs
 
-from .answers import AnswerStore, Trajectory
+from .answers import AnswerStore, Trajectory, family
 from .data.format import Example
 from .judge import DEFAULT_JUDGE
 
@@ -387,11 +387,23 @@ def curve(rows: Sequence[Replay], query_threshold: float, points: int = 60) -> l
     return out
 
 
-def by_source(rows: Sequence[Replay], query_threshold: float, answer_threshold: float) -> dict[str, Any]:
+def by_group(rows: Sequence[Replay], key: Callable[[Example], str], query_threshold: float,
+             answer_threshold: float) -> dict[str, Any]:
+    """:func:`rates` per group and label, named ``<group>:benign`` / ``<group>:harmful``."""
     groups: dict[str, list[Replay]] = {}
     for r in rows:
-        groups.setdefault(f"{r.example.source}:{'harmful' if r.harmful else 'benign'}", []).append(r)
+        groups.setdefault(f"{key(r.example)}:{'harmful' if r.harmful else 'benign'}", []).append(r)
     return {k: rates(v, query_threshold, answer_threshold) for k, v in sorted(groups.items())}
+
+
+def by_source(rows: Sequence[Replay], query_threshold: float, answer_threshold: float) -> dict[str, Any]:
+    return by_group(rows, lambda e: e.source, query_threshold, answer_threshold)
+
+
+def by_form(rows: Sequence[Replay], query_threshold: float, answer_threshold: float) -> dict[str, Any]:
+    """Per form of request (plain, jailbreak template, prefill...): where the benign cuts come from is
+    rarely spread evenly, and a per-answer rate hides which forms a head reads as harm."""
+    return by_group(rows, family, query_threshold, answer_threshold)
 
 
 def load_conversations(store: AnswerStore, items: Sequence[tuple[Example, Any]], by_id: dict[str, Example],
