@@ -278,11 +278,13 @@ def data() -> None:
 
 @data.command("build")
 @click.option("--preset", type=click.Choice(["default-v1", "quick-v2", "capped-v2", "full-v2", "quick-v3", "capped-v3",
-                                            "full-v3", "quick-v4", "capped-v4", "full-v4"]), default="default-v1",
+                                            "full-v3", "quick-v4", "capped-v4", "full-v4", "train-v2", "train-v3",
+                                            "train-v4", "train-v5"]), default="default-v1",
               show_default=True, help="the recipe: default-v1 (200 requests/source, what the first heads saw), "
               "capped-v2 (the same plus the attack families), full-v2 (everything the sources hold); "
               "the -v3 recipes add the generation-3 sources (categorised harm, sensitive-sounding benign requests); "
-              "the -v4 recipes add how-to questions asked as instructions")
+              "the -v4 recipes add how-to questions asked as instructions; train-vN: full-vN with its big benign "
+              "sources capped (train-v3 is the shipped head's data; train-v5 keeps the attack forms' benign twins)")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="output directory (default: the cache's directory named for the preset)")
 @click.option("--max-per-source", type=click.IntRange(min=10), default=None,
@@ -292,11 +294,15 @@ def data_build(preset: str, out: str | None, max_per_source: int | None) -> None
     from pathlib import Path
 
     from guardrail.artifacts.wheels import cache_dir
-    from guardrail.training.data.build import build_preset
-    from guardrail.training.pipeline import default_data_dir, ensure_dataset
+    from guardrail.training.data.build import build_preset, derive_capped
+    from guardrail.training.pipeline import DERIVED_SETS, default_data_dir, ensure_dataset, ensure_named_set
 
     if max_per_source is not None:
         path = ensure_dataset(Path(out) if out else default_data_dir(), max_per_source=max_per_source)
+    elif preset in DERIVED_SETS:
+        d = DERIVED_SETS[preset]
+        path = Path(out) if out else cache_dir() / "data" / preset
+        derive_capped(ensure_named_set(d.base), path, caps=d.caps, whole=d.whole, whole_train=d.whole_train)
     else:
         path = Path(out) if out else cache_dir() / "data" / preset
         build_preset(path, preset)

@@ -707,8 +707,10 @@ def test_generation_3_sources_join_only_the_v3_presets_after_every_earlier_sourc
         twin = PRESETS[name.replace("-v3", "-v2")]
         assert (PRESETS[name].plan, PRESETS[name].max_per_source, PRESETS[name].everything) == (
             twin.plan, twin.max_per_source, twin.everything)
+    from guardrail.training.pipeline import DERIVED_SETS
+
     (preset,) = [p for p in cli.data_build.params if p.name == "preset"]
-    assert set(preset.type.choices) == set(PRESETS)
+    assert set(preset.type.choices) == set(PRESETS) | set(DERIVED_SETS)    # every set a head can name
 
 
 def test_the_v4_presets_are_the_v3_presets_plus_instructions_only():
@@ -845,6 +847,45 @@ def test_a_capped_copy_keeps_the_same_origins_by_share_and_named_variants_whole(
     assert {e.id for e in later if e.variant != "instruct"} == kept == {f"big-{i}" for i in range(200)} & kept
     assert sum(e.variant == "instruct" for e in later) == 200
     assert 25 <= by_count["derived"]["caps"]["big"]["kept"] <= 75
+
+
+def test_a_capped_copy_keeps_benign_attack_forms_whole_in_training_only(tmp_path):
+    """The caps drop benign origins, and with them the benign twins of the attack forms: train-v5 keeps
+    those twins in the training split, so a form is no label cue, and leaves the held-out splits as they were."""
+    from guardrail.training.data.build import derive_capped
+
+    full = tmp_path / "full"
+    full.mkdir()
+    for split in ("train", "val", "test"):
+        rows = [Example(f"{split}-{i}", "big", 0, (Message("user", f"chat {split} {i}"),)) for i in range(100)]
+        rows += [Example(f"{split}-{i}~jailbreak:dan", "big", 0, (Message("user", f"DAN: chat {i}"),),
+                         variant="jailbreak:pyrit/dan", origin=f"{split}-{i}") for i in range(100)]
+        rows += [Example(f"{split}-{i}~instruct", "big", 0, (Message("user", f"Write about chat {i}"),),
+                         variant="instruct", origin=f"{split}-{i}") for i in range(100)]
+        write_jsonl(full / f"{split}.jsonl", rows)
+    derive_capped(full, tmp_path / "v4", caps={"big": 0.25}, whole=("instruct",))
+    manifest = derive_capped(full, tmp_path / "v5", caps={"big": 0.25}, whole=("instruct",),
+                             whole_train=("jailbreak",))
+
+    def read(name, split):
+        return read_jsonl(tmp_path / name / f"{split}.jsonl")
+
+    train = read("v5", "train")
+    assert sum(e.variant.startswith("jailbreak:") for e in train) == 100       # a family names its variants
+    assert sum(e.variant == "instruct" for e in train) == 100
+    assert {e.id for e in read("v4", "train")} < {e.id for e in train}         # v4's rows and the twins
+    for split in ("val", "test"):
+        assert read("v5", split) == read("v4", split)                          # the held-out splits unchanged
+        assert sum(e.variant.startswith("jailbreak:") for e in read("v5", split)) < 60
+    assert manifest["derived"]["whole_train"] == ["jailbreak"]
+
+
+def test_train_v5_differs_from_train_v4_only_by_training_rows_in_attack_forms():
+    from guardrail.training.pipeline import DERIVED_SETS
+
+    v4, v5 = DERIVED_SETS["train-v4"], DERIVED_SETS["train-v5"]
+    assert (v5.base, v5.caps, v5.whole) == (v4.base, v4.caps, v4.whole)
+    assert set(v5.whole_train) == {"form", "jailbreak", "prefix:prefill"}
 
 
 def test_a_head_finds_its_own_dataset_by_name_even_after_the_presets_move_on(tmp_path, monkeypatch):

@@ -143,15 +143,33 @@ TRAINING_SETS = {
     # train-v4 (how-to questions asked as instructions too) was measured and is not the default yet:
     # README, "Instructions as benign as questions"
 }
-# Datasets derived from a built preset by holding big benign sources to a few thousand conversations:
-# (the preset, the caps, the variants kept whole).
-DERIVED_SETS: dict[str, tuple[str, dict[str, int | float], tuple[str, ...]]] = {
-    "train-v2": ("full-v2", {"sharegpt": 3000}, ()),
-    "train-v3": ("full-v3", {"sharegpt": 3000, "consumer_health": 1000}, ()),
-    # train-v3's shares (3,000 of full-v3's 14,516 ShareGPT conversations, 1,000 of its 6,071 consumer
-    # health ones), so train-v4 holds every train-v3 conversation; the instruction forms are kept whole,
-    # since most benign how-to questions are in those two sources
-    "train-v4": ("full-v4", {"sharegpt": 3000 / 14516, "consumer_health": 1000 / 6071}, ("instruct",)),
+@dataclass(frozen=True)
+class DerivedSet:
+    """A dataset derived from a built preset by holding big benign sources to a share of their origins
+    (:func:`~guardrail.training.data.build.derive_capped`)."""
+
+    base: str
+    caps: dict[str, int | float]
+    whole: tuple[str, ...] = ()            # variants (or families of them) the caps never drop
+    whole_train: tuple[str, ...] = ()      # ... or never drop from the training split
+
+
+# train-v3's shares: 3,000 of full-v3's 14,516 ShareGPT conversations, 1,000 of its 6,071 consumer health ones.
+_V3_SHARES: dict[str, int | float] = {"sharegpt": 3000 / 14516, "consumer_health": 1000 / 6071}
+
+DERIVED_SETS: dict[str, DerivedSet] = {
+    "train-v2": DerivedSet("full-v2", {"sharegpt": 3000}),
+    "train-v3": DerivedSet("full-v3", {"sharegpt": 3000, "consumer_health": 1000}),
+    # train-v3's shares, so train-v4 holds every train-v3 conversation; the instruction forms are kept
+    # whole, since most benign how-to questions are in those two sources
+    "train-v4": DerivedSet("full-v4", _V3_SHARES, ("instruct",)),
+    # train-v4, with the benign twins of the attack forms kept whole in the training split. The caps
+    # dropped them with their benign origins: train-v3 trains on 767 benign and 2,088 harmful requests
+    # in the attack families' forms, 504 and 1,398 in jailbreak templates, 318 and 838 behind prefills,
+    # where full-v3 builds them even. A form that is harmful three times in four is a label cue, and
+    # benign requests in those forms are most of the held-out benign answers the query check cuts.
+    # The held-out splits stay train-v4's, and so does every validation and test answer drawn from them.
+    "train-v5": DerivedSet("full-v4", _V3_SHARES, ("instruct",), ("form", "jailbreak", "prefix:prefill")),
 }
 
 # How many consecutive malicious checks after a benign start make the guard act, for a
@@ -230,8 +248,8 @@ def ensure_named_set(name: str, progress: bool = True) -> Path:
     if all((path / f"{s}.jsonl").is_file() for s in SPLITS):
         return path
     if name in DERIVED_SETS:
-        base, caps, whole = DERIVED_SETS[name]
-        derive_capped(ensure_named_set(base, progress), path, caps=caps, whole=whole)
+        d = DERIVED_SETS[name]
+        derive_capped(ensure_named_set(d.base, progress), path, caps=d.caps, whole=d.whole, whole_train=d.whole_train)
     else:
         build_preset(path, name, progress=progress)
     return path

@@ -263,13 +263,21 @@ def build_dataset(out_dir: Path | str, *, max_per_source: int | None = DEFAULT_M
     return json.loads(text)   # exactly what the file says (tuples become lists)
 
 
+def _named(variant: str, names: Sequence[str]) -> bool:
+    """Whether a variant is one of ``names``, each a variant ("instruct") or a family of them ("jailbreak"
+    names every "jailbreak:<template>")."""
+    return any(variant == n or variant.startswith(n + ":") for n in names)
+
+
 def derive_capped(src: Path | str, dst: Path | str, *, caps: Mapping[str, int | float],
-                  whole: Sequence[str] = ()) -> dict:
+                  whole: Sequence[str] = (), whole_train: Sequence[str] = ()) -> dict:
     """A copy of a built dataset with some sources each held to about ``caps[source]`` conversations
     (a float: that share of them), chosen by a hash of their origin (so variants of one request stay
     together and splits stay as they were). A share keeps the same origins in a later recipe that adds
-    variants, where a count would keep fewer. Variants named in ``whole`` are kept however their source
-    is capped: a form rare in a label is not cut down with the big sources that hold most of it.
+    variants, where a count would keep fewer. Variants named in ``whole`` (or of a family named there) are
+    kept however their source is capped: a form rare in a label is not cut down with the big sources that
+    hold most of it. Those in ``whole_train`` are kept so in the training split only, which leaves the
+    held-out splits, and every answer drawn from them, as they were.
 
     ShareGPT alone is 45% of full-v2 (and consumer health questions a tenth of full-v3); holding
     them to a few thousand keeps their breadth and frees hours of extraction for the sources that
@@ -281,7 +289,8 @@ def derive_capped(src: Path | str, dst: Path | str, *, caps: Mapping[str, int | 
     for source, keep in caps.items():
         total = sum(1 for rows in splits.values() for e in rows if e.source == source)
         share = float(keep) if isinstance(keep, float) else min(1.0, keep / total) if total else 1.0
-        kept = {name: [e for e in rows if e.source != source or e.variant in whole
+        kept = {name: [e for e in rows if e.source != source or _named(e.variant, whole)
+                       or (name == "train" and _named(e.variant, whole_train))
                        or unit_hash(f"{source}-cap:{e.origin or e.id}") < share] for name, rows in kept.items()}
         derived[source] = {"kept": sum(e.source == source for rows in kept.values() for e in rows), "of": total}
     dst.mkdir(parents=True, exist_ok=True)
@@ -292,7 +301,8 @@ def derive_capped(src: Path | str, dst: Path | str, *, caps: Mapping[str, int | 
     # the source's manifest, with every count and file hash made this copy's own (the head's metadata
     # quotes them); its sources' per-split counts for the capped sources too
     manifest = json.loads((src / "manifest.json").read_text()) if (src / "manifest.json").is_file() else {}
-    manifest |= {**_counts(kept), "files": files, "preset": dst.name, "derived": {"from": src.name, "caps": derived}}
+    manifest |= {**_counts(kept), "files": files, "preset": dst.name, "derived": {"from": src.name, "caps": derived,
+                                                                          "whole": list(whole), "whole_train": list(whole_train)}}
     for source in caps:
         if source in manifest.get("sources", {}):
             manifest["sources"][source]["examples"] = {
