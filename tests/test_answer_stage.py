@@ -394,3 +394,28 @@ def test_a_trained_heads_report_shows_each_split_of_the_budget_and_marks_the_cho
         mark = "*" if split["chosen"] else ""
         assert f"{mark}{split['query_cuts']}+{max(split['answer_cuts'], 0)}: {split['prevented']}, " in listed
     assert listed.count("*") == 1
+
+
+def test_the_held_out_report_shows_every_form_of_request_beside_the_sources():
+    import io
+
+    from rich.console import Console
+
+    from guardrail.surfaces.ui import render_answer_eval, render_eval
+
+    rows = [_replay(i, 0, 0.1, 0.0) for i in range(4)]
+    rows += [Replay(_example(10, 0, variant="jailbreak:pyrit/dan"), 0.9, np.zeros(10), None, 10)]
+    report = {"answers": 5, "max_tokens": 10, "query_threshold": 0.5, "answer_threshold": 0.99, "rule": "ema:0.9:1",
+              "overall": rates(rows, 0.5, 0.99), "sources": by_source(rows, 0.5, 0.99), "forms": by_form(rows, 0.5, 0.99)}
+    out = io.StringIO()
+    render_answer_eval(report, Console(file=out, width=300))
+    jailbreak = next(line for line in out.getvalue().splitlines() if "jailbreak:benign" in line)
+    assert "100.0%" in jailbreak                                          # the one benign jailbreak-wrapped request cut
+    assert any("plain:benign" in line and "0.0%" in line for line in out.getvalue().splitlines())
+
+    out = io.StringIO()
+    render_eval({"data": "f.jsonl", "threshold": 0.5, "overall": {"n": 4}, "sources": {},
+                 "forms": {"form:obfuscation": {"n_benign": 2, "n_harmful": 2, "auroc": 0.5, "benign_flagged": 0.5,
+                                                "harmful_flagged": 0.5}}}, Console(file=out, width=300))
+    line = next(line for line in out.getvalue().splitlines() if "form:obfuscation" in line)
+    assert "0.500" in line and line.count("50.0%") == 2

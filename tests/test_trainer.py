@@ -18,7 +18,15 @@ import pytest
 
 from guardrail.head.lexical import HashedNgrams, ngram_buckets, normalize
 from guardrail.head.model import LinearModel, MLPModel, Standardizer, sigmoid
-from guardrail.training.metrics import auroc, loso_pairs, rates_at_threshold, summarize, threshold_at_fpr, tpr_at_fpr
+from guardrail.training.metrics import (
+    auroc,
+    by_group,
+    loso_pairs,
+    rates_at_threshold,
+    summarize,
+    threshold_at_fpr,
+    tpr_at_fpr,
+)
 from guardrail.training.trainer import balanced_weights, fit_temperature, train_logreg, train_mlp
 
 
@@ -221,6 +229,23 @@ def test_summarize_is_json_safe_and_reports_every_source():
     assert out["sources"]["alpaca"]["tpr@5%fpr"] is None
     assert out["overall"]["n"] == 160 and 0 <= out["overall"]["flagged"] <= 1
     assert set(adv) >= {"tpr@1%fpr", "tpr@5%fpr", "flagged", "tpr", "fpr"}
+
+
+def test_per_form_metrics_show_a_form_the_head_cannot_read():
+    # plain requests ranked well; rot13 ones scored high whatever their label: AUROC 0.5 there,
+    # and the benign ones flagged as often as the harmful ones
+    y = np.array([0, 0, 0, 1, 1, 1] + [0, 0, 1, 1])
+    p = np.array([0.1, 0.2, 0.3, 0.8, 0.9, 0.95] + [0.9, 0.7, 0.9, 0.7])
+    forms = ["plain"] * 6 + ["form:obfuscation"] * 4
+    out = by_group(y, p, 0.85, forms)
+    json.dumps(out, allow_nan=False)
+    assert out["plain"] == {"n_benign": 3, "n_harmful": 3, "auroc": 1.0, "benign_flagged": 0.0,
+                            "harmful_flagged": 2 / 3}
+    assert out["form:obfuscation"]["auroc"] == 0.5
+    assert out["form:obfuscation"]["benign_flagged"] == out["form:obfuscation"]["harmful_flagged"] == 0.5
+    assert by_group([1, 1], [0.9, 0.1], 0.5, ["jailbreak"] * 2)["jailbreak"]["auroc"] is None
+    with pytest.raises(ValueError):
+        by_group([1], [0.9, 0.1], 0.5, ["plain"])
 
 
 # ---- lexical features ------------------------------------------------------------------------

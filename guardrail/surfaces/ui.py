@@ -273,6 +273,19 @@ def render_eval(report: Mapping[str, Any], out: Console | None = None) -> None:
                   _number(overall.get("tpr@5%fpr"), 2), _number(overall.get("flagged"), 2),
                   _number(report.get("baseline", {}).get("overall", {}).get("auroc")), style="bold")
     out.print(table)
+    if report.get("forms"):
+        out.print(_forms_table(report["forms"], report.get("threshold")))
+
+
+def _forms_table(forms: Mapping[str, Mapping[str, Any]], threshold: Any) -> Table:
+    """Per form of request: does the head read it (AUROC within the form), and what it flags there."""
+    table = Table(title=f"by form of request (flagged at {_number(threshold)})")
+    for column in ("form", "benign", "harmful", "AUROC", "benign flagged", "harmful flagged"):
+        table.add_column(column, justify="left" if column == "form" else "right", no_wrap=column == "form")
+    for name, row in forms.items():
+        table.add_row(name, str(row["n_benign"]), str(row["n_harmful"]), _number(row.get("auroc")),
+                      _pct(row.get("benign_flagged")), _pct(row.get("harmful_flagged")))
+    return table
 
 
 def _pct(value: Any) -> str:

@@ -108,6 +108,29 @@ def _block(y: np.ndarray, p: np.ndarray, thr: float, fpr_thresholds: dict[float,
     return stats
 
 
+def by_group(y: Sequence[int] | np.ndarray, p: Sequence[float] | np.ndarray, thr: float,
+             groups: Sequence[str]) -> dict[str, Any]:
+    """Per group (a form of request): rows of each label, AUROC within the group (None when one label
+    is absent) and each label's share flagged at ``thr``, JSON-safe.
+
+    A group's own AUROC says whether the head reads the group at all: where it is near 0.5 the
+    head's output is a prior for the form, and which side of the threshold it falls is the fit's."""
+    labels = np.asarray(y).astype(np.int64)
+    probs = np.asarray(p, dtype=np.float64)
+    names = np.asarray(groups, dtype=object)
+    if not labels.size == probs.size == names.size:
+        raise ValueError("by_group: y, p and groups must have the same length")
+    out: dict[str, Any] = {}
+    for name in sorted(set(names.tolist())):
+        own = names == name
+        y_own, p_own = labels[own], probs[own]
+        out[name] = {"n_benign": int((y_own == 0).sum()), "n_harmful": int((y_own == 1).sum()),
+                     "auroc": auroc(y_own, p_own),
+                     "benign_flagged": _mean_or_nan(p_own[y_own == 0] >= thr),
+                     "harmful_flagged": _mean_or_nan(p_own[y_own == 1] >= thr)}
+    return json_safe(out)
+
+
 def summarize(y: Sequence[int] | np.ndarray, p: Sequence[float] | np.ndarray, thr: float,
               sources: Sequence[str]) -> dict[str, Any]:
     """Overall and per-source metrics, JSON-safe.

@@ -352,7 +352,9 @@ def evaluate_file(model_spec: str | None, head_path: str | None, data_file: Path
     Features are extracted for what this head reads alone (its layers, its probe), so a
     thousand conversations take minutes, not the training set's half hour."""
     from .data import read_jsonl
-    from .evaluate import evaluate_head
+    from .data.build import variant_family
+    from .evaluate import evaluate_head, score_rows
+    from .metrics import by_group
 
     model, sha = _model_and_sha(model_spec)
     head, config, _ = _head_and_config(model, sha, head_path)
@@ -361,7 +363,9 @@ def evaluate_file(model_spec: str | None, head_path: str | None, data_file: Path
     feats = extract_features(model, sha, examples, config_for(head, config), label=f"features: {file.name}")
     data = _labelled(examples, feats, "test")
     rows = np.arange(len(examples))
-    report = {"data": str(file), "threshold": head.threshold, **evaluate_head(head, data, rows)}
+    report = {"data": str(file), "threshold": head.threshold, **evaluate_head(head, data, rows),
+              "forms": by_group(data.labels, score_rows(head, data, rows), head.threshold,
+                                [variant_family(e.variant) for e in examples])}
     if head.baseline is not None:
         report["baseline"] = evaluate_head(head.baseline, data, rows)
     return report
