@@ -294,18 +294,12 @@ def data_build(preset: str, out: str | None, max_per_source: int | None) -> None
     from pathlib import Path
 
     from guardrail.artifacts.wheels import cache_dir
-    from guardrail.training.data.build import build_preset, derive_capped
-    from guardrail.training.pipeline import DERIVED_SETS, default_data_dir, ensure_dataset, ensure_named_set
+    from guardrail.training.pipeline import build_named_set, default_data_dir, ensure_dataset
 
     if max_per_source is not None:
         path = ensure_dataset(Path(out) if out else default_data_dir(), max_per_source=max_per_source)
-    elif preset in DERIVED_SETS:
-        d = DERIVED_SETS[preset]
-        path = Path(out) if out else cache_dir() / "data" / preset
-        derive_capped(ensure_named_set(d.base), path, caps=d.caps, whole=d.whole, whole_train=d.whole_train)
     else:
-        path = Path(out) if out else cache_dir() / "data" / preset
-        build_preset(path, preset)
+        path = build_named_set(preset, Path(out) if out else cache_dir() / "data" / preset)
     click.echo(str(path))
 
 

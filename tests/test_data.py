@@ -906,3 +906,26 @@ def test_a_head_finds_its_own_dataset_by_name_even_after_the_presets_move_on(tmp
     assert any(e.variant == "instruct" for e in held)
     with pytest.raises(DataError, match="unknown dataset 'train-v9'"):
         pipeline.ensure_named_set("train-v9")
+
+
+def test_data_build_writes_a_derived_set_by_name_from_its_cached_base(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import cli
+    from guardrail.training import pipeline
+
+    monkeypatch.setattr(pipeline, "cache_dir", lambda: tmp_path)
+    base = tmp_path / "data" / "full-v4"
+    base.mkdir(parents=True)
+    rows = [Example(f"big-{i}", "sharegpt", 0, (Message("user", f"chat {i}"),)) for i in range(50)]
+    rows += [Example(f"big-{i}~jailbreak", "sharegpt", 0, (Message("user", f"DAN says: chat {i}"),),
+                     variant="jailbreak:pyrit/dan", origin=f"big-{i}") for i in range(50)]
+    write_jsonl(base / "train.jsonl", rows)
+    for split in ("val", "test"):
+        write_jsonl(base / f"{split}.jsonl", [])
+    out = tmp_path / "v5"
+    result = CliRunner().invoke(cli.cli, ["data", "build", "--preset", "train-v5", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    held = read_jsonl(out / "train.jsonl")
+    assert result.output.strip() == str(out)
+    assert sum(e.variant.startswith("jailbreak:") for e in held) == 50 > sum(e.variant == "plain" for e in held)

@@ -140,8 +140,9 @@ MAX_TOKENS = 256
 TRAINING_SETS = {
     "quick": "quick-v3",  # about 2,500 conversations: a head in minutes on a laptop CPU
     "full": "train-v3",   # full-v3 with ShareGPT and consumer health questions held back: the shipped head's data
-    # train-v4 (how-to questions asked as instructions too) was measured and is not the default yet:
-    # README, "Instructions as benign as questions"
+    # train-v4 (how-to questions asked as instructions too) and train-v5 (and the attack forms' benign
+    # twins) were measured and are not the default: README, "Instructions as benign as questions" and
+    # "The benign twins the caps dropped"
 }
 @dataclass(frozen=True)
 class DerivedSet:
@@ -166,9 +167,10 @@ DERIVED_SETS: dict[str, DerivedSet] = {
     # train-v4, with the benign twins of the attack forms kept whole in the training split. The caps
     # dropped them with their benign origins: train-v3 trains on 767 benign and 2,088 harmful requests
     # in the attack families' forms, 504 and 1,398 in jailbreak templates, 318 and 838 behind prefills,
-    # where full-v3 builds them even. A form that is harmful three times in four is a label cue, and
-    # benign requests in those forms are most of the held-out benign answers the query check cuts.
-    # The held-out splits stay train-v4's, and so does every validation and test answer drawn from them.
+    # where full-v3 builds them even. A form that is harmful three times in four could be a label cue,
+    # and benign requests in those forms are most of the held-out benign answers the query check cuts;
+    # measured, the twins did not lower those cuts. The held-out splits stay train-v4's, and so does
+    # every validation and test answer drawn from them.
     "train-v5": DerivedSet("full-v4", _V3_SHARES, ("instruct",), ("form", "jailbreak", "prefix:prefill")),
 }
 
@@ -240,13 +242,19 @@ def named_sets() -> list[str]:
 def ensure_named_set(name: str, progress: bool = True) -> Path:
     """A dataset by the name a head records (``extra.data_dir``): a preset of ``data.build`` or a set derived
     from one, built on first use. A head trained on an earlier set still finds its own answers."""
-    from .data.build import build_preset, derive_capped
-
     if name not in named_sets():
         raise DataError(f"unknown dataset {name!r}; known: {', '.join(named_sets())}")
     path = cache_dir() / "data" / name
     if all((path / f"{s}.jsonl").is_file() for s in SPLITS):
         return path
+    return build_named_set(name, path, progress)
+
+
+def build_named_set(name: str, path: Path, progress: bool = True) -> Path:
+    """Write the dataset ``name`` to ``path`` (again, if it is there): a preset from its sources, a derived
+    set from its base (built into the cache on first use)."""
+    from .data.build import build_preset, derive_capped
+
     if name in DERIVED_SETS:
         d = DERIVED_SETS[name]
         derive_capped(ensure_named_set(d.base, progress), path, caps=d.caps, whole=d.whole, whole_train=d.whole_train)

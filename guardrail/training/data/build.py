@@ -301,8 +301,8 @@ def derive_capped(src: Path | str, dst: Path | str, *, caps: Mapping[str, int | 
     # the source's manifest, with every count and file hash made this copy's own (the head's metadata
     # quotes them); its sources' per-split counts for the capped sources too
     manifest = json.loads((src / "manifest.json").read_text()) if (src / "manifest.json").is_file() else {}
-    manifest |= {**_counts(kept), "files": files, "preset": dst.name, "derived": {"from": src.name, "caps": derived,
-                                                                          "whole": list(whole), "whole_train": list(whole_train)}}
+    derivation = {"from": src.name, "caps": derived, "whole": list(whole), "whole_train": list(whole_train)}
+    manifest |= {**_counts(kept), "files": files, "preset": dst.name, "derived": derivation}
     for source in caps:
         if source in manifest.get("sources", {}):
             manifest["sources"][source]["examples"] = {
