@@ -293,13 +293,12 @@ def data_build(preset: str, out: str | None, max_per_source: int | None) -> None
     """Fetch every source, de-duplicate, augment, split by hash: train/val/test JSONL + manifest."""
     from pathlib import Path
 
-    from guardrail.artifacts.wheels import cache_dir
     from guardrail.training.pipeline import build_named_set, default_data_dir, ensure_dataset
 
     if max_per_source is not None:
         path = ensure_dataset(Path(out) if out else default_data_dir(), max_per_source=max_per_source)
     else:
-        path = build_named_set(preset, Path(out) if out else cache_dir() / "data" / preset)
+        path = build_named_set(preset, Path(out) if out else None)
     click.echo(str(path))
 
 

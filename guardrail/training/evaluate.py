@@ -21,7 +21,7 @@ from guardrail.head.lexical import HashedNgrams
 from guardrail.head.model import LinearModel, MLPModel, Standardizer, sigmoid
 
 from .extraction import Features
-from .metrics import auroc, summarize, threshold_at_fpr
+from .metrics import auroc, by_group, summarize, threshold_at_fpr
 from .trainer import balanced_weights, fit_temperature, train_logreg, train_mlp
 
 
@@ -139,10 +139,14 @@ def loso(data: Labelled, recipe: HeadRecipe, fingerprint: ModelFingerprint, *,
             "min_auroc": float(np.min(values)) if values else None}
 
 
-def evaluate_head(head: Head, data: Labelled, rows: np.ndarray) -> dict:
-    """AUROC, TPR at 1%/5% FPR and the share flagged at the head's threshold, overall and per source."""
+def evaluate_head(head: Head, data: Labelled, rows: np.ndarray, forms: Sequence[str] | None = None) -> dict:
+    """AUROC, TPR at 1%/5% FPR and the share flagged at the head's threshold, overall and per source;
+    with ``forms`` (one per row), per form of request too (:func:`~.metrics.by_group`)."""
     p = score_rows(head, data, rows)
-    return summarize(data.labels[rows], p, head.threshold, data.sources[rows].tolist())
+    report = summarize(data.labels[rows], p, head.threshold, data.sources[rows].tolist())
+    if forms is not None:
+        report["forms"] = by_group(data.labels[rows], p, head.threshold, forms)
+    return report
 
 
 def baseline_head(data: Labelled, train: np.ndarray, val: np.ndarray, fingerprint: ModelFingerprint) -> Head:

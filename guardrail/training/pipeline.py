@@ -250,11 +250,12 @@ def ensure_named_set(name: str, progress: bool = True) -> Path:
     return build_named_set(name, path, progress)
 
 
-def build_named_set(name: str, path: Path, progress: bool = True) -> Path:
-    """Write the dataset ``name`` to ``path`` (again, if it is there): a preset from its sources, a derived
-    set from its base (built into the cache on first use)."""
+def build_named_set(name: str, path: Path | None = None, progress: bool = True) -> Path:
+    """Write the dataset ``name`` to ``path`` (default: the cache's directory named for it), again if it is
+    there: a preset from its sources, a derived set from its base (built into the cache on first use)."""
     from .data.build import build_preset, derive_capped
 
+    path = path or cache_dir() / "data" / name
     if name in DERIVED_SETS:
         d = DERIVED_SETS[name]
         derive_capped(ensure_named_set(d.base, progress), path, caps=d.caps, whole=d.whole, whole_train=d.whole_train)
@@ -361,8 +362,7 @@ def evaluate_file(model_spec: str | None, head_path: str | None, data_file: Path
     thousand conversations take minutes, not the training set's half hour."""
     from .data import read_jsonl
     from .data.build import variant_family
-    from .evaluate import evaluate_head, score_rows
-    from .metrics import by_group
+    from .evaluate import evaluate_head
 
     model, sha = _model_and_sha(model_spec)
     head, config, _ = _head_and_config(model, sha, head_path)
@@ -371,9 +371,8 @@ def evaluate_file(model_spec: str | None, head_path: str | None, data_file: Path
     feats = extract_features(model, sha, examples, config_for(head, config), label=f"features: {file.name}")
     data = _labelled(examples, feats, "test")
     rows = np.arange(len(examples))
-    report = {"data": str(file), "threshold": head.threshold, **evaluate_head(head, data, rows),
-              "forms": by_group(data.labels, score_rows(head, data, rows), head.threshold,
-                                [variant_family(e.variant) for e in examples])}
+    forms = [variant_family(e.variant) for e in examples]
+    report = {"data": str(file), "threshold": head.threshold, **evaluate_head(head, data, rows, forms)}
     if head.baseline is not None:
         report["baseline"] = evaluate_head(head.baseline, data, rows)
     return report
