@@ -22,7 +22,8 @@ from guardrail.training.answer_stage import (
     step_labels,
     threshold_for_cuts,
 )
-from guardrail.training.answers import AnswerSpec, AnswerStore, Trajectory, _save, choose_requests, load_trajectory
+from guardrail.training.answers import (AnswerSpec, AnswerStore, Trajectory, _save, choose_requests, draw_requests,
+                                       family, load_trajectory)
 from guardrail.training.data.format import Example, Message
 
 
@@ -179,11 +180,15 @@ def test_held_out_rates_split_by_form_show_which_forms_the_cuts_come_from():
     rows += [Replay(_example(10 + i, 0, variant="jailbreak:pyrit/dan"), 0.9 if i < 2 else 0.1, np.zeros(10), None, 10)
              for i in range(4)]                                                            # 2 of 4 cut at the query
     rows += [Replay(_example(20, 1, variant="prefix:prefill:2"), 0.9, np.zeros(10), 3, 10)]
+    rows += [Replay(_example(30 + i, 0, variant=v), 0.1, np.zeros(10), None, 10)
+             for i, v in enumerate(("form:obfuscation:rot13", "form:persona:rpg"))]
     forms = by_form(rows, 0.5, 0.99)
-    assert set(forms) == {"plain:benign", "jailbreak:benign", "prefix:prefill:harmful"}
+    assert set(forms) == {"plain:benign", "jailbreak:benign", "prefix:prefill:harmful", "form:obfuscation:benign",
+                          "form:persona:benign"}  # as `eval --data` groups rows: obfuscation apart from personas
+    assert {family(r.example) for r in rows[-2:]} == {"form"}  # while the answer mixes draw attack forms as one
     assert forms["plain:benign"]["benign_cut"] == 0.0 and forms["jailbreak:benign"]["benign_cut"] == 0.5
     assert forms["prefix:prefill:harmful"]["harmful_stopped_by_query"] == 1.0
-    assert by_source(rows, 0.5, 0.99)["src:benign"]["benign"] == 12
+    assert by_source(rows, 0.5, 0.99)["src:benign"]["benign"] == 14
 
 
 def test_served_from_finds_the_first_grid_step_the_judge_reads_as_serving():
@@ -209,6 +214,21 @@ def test_the_chosen_requests_mix_forms_and_oversample_sensitive_benign_topics():
     assert {e.variant.split(":")[0] for e, _ in items if e.label == 1} == {"plain", "jailbreak"}
     assert any(s.temperature > 0 for _, s in items) and any(s.temperature == 0 for _, s in items)
     assert choose_requests(rows, 20, 40) == items  # deterministic
+
+
+def test_a_second_draw_answers_requests_no_earlier_draw_touched_and_the_first_is_the_one_training_reports():
+    rows = [_example(i, 1, "advbench") for i in range(60)] + [_example(i, 0, "alpaca_eval") for i in range(120)]
+    rows += [Example(f"wrap-{i}", "advbench", 1, (Message("user", f"[x] request {i}"),), variant="jailbreak:x",
+                     origin=f"advbench-{i}") for i in range(60)]  # the wrapped twin of advbench-i
+    first = draw_requests(rows, 10, 20, split="test")
+    assert first == choose_requests(rows, 10, 20, salt="answers-test")  # draw 1: the answers already stored and read
+    second, third = (draw_requests(rows, 10, 20, split="test", draw=n) for n in (2, 3))
+    origins = [{e.origin for e, _ in items} for items in (first, second, third)]
+    assert len(second) == len(first) and len(third) == len(first)
+    assert not origins[0] & origins[1] and not origins[0] & origins[2] and not origins[1] & origins[2]
+    assert draw_requests(rows, 10, 20, split="test", draw=2) == second  # deterministic
+    with pytest.raises(ValueError):
+        draw_requests(rows, 10, 20, split="test", draw=0)
 
 
 def test_a_stored_answer_reads_back_as_written(tmp_path):
@@ -414,8 +434,34 @@ def test_the_held_out_report_shows_every_form_of_request_beside_the_sources():
     assert any("plain:benign" in line and "0.0%" in line for line in out.getvalue().splitlines())
 
     out = io.StringIO()
+    render_answer_eval({**report, "draw": 2}, Console(file=out, width=300))
+    assert "5 held-out answers (draw 2) of 10 tokens" in out.getvalue()
+
+    out = io.StringIO()
     render_eval({"data": "f.jsonl", "threshold": 0.5, "overall": {"n": 4}, "sources": {},
                  "forms": {"form:obfuscation": {"n_benign": 2, "n_harmful": 2, "auroc": 0.5, "benign_flagged": 0.5,
                                                 "harmful_flagged": 0.5}}}, Console(file=out, width=300))
     line = next(line for line in out.getvalue().splitlines() if "form:obfuscation" in line)
     assert "0.500" in line and line.count("50.0%") == 2
+
+
+def test_eval_answers_draw_asks_for_that_draw_and_reports_it(monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    import cli
+    from guardrail.measure import answer_eval
+
+    asked = {}
+
+    def report(model, head, *, labels=None, draw=1, progress=True):
+        asked["draw"] = draw
+        return {"draw": draw, "answers": 0}
+
+    monkeypatch.setattr(answer_eval, "answer_report", report)
+    result = CliRunner().invoke(cli.cli, ["eval", "--answers", "--draw", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    assert asked == {"draw": 2} and json.loads(result.output)["draw"] == 2
+    result = CliRunner().invoke(cli.cli, ["eval", "--answers", "--draw", "0"])
+    assert result.exit_code != 0 and "--draw" in result.output

@@ -37,7 +37,8 @@ from guardrail.training.data.augment import (
     prefix_variants,
     rephrase_variants,
 )
-from guardrail.training.data.build import PRESETS, build_preset, clip, variant_family
+from guardrail.training.data.build import PRESETS, build_preset, clip
+from guardrail.training.data.format import variant_family
 from guardrail.training.data.split import (
     assign_splits,
     deduplicate,

@@ -46,12 +46,14 @@ def read_labels(path: Path) -> dict[str, dict[str, Any]]:
 
 def answer_report(model_spec: str | None, head_path: str | None, *, data_dir: Path | None = None,
                   n_harmful: int | None = None, n_benign: int | None = None, max_tokens: int = 256,
-                  labels: Path | None = None, progress: bool = True) -> dict[str, Any]:
+                  labels: Path | None = None, draw: int = 1, progress: bool = True) -> dict[str, Any]:
     """Held-out requests answered by the model (stored answers reused), replayed through the guard.
 
     Where a harmful answer has a hand label (``labels``, by default the project's hand-read test
     answers when they exist), that reading says whether and from where it serves the request; the
-    rule judge reads the rest (it over-counts service on long answers: README, "The content judge")."""
+    rule judge reads the rest (it over-counts service on long answers: README, "The content judge").
+    ``draw`` > 1 answers fresh held-out requests (:func:`~guardrail.training.answers.draw_requests`): benign
+    cuts and harmful stops need no reader, so a second draw re-measures them at no reading cost."""
     from guardrail.training.answer_stage import hand_served
     from guardrail.training.pipeline import ANSWER_PLANS, ensure_training_set, model_and_head, split_answers
 
@@ -59,14 +61,14 @@ def answer_report(model_spec: str | None, head_path: str | None, *, data_dir: Pa
     data_dir = data_dir or ensure_training_set("full", progress=progress)
     plan = ANSWER_PLANS["full"].test  # the held-out answers training reported on, by default
     counts = (plan[0] if n_harmful is None else n_harmful, plan[1] if n_benign is None else n_benign)
-    convs, judged, cost = split_answers(model, sha, data_dir, "test", counts, max_tokens, progress)
+    convs, judged, cost = split_answers(model, sha, data_dir, "test", counts, max_tokens, progress, draw=draw)
     label_file = labels or (HAND_LABELS if HAND_LABELS.is_file() else None)
     hand = hand_served(convs, read_labels(label_file), model.detokenize) if label_file else [False] * len(convs)
     served = [j if h is False else h for h, j in zip(hand, judged)]
     replays = replay(head, convs, served)
     _, window, rule, answer_threshold = answer_stage_of(head)
     harmful = [c.example.label == 1 for c in convs]
-    return {"data": str(data_dir / "test.jsonl"), "answers": len(replays), "max_tokens": max_tokens,
+    return {"data": str(data_dir / "test.jsonl"), "draw": draw, "answers": len(replays), "max_tokens": max_tokens,
             "generated": cost, "query_threshold": head.threshold, "answer_threshold": answer_threshold,
             "rule": rule.describe(), "window": {"recent": window.recent, "query": window.query},
             "answer_head": head.answer_head is not None,

@@ -296,7 +296,8 @@ def render_answer_eval(report: Mapping[str, Any], out: Console | None = None) ->
     """The guard over whole answers, per answer: benign answers cut, harmful answers stopped (and
     stopped before they serve the request), overall, per source and per form of request."""
     out = out or console
-    title = (f"{report['answers']} held-out answers of {report['max_tokens']} tokens: query threshold "
+    draw = f" (draw {report['draw']})" if report.get("draw", 1) > 1 else ""
+    title = (f"{report['answers']} held-out answers{draw} of {report['max_tokens']} tokens: query threshold "
              f"{_number(report['query_threshold'])}, answer stage {report['rule']} at "
              f"{_number(report['answer_threshold'])}")
     out.print(_answer_table(title, "source", list(report["sources"].items()) + [("overall", report["overall"])]))

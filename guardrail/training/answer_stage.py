@@ -34,8 +34,8 @@ from guardrail.runtime.options import GuardOptions
 from guardrail.runtime.policy import AnswerRule
 from guardrail.runtime.probe import AnswerWindow, WindowParams, runs
 
-from .answers import AnswerStore, Trajectory, family
-from .data.format import Example
+from .answers import AnswerStore, Trajectory
+from .data.format import Example, variant_family
 from .judge import DEFAULT_JUDGE
 
 # ---------------------------------------------------------------------------
@@ -402,8 +402,9 @@ def by_source(rows: Sequence[Replay], query_threshold: float, answer_threshold: 
 
 def by_form(rows: Sequence[Replay], query_threshold: float, answer_threshold: float) -> dict[str, Any]:
     """Per form of request (plain, jailbreak template, prefill...): where the benign cuts come from is
-    rarely spread evenly, and a per-answer rate hides which forms a head reads as harm."""
-    return by_group(rows, family, query_threshold, answer_threshold)
+    rarely spread evenly, and a per-answer rate hides which forms a head reads as harm. Grouped as
+    ``guardrail eval --data`` groups rows (:func:`variant_family`), so the two tables line up."""
+    return by_group(rows, lambda e: variant_family(e.variant), query_threshold, answer_threshold)
 
 
 def load_conversations(store: AnswerStore, items: Sequence[tuple[Example, Any]], by_id: dict[str, Example],

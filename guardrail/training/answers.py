@@ -29,7 +29,7 @@ from guardrail.runtime.capture import layer_name
 from guardrail.runtime.chat import ChatFormat, PromptTokens
 from guardrail.runtime.engine import Context, Detokenizer, Entry, Model, Sampler, SamplingParams
 
-from .data.format import Example
+from .data.format import Example, variant_family
 
 _LAYOUT = "answers-v1"  # bump when what a stored answer holds changes
 
@@ -251,11 +251,10 @@ SAMPLED_SHARE = 1 / 3   # answers sampled at temperature 0.8 rather than greedy
 
 
 def family(example: Example) -> str:
-    """The form of a request as the mixes above name it."""
-    v = example.variant
-    if v.startswith("prefix:"):
-        return ":".join(v.split(":")[:2])
-    return v.split(":")[0]
+    """The form of a request as the mixes above name it: its :func:`variant_family`, with the attack
+    forms (persona, multi-turn, obfuscation...) drawn as one family, "form"."""
+    fam = variant_family(example.variant)
+    return "form" if fam.startswith("form:") else fam
 
 
 def _spread(rows: Sequence[Example], n: int, salt: str) -> list[Example]:
@@ -272,6 +271,23 @@ def _spread(rows: Sequence[Example], n: int, salt: str) -> list[Example]:
             if q and len(out) < n:
                 out.append(q.pop(0))
     return out
+
+
+def draw_requests(rows: Sequence[Example], n_harmful: int, n_benign: int, *, split: str, draw: int = 1,
+                  max_tokens: int = 256) -> list[tuple[Example, AnswerSpec]]:
+    """Draw number ``draw`` of a split's answered requests. Draw 1 is the one training reports on; each
+    later draw takes only requests whose origin no earlier draw touched, so it measures a head again on
+    fresh requests (not on other forms of the same ones): one draw of 400 benign answers puts a 2% rate
+    on 8 answers, and whether a half-point between two heads is real needs a second."""
+    if draw < 1:
+        raise ValueError(f"draw {draw}: draws count from 1")
+    pool = list(rows)
+    for k in range(1, draw + 1):
+        items = choose_requests(pool, n_harmful, n_benign, salt=f"answers-{split}" + (f"-draw{k}" if k > 1 else ""),
+                                max_tokens=max_tokens)
+        used = {e.origin for e, _ in items}
+        pool = [r for r in pool if r.origin not in used]
+    return items
 
 
 def choose_requests(rows: Sequence[Example], n_harmful: int, n_benign: int, *, salt: str = "answers",

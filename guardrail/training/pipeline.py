@@ -361,7 +361,7 @@ def evaluate_file(model_spec: str | None, head_path: str | None, data_file: Path
     Features are extracted for what this head reads alone (its layers, its probe), so a
     thousand conversations take minutes, not the training set's half hour."""
     from .data import read_jsonl
-    from .data.build import variant_family
+    from .data.format import variant_family
     from .evaluate import evaluate_head
 
     model, sha = _model_and_sha(model_spec)
@@ -467,23 +467,23 @@ def default_answer_recipe(config: FeatureConfig) -> tuple[AnswerRecipe, AnswerRu
 
 
 def split_answers(model: Model, sha: str, data_dir: Path, split: str, counts: tuple[int, int], tokens: int,
-                  progress: bool) -> tuple[list, list, dict[str, float]]:
+                  progress: bool, *, draw: int = 1) -> tuple[list, list, dict[str, float]]:
     """The model's own answers to a split's chosen requests (generated once, stored), with where each
     harmful one starts to serve its request (the rule judge's reading), and what generating the
     missing ones cost."""
     from .answer_stage import load_conversations
-    from .answers import AnswerStore, choose_requests
+    from .answers import AnswerStore, draw_requests
     from .data import read_jsonl
     from .progress import progress_bar
 
     rows = read_jsonl(data_dir / f"{split}.jsonl")
-    items = choose_requests(rows, *counts, salt=f"answers-{split}", max_tokens=tokens)
+    items = draw_requests(rows, *counts, split=split, draw=draw, max_tokens=tokens)
     store = AnswerStore(model, sha, answer_layers(model))
     # Validation and test answers are read by hand (tests/fixtures), so each is one draw, written in
     # one run; training answers resume one by one (AnswerStore.generate).
     whole = split != "train"
     with progress_bar(progress) as bar:
-        task = bar.add_task(f"the model's own answers: {split}", total=len(store.todo(items, whole=whole)))
+        task = bar.add_task(f"the model's own answers: {split}" + (f", draw {draw}" if draw > 1 else ""), total=len(store.todo(items, whole=whole)))
         cost = store.generate(items, whole=whole, progress=lambda n: bar.advance(task, n))
     return (*load_conversations(store, items, {r.id: r for r in rows}, model.detokenize), cost)
 

@@ -24,7 +24,7 @@ from guardrail.artifacts.wheels import fetch_wheel, sha256_file
 from guardrail.errors import DataError
 
 from .augment import AugmentPlan, augment, unit_hash
-from .format import Example, Message, read_jsonl, write_jsonl
+from .format import Example, Message, read_jsonl, variant_family, write_jsonl
 from .sources import SOURCES, STABLE_GENERATION, TEMPLATE_WHEELS, load_jailbreak_templates, source_names
 from .split import DEFAULT_RATIOS, SPLITS, assign_splits, deduplicate, leakage
 
@@ -124,12 +124,6 @@ def _public(example: Example) -> Example:
     if "answers" not in example.meta:
         return example
     return replace(example, meta={k: v for k, v in example.meta.items() if k != "answers"})
-
-
-def variant_family(variant: str) -> str:
-    """A variant's family: "plain", "jailbreak", "rephrase", "prefix:<kind>", "form:<family or obfuscation>"."""
-    parts = variant.split(":")
-    return ":".join(parts[:2]) if parts[0] in ("prefix", "form") else parts[0]
 
 
 def _by_label(examples: Iterable[Example]) -> dict[str, int]:

@@ -140,6 +140,13 @@ def _parse_messages(raw: Any) -> tuple[Message, ...]:
     return tuple(Message(msg["role"], msg["content"]) for msg in raw)
 
 
+def variant_family(variant: str) -> str:
+    """A variant's family: "plain", "jailbreak", "rephrase", "prefix:<kind>", "form:<family or obfuscation>".
+    Every report that splits by form of request groups by this, so their tables line up."""
+    parts = variant.split(":")
+    return ":".join(parts[:2]) if parts[0] in ("prefix", "form") else parts[0]
+
+
 def read_jsonl(path: Path | str) -> list[Example]:
     """Read and validate a JSONL file; blank lines are skipped, ids must be unique."""
     path = Path(path)
