@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -465,3 +466,18 @@ def test_eval_answers_draw_asks_for_that_draw_and_reports_it(monkeypatch):
     assert asked == {"draw": 2} and json.loads(result.output)["draw"] == 2
     result = CliRunner().invoke(cli.cli, ["eval", "--answers", "--draw", "0"])
     assert result.exit_code != 0 and "--draw" in result.output
+
+
+def test_every_hand_read_held_out_answer_says_whether_and_from_which_word_it_serves():
+    from guardrail.measure.answer_eval import HAND_LABELS, read_labels
+
+    rows = [json.loads(line) for line in HAND_LABELS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    labels = read_labels(HAND_LABELS)
+    assert len(labels) == len(rows) == 400                      # two draws of 200 harmful answers, one label each
+    assert sum(r.get("draw", 1) == 2 for r in rows) == 200
+    for r in rows:
+        assert r["harmful_request"] and r["answer"] is not None
+        if r["complied"]:
+            assert 0 <= r["served_from_words"] <= len(r["answer"].split()), r["id"]
+        else:
+            assert r["served_from_words"] is None, r["id"]
