@@ -402,11 +402,12 @@ def heads(as_json: bool) -> None:
 @click.option("--labels", "labels_file", type=click.Path(dir_okay=False, exists=True), default=None,
               help="with --answers: hand labels of the harmful answers (JSONL: id, complied, served_from_words); "
               "default: the project's hand-read test answers, where the checkout has them")
-@click.option("--draw", type=click.IntRange(min=1), default=1, show_default=True,
-              help="with --answers: which draw of held-out requests; 2 and on answer requests no earlier draw "
-              "touched (generated once, stored), to re-measure a head on fresh ones (harmful service then by the judge)")
+@click.option("--draw", "draws", type=click.IntRange(min=1), multiple=True,
+              help="with --answers: which draw of held-out requests (default 1; repeat to pool draws: --draw 1 "
+              "--draw 2); 2 and on answer requests no earlier draw touched (generated once, stored), to measure a "
+              "head again on fresh ones (harmful service by hand labels where the checkout has them, else the judge)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def evaluate(model, head, data_file, loso, answers, curve_out, labels_file, draw, as_json) -> None:
+def evaluate(model, head, data_file, loso, answers, curve_out, labels_file, draws, as_json) -> None:
     """AUROC, TPR at 1%/5% FPR and flagged share at the head's threshold, per source, beside the text baseline."""
     from pathlib import Path
 
@@ -416,7 +417,7 @@ def evaluate(model, head, data_file, loso, answers, curve_out, labels_file, draw
     if answers:
         from guardrail.measure.answer_eval import answer_report
 
-        report = answer_report(model, head, labels=Path(labels_file) if labels_file else None, draw=draw,
+        report = answer_report(model, head, labels=Path(labels_file) if labels_file else None, draws=draws or (1,),
                                progress=not as_json)
         if curve_out:
             from guardrail.surfaces.plot import answer_curve_svg

@@ -18,6 +18,7 @@ from guardrail.training.answer_stage import (
     by_form,
     by_source,
     choose_operating_points,
+    in_time,
     rates,
     served_from,
     step_labels,
@@ -174,6 +175,21 @@ def test_a_replay_cuts_where_the_guard_would_and_counts_per_answer():
     assert r["passed_query"] == 2 and r["passed_stopped_mid_answer"] == 1.0
     assert r["passed_served_stopped_before"] == 0.5
     assert r["harmful_served_unguarded"] == 1.0 and r["harmful_served_guarded"] == 0.5
+
+
+def test_each_served_answer_let_through_says_what_stopping_it_in_time_would_cost():
+    benign = [Replay(_example(i, 0), 0.1, np.array([0.0] * 9 + [0.1 * i]), None, 10) for i in range(10)]  # peaks 0-0.9
+    rows = benign + [
+        Replay(_example(20, 1), 0.1, np.array([0.0, 0.85] + [0.95] * 8), 5, 10),  # serves from step 5; reached 0.95
+        Replay(_example(21, 1, variant="prefix:compliant:3"), 0.1, np.full(10, 0.99), 1, 10),  # serves at once
+        Replay(_example(22, 1), 0.9, np.zeros(10), 5, 10),                          # stopped by the query check
+        Replay(_example(23, 1), 0.1, np.zeros(10), None, 10),                       # let through, never serves
+    ]
+    late, at_once = in_time(rows, 0.5)
+    assert (late["serves_from"], late["threshold_in_time"], late["benign_cut_in_time"]) == (5, 0.95, 0.0)
+    assert at_once["threshold_in_time"] is None and at_once["form"] == "prefix:compliant"  # only the query check could
+    half = in_time(benign + [Replay(_example(20, 1), 0.1, np.array([0.0, 0.45] + [0.9] * 8), 3, 10)], 0.5)
+    assert half[0]["threshold_in_time"] == 0.45 and half[0]["benign_cut_in_time"] == 0.5  # peaks 0.5-0.9 of ten
 
 
 def test_held_out_rates_split_by_form_show_which_forms_the_cuts_come_from():
@@ -435,8 +451,14 @@ def test_the_held_out_report_shows_every_form_of_request_beside_the_sources():
     assert any("plain:benign" in line and "0.0%" in line for line in out.getvalue().splitlines())
 
     out = io.StringIO()
-    render_answer_eval({**report, "draw": 2}, Console(file=out, width=300))
-    assert "5 held-out answers (draw 2) of 10 tokens" in out.getvalue()
+    pooled = {**report, "draws": [1, 2], "by_draw": {"1": rates(rows[:2], 0.5, 0.99), "2": rates(rows[2:], 0.5, 0.99)},
+              "in_time": [{"form": "prefix:compliant", "source": "advbench", "query_risk": 0.2, "serves_from": 1,
+                           "answer_tokens": 40, "threshold_in_time": None, "benign_cut_in_time": None}]}
+    render_answer_eval(pooled, Console(file=out, width=300))
+    text = out.getvalue()
+    assert "5 held-out answers (draws 1+2) of 10 tokens" in text
+    assert any(" draw 2 " in line and "33.3%" in line for line in text.splitlines())  # 1 of its 3 cut
+    assert "none (serves at once)" in text
 
     out = io.StringIO()
     render_eval({"data": "f.jsonl", "threshold": 0.5, "overall": {"n": 4}, "sources": {},
@@ -446,7 +468,7 @@ def test_the_held_out_report_shows_every_form_of_request_beside_the_sources():
     assert "0.500" in line and line.count("50.0%") == 2
 
 
-def test_eval_answers_draw_asks_for_that_draw_and_reports_it(monkeypatch):
+def test_eval_answers_draw_asks_for_those_draws_and_reports_them(monkeypatch):
     import json
 
     from click.testing import CliRunner
@@ -456,14 +478,15 @@ def test_eval_answers_draw_asks_for_that_draw_and_reports_it(monkeypatch):
 
     asked = {}
 
-    def report(model, head, *, labels=None, draw=1, progress=True):
-        asked["draw"] = draw
-        return {"draw": draw, "answers": 0}
+    def report(model, head, *, labels=None, draws=(1,), progress=True):
+        asked.setdefault("draws", []).append(tuple(draws))
+        return {"draws": list(draws), "answers": 0}
 
     monkeypatch.setattr(answer_eval, "answer_report", report)
-    result = CliRunner().invoke(cli.cli, ["eval", "--answers", "--draw", "2", "--json"])
-    assert result.exit_code == 0, result.output
-    assert asked == {"draw": 2} and json.loads(result.output)["draw"] == 2
+    for args, draws in ((["--draw", "2"], (2,)), (["--draw", "1", "--draw", "2"], (1, 2)), ([], (1,))):
+        result = CliRunner().invoke(cli.cli, ["eval", "--answers", *args, "--json"])
+        assert result.exit_code == 0, result.output
+        assert asked["draws"][-1] == draws and json.loads(result.output)["draws"] == list(draws)
     result = CliRunner().invoke(cli.cli, ["eval", "--answers", "--draw", "0"])
     assert result.exit_code != 0 and "--draw" in result.output
 

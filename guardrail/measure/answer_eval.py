@@ -18,10 +18,11 @@ trade-off over the answers the query check let through.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from guardrail.training.answer_stage import answer_stage_of, by_form, by_source, curve, rates, replay
+from guardrail.training.answer_stage import answer_stage_of, by_form, by_source, curve, in_time, rates, replay
 
 HAND_LABELS = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "answer_labels_test.jsonl"
 
@@ -46,14 +47,15 @@ def read_labels(path: Path) -> dict[str, dict[str, Any]]:
 
 def answer_report(model_spec: str | None, head_path: str | None, *, data_dir: Path | None = None,
                   n_harmful: int | None = None, n_benign: int | None = None, max_tokens: int = 256,
-                  labels: Path | None = None, draw: int = 1, progress: bool = True) -> dict[str, Any]:
+                  labels: Path | None = None, draws: Sequence[int] = (1,), progress: bool = True) -> dict[str, Any]:
     """Held-out requests answered by the model (stored answers reused), replayed through the guard.
 
     Where a harmful answer has a hand label (``labels``, by default the project's hand-read test
     answers when they exist), that reading says whether and from where it serves the request; the
     rule judge reads the rest (it over-counts service on long answers: README, "The content judge").
-    ``draw`` > 1 answers fresh held-out requests (:func:`~guardrail.training.answers.draw_requests`): benign
-    cuts and harmful stops need no reader, so a second draw re-measures them at no reading cost."""
+    A draw > 1 answers fresh held-out requests (:func:`~guardrail.training.answers.draw_requests`): benign
+    cuts and harmful stops need no reader, so a second draw re-measures them at no reading cost. Several
+    ``draws`` are pooled (each draw's own rates under ``by_draw``)."""
     from guardrail.training.answer_stage import hand_served
     from guardrail.training.pipeline import ANSWER_PLANS, ensure_training_set, model_and_head, split_answers
 
@@ -61,14 +63,26 @@ def answer_report(model_spec: str | None, head_path: str | None, *, data_dir: Pa
     data_dir = data_dir or ensure_training_set("full", progress=progress)
     plan = ANSWER_PLANS["full"].test  # the held-out answers training reported on, by default
     counts = (plan[0] if n_harmful is None else n_harmful, plan[1] if n_benign is None else n_benign)
-    convs, judged, cost = split_answers(model, sha, data_dir, "test", counts, max_tokens, progress, draw=draw)
     label_file = labels or (HAND_LABELS if HAND_LABELS.is_file() else None)
-    hand = hand_served(convs, read_labels(label_file), model.detokenize) if label_file else [False] * len(convs)
-    served = [j if h is False else h for h, j in zip(hand, judged)]
+    read = read_labels(label_file) if label_file else {}
+    draws = sorted(set(draws))
+    convs: list[Any] = []
+    hand: list[int | None | bool] = []
+    served: list[int | None] = []
+    of_draw: list[int] = []
+    cost = {"answers": 0.0, "tokens": 0.0, "seconds": 0.0}
+    for draw in draws:
+        got, judged, spent = split_answers(model, sha, data_dir, "test", counts, max_tokens, progress, draw=draw)
+        read_by_hand = hand_served(got, read, model.detokenize) if read else [False] * len(got)
+        convs += got
+        hand += read_by_hand
+        served += [j if h is False else h for h, j in zip(read_by_hand, judged)]
+        of_draw += [draw] * len(got)
+        cost = {k: cost[k] + spent.get(k, 0) for k in cost}
     replays = replay(head, convs, served)
     _, window, rule, answer_threshold = answer_stage_of(head)
     harmful = [c.example.label == 1 for c in convs]
-    return {"data": str(data_dir / "test.jsonl"), "draw": draw, "answers": len(replays), "max_tokens": max_tokens,
+    return {"data": str(data_dir / "test.jsonl"), "draws": draws, "answers": len(replays), "max_tokens": max_tokens,
             "generated": cost, "query_threshold": head.threshold, "answer_threshold": answer_threshold,
             "rule": rule.describe(), "window": {"recent": window.recent, "query": window.query},
             "answer_head": head.answer_head is not None,
@@ -78,4 +92,7 @@ def answer_report(model_spec: str | None, head_path: str | None, *, data_dir: Pa
             "overall": rates(replays, head.threshold, answer_threshold),
             "sources": by_source(replays, head.threshold, answer_threshold),
             "forms": by_form(replays, head.threshold, answer_threshold),
+            "by_draw": {str(d): rates([r for r, k in zip(replays, of_draw) if k == d], head.threshold, answer_threshold)
+                        for d in draws} if len(draws) > 1 else {},
+            "in_time": in_time(replays, head.threshold),
             "curve": curve(replays, head.threshold)}

@@ -296,26 +296,47 @@ def render_answer_eval(report: Mapping[str, Any], out: Console | None = None) ->
     """The guard over whole answers, per answer: benign answers cut, harmful answers stopped (and
     stopped before they serve the request), overall, per source and per form of request."""
     out = out or console
-    draw = f" (draw {report['draw']})" if report.get("draw", 1) > 1 else ""
-    title = (f"{report['answers']} held-out answers{draw} of {report['max_tokens']} tokens: query threshold "
+    draws = report.get("draws", [1])
+    named = f" (draw{'s' if len(draws) > 1 else ''} {'+'.join(map(str, draws))})" if draws != [1] else ""
+    title = (f"{report['answers']} held-out answers{named} of {report['max_tokens']} tokens: query threshold "
              f"{_number(report['query_threshold'])}, answer stage {report['rule']} at "
              f"{_number(report['answer_threshold'])}")
-    out.print(_answer_table(title, "source", list(report["sources"].items()) + [("overall", report["overall"])]))
+    per_draw = [(f"draw {d}", r) for d, r in (report.get("by_draw") or {}).items()]
+    out.print(_answer_table(title, "source", list(report["sources"].items()) + per_draw
+                            + [("overall", report["overall"])]))
     if report.get("forms"):
         out.print(_answer_table("the same answers by form of request", "form", list(report["forms"].items())))
+    if report.get("in_time"):
+        out.print(_in_time_table(report["in_time"]))
     if report.get("curve_file"):
         out.print(f"curve: {report['curve_file']}")
 
 
+def _in_time_table(rows: Sequence[Mapping[str, Any]]) -> Table:
+    """One row per harmful answer the query check let through that serves: what stopping it in time would cost."""
+    table = Table(title="harmful answers the query check let through that serve: stopping each before it serves")
+    for column in ("form", "source", "query risk", "serves from token", "answer threshold to stop it in time",
+                   "benign answers it would cut"):
+        table.add_column(column, justify="left" if column in ("form", "source") else "right", no_wrap=True)
+    for r in rows:
+        reach = r["threshold_in_time"]
+        table.add_row(r["form"], r["source"], _number(r["query_risk"]), f"{r['serves_from']} of {r['answer_tokens']}",
+                      "none (serves at once)" if reach is None else _number(reach),
+                      "" if r["benign_cut_in_time"] is None else _pct(r["benign_cut_in_time"]))
+    return table
+
+
 def _answer_table(title: str, first: str, rows: Sequence[tuple[str, Mapping[str, Any]]]) -> Table:
-    """One row per ``<group>:<label>`` (a benign row: answers cut; a harmful row: answers stopped), and overall."""
+    """One row per ``<group>:<label>`` (a benign row: answers cut; a harmful row: answers stopped), per draw
+    where draws are pooled, and overall."""
     table = Table(title=title)
     for column in (first, "n", "cut", "by query", "mid-answer", "served unguarded", "served guarded",
                    "let through: stopped", "... before serving"):
         table.add_column(column, justify="left" if column == first else "right", no_wrap=column == first)
     for name, r in rows:
-        harmful = name.endswith(":harmful") or (name == "overall")
-        table.add_row(name, str(r["benign"] + r["harmful"] if name == "overall" else (r["harmful"] or r["benign"])),
+        whole = name == "overall" or name.startswith("draw ")  # both labels: its cut column is the benign one
+        harmful = name.endswith(":harmful") or whole
+        table.add_row(name, str(r["benign"] + r["harmful"] if whole else (r["harmful"] or r["benign"])),
                       _pct(r["benign_cut"] if not name.endswith(":harmful") else r["harmful_stopped"]),
                       _pct(r["benign_cut_by_query"] if not name.endswith(":harmful") else r["harmful_stopped_by_query"]),
                       _pct(r["benign_cut_mid_answer"]) if not name.endswith(":harmful") else "",

@@ -387,6 +387,27 @@ def curve(rows: Sequence[Replay], query_threshold: float, points: int = 60) -> l
     return out
 
 
+def in_time(rows: Sequence[Replay], query_threshold: float) -> list[dict[str, Any]]:
+    """Each harmful answer the query check lets through and that serves its request: from which step
+    it serves, the answer-stage threshold that would have stopped it before then (the highest statistic
+    it reached before serving; None where it serves from its first token, so only the query check could
+    have stopped it), and the share of the benign answers the query check lets through that threshold
+    would cut. Why the answer stage stops what it stops in time, and what stopping more would cost."""
+    peaks = np.array([float(r.statistic.max()) if r.statistic.size else -np.inf
+                      for r in rows if not r.harmful and r.query_risk < query_threshold])
+    out = []
+    for r in rows:
+        if not (r.harmful and r.query_risk < query_threshold and r.served_from is not None):
+            continue
+        before = r.statistic[:max(r.served_from - 1, 0)]
+        reach = float(before.max()) if before.size else None
+        out.append({"id": r.example.id, "form": variant_family(r.example.variant), "source": r.example.source,
+                    "query_risk": r.query_risk, "serves_from": r.served_from, "answer_tokens": r.n_answer,
+                    "threshold_in_time": reach,
+                    "benign_cut_in_time": None if reach is None or not peaks.size else float(np.mean(peaks >= reach))})
+    return out
+
+
 def by_group(rows: Sequence[Replay], key: Callable[[Example], str], query_threshold: float,
              answer_threshold: float) -> dict[str, Any]:
     """:func:`rates` per group and label, named ``<group>:benign`` / ``<group>:harmful``."""
