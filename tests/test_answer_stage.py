@@ -334,6 +334,16 @@ def test_a_draw_read_by_hand_is_written_whole_so_a_resumed_run_gives_the_uninter
     assert store.todo(items + items[:1], whole=True) == []
 
 
+def test_only_the_default_models_held_out_draws_are_written_whole_every_other_resumes_answer_by_answer():
+    from guardrail.artifacts.models import KNOWN_MODELS
+    from guardrail.training.pipeline import written_whole
+
+    smollm2, gemma = KNOWN_MODELS["smollm2-135m-instruct"].sha256, KNOWN_MODELS["gemma3-270m"].sha256
+    assert written_whole(smollm2, "val") and written_whole(smollm2, "test")    # read by hand: tests/fixtures
+    assert not written_whole(smollm2, "train")
+    assert not any(written_whole(sha, split) for sha in (gemma, "0" * 64) for split in ("train", "val", "test"))
+
+
 def test_a_readers_served_from_word_becomes_the_step_the_guard_had_to_stop_before():
     from guardrail.training.answer_stage import hand_served, step_of_word
 

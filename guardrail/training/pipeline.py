@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from guardrail.artifacts.models import DEFAULT_MODEL, KNOWN_MODELS
 from guardrail.artifacts.wheels import cache_dir
 from guardrail.errors import DataError, HeadError
 from guardrail.head import Head
@@ -466,6 +467,17 @@ def default_answer_recipe(config: FeatureConfig) -> tuple[AnswerRecipe, AnswerRu
     return recipe, AnswerRule("ema", alpha=0.95, query_weight=1.0)
 
 
+# The models whose validation and test answers are read by hand (tests/fixtures): the default model's.
+HAND_READ_MODELS = frozenset({KNOWN_MODELS[DEFAULT_MODEL].sha256})
+
+
+def written_whole(sha: str, split: str) -> bool:
+    """Whether a split's answers are written in one run (AnswerStore.generate's ``whole``): only a draw
+    someone read by hand, whose labels must stay the labels of the text the guard is replayed on. Any
+    other draw resumes answer by answer, so an interrupted full preset on a laptop keeps its hours."""
+    return split != "train" and sha in HAND_READ_MODELS
+
+
 def split_answers(model: Model, sha: str, data_dir: Path, split: str, counts: tuple[int, int], tokens: int,
                   progress: bool, *, draw: int = 1) -> tuple[list, list, dict[str, float]]:
     """The model's own answers to a split's chosen requests (generated once, stored), with where each
@@ -479,9 +491,7 @@ def split_answers(model: Model, sha: str, data_dir: Path, split: str, counts: tu
     rows = read_jsonl(data_dir / f"{split}.jsonl")
     items = draw_requests(rows, *counts, split=split, draw=draw, max_tokens=tokens)
     store = AnswerStore(model, sha, answer_layers(model))
-    # Validation and test answers are read by hand (tests/fixtures), so each is one draw, written in
-    # one run; training answers resume one by one (AnswerStore.generate).
-    whole = split != "train"
+    whole = written_whole(sha, split)
     with progress_bar(progress) as bar:
         task = bar.add_task(f"the model's own answers: {split}" + (f", draw {draw}" if draw > 1 else ""), total=len(store.todo(items, whole=whole)))
         cost = store.generate(items, whole=whole, progress=lambda n: bar.advance(task, n))
