@@ -498,10 +498,13 @@ def test_a_head_whose_answer_stage_never_cuts_says_so(head):
     assert quick is not None and "quick-preset head" in quick and "never cuts" in quick
 
 
-def test_guardrail_heads_shows_the_shipped_quick_heads_caveat():
+def test_both_shipped_heads_come_from_the_full_preset_with_an_answer_stage_and_carry_no_caveat():
     from guardrail.artifacts.heads import known_heads
-    from guardrail.head import describe_head
+    from guardrail.head import describe_head, load_head
 
     rows = {Path(r["path"]).name: r for r in map(describe_head, known_heads())}
-    assert rows["gemma3-270m.gguf"]["caveat"]  # trained on the quick preset
-    assert rows["smollm2-135m-instruct.gguf"]["caveat"] is None
+    assert set(rows) >= {"gemma3-270m.gguf", "smollm2-135m-instruct.gguf"}
+    for name in ("gemma3-270m.gguf", "smollm2-135m-instruct.gguf"):
+        head = load_head(Path(rows[name]["path"]))
+        assert head.extra["preset"] == "full" and head.answer_head is not None, name
+        assert rows[name]["caveat"] is None, name   # a quick-preset head would say so (above)
