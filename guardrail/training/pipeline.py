@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from guardrail.artifacts.models import DEFAULT_MODEL, KNOWN_MODELS
+from guardrail.artifacts.models import DEFAULT_MODEL, KNOWN_MODELS, resolve_model
 from guardrail.artifacts.wheels import cache_dir
 from guardrail.errors import DataError, HeadError
 from guardrail.head import Head
@@ -283,7 +283,6 @@ def model_and_head(model_spec: str | None, head_path: str | None) -> tuple[Model
 
 
 def _model_and_sha(model_spec: str | None) -> tuple[Model, str]:
-    from guardrail.artifacts.models import resolve_model
     from guardrail.head import fingerprint_file
 
     model = Model(resolve_model(model_spec))
