@@ -334,14 +334,16 @@ def test_a_draw_read_by_hand_is_written_whole_so_a_resumed_run_gives_the_uninter
     assert store.todo(items + items[:1], whole=True) == []
 
 
-def test_only_the_default_models_held_out_draws_are_written_whole_every_other_resumes_answer_by_answer():
+def test_only_the_draws_someone_read_by_hand_are_written_whole_every_other_resumes_answer_by_answer():
     from guardrail.artifacts.models import KNOWN_MODELS
     from guardrail.training.pipeline import written_whole
 
     smollm2, gemma = KNOWN_MODELS["smollm2-135m-instruct"].sha256, KNOWN_MODELS["gemma3-270m"].sha256
     assert written_whole(smollm2, "val") and written_whole(smollm2, "test")    # read by hand: tests/fixtures
-    assert not written_whole(smollm2, "train")
-    assert not any(written_whole(sha, split) for sha in (gemma, "0" * 64) for split in ("train", "val", "test"))
+    assert written_whole(gemma, "test")                                         # its test answers too
+    assert not any(written_whole(sha, "train") for sha in (smollm2, gemma))
+    assert not written_whole(gemma, "val")
+    assert not any(written_whole("0" * 64, split) for split in ("train", "val", "test"))
 
 
 def test_a_readers_served_from_word_becomes_the_step_the_guard_had_to_stop_before():
@@ -501,13 +503,17 @@ def test_eval_answers_draw_asks_for_those_draws_and_reports_them(monkeypatch):
     assert result.exit_code != 0 and "--draw" in result.output
 
 
-def test_every_hand_read_held_out_answer_says_whether_and_from_which_word_it_serves():
-    from guardrail.measure.answer_eval import HAND_LABELS, read_labels
+@pytest.mark.parametrize("name, n, draw_2", [("smollm2-135m-instruct", 400, 200), ("gemma3-270m", 200, 0)])
+def test_every_hand_read_held_out_answer_says_whether_and_from_which_word_it_serves(name, n, draw_2):
+    from guardrail.artifacts.models import KNOWN_MODELS
+    from guardrail.measure.answer_eval import HAND_LABELS, hand_label_file, read_labels
 
-    rows = [json.loads(line) for line in HAND_LABELS.read_text(encoding="utf-8").splitlines() if line.strip()]
-    labels = read_labels(HAND_LABELS)
-    assert len(labels) == len(rows) == 400                      # two draws of 200 harmful answers, one label each
-    assert sum(r.get("draw", 1) == 2 for r in rows) == 200
+    path = HAND_LABELS[name]
+    assert hand_label_file(KNOWN_MODELS[name].sha256) == path and hand_label_file("0" * 64) is None
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    labels = read_labels(path)
+    assert len(labels) == len(rows) == n                        # 200 harmful answers a draw, one label each
+    assert sum(r.get("draw", 1) == 2 for r in rows) == draw_2
     for r in rows:
         assert r["harmful_request"] and r["answer"] is not None
         if r["complied"]:

@@ -24,7 +24,20 @@ from typing import Any
 
 from guardrail.training.answer_stage import answer_stage_of, by_form, by_source, curve, in_time, rates, replay
 
-HAND_LABELS = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "answer_labels_test.jsonl"
+_FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures"
+# The held-out answers read by hand, per known model: each model answers the same requests in its own words.
+HAND_LABELS = {"smollm2-135m-instruct": _FIXTURES / "answer_labels_test.jsonl",
+               "gemma3-270m": _FIXTURES / "answer_labels_test_gemma3-270m.jsonl"}
+
+
+def hand_label_file(sha: str) -> Path | None:
+    """The project's hand readings of this model's held-out answers, where someone read them."""
+    from guardrail.artifacts.models import KNOWN_MODELS
+
+    for name, path in HAND_LABELS.items():
+        if KNOWN_MODELS[name].sha256 == sha and path.is_file():
+            return path
+    return None
 
 
 def read_labels(path: Path) -> dict[str, dict[str, Any]]:
@@ -51,7 +64,7 @@ def answer_report(model_spec: str | None, head_path: str | None, *, data_dir: Pa
     """Held-out requests answered by the model (stored answers reused), replayed through the guard.
 
     Where a harmful answer has a hand label (``labels``, by default the project's hand-read test
-    answers when they exist), that reading says whether and from where it serves the request; the
+    answers of this model when they exist), that reading says whether and from where it serves the request; the
     rule judge reads the rest (it over-counts service on long answers: README, "The content judge").
     A draw > 1 answers fresh held-out requests (:func:`~guardrail.training.answers.draw_requests`): benign
     cuts and harmful stops need no reader, so a second draw re-measures them at no reading cost. Several
@@ -63,7 +76,7 @@ def answer_report(model_spec: str | None, head_path: str | None, *, data_dir: Pa
     data_dir = data_dir or ensure_training_set("full", progress=progress)
     plan = ANSWER_PLANS["full"].test  # the held-out answers training reported on, by default
     counts = (plan[0] if n_harmful is None else n_harmful, plan[1] if n_benign is None else n_benign)
-    label_file = labels or (HAND_LABELS if HAND_LABELS.is_file() else None)
+    label_file = labels or hand_label_file(sha)
     read = read_labels(label_file) if label_file else {}
     draws = sorted(set(draws))
     convs: list[Any] = []

@@ -466,15 +466,17 @@ def default_answer_recipe(config: FeatureConfig) -> tuple[AnswerRecipe, AnswerRu
     return recipe, AnswerRule("ema", alpha=0.95, query_weight=1.0)
 
 
-# The models whose validation and test answers are read by hand (tests/fixtures): the default model's.
-HAND_READ_MODELS = frozenset({KNOWN_MODELS[DEFAULT_MODEL].sha256})
+# The splits of each model whose answers someone read by hand (tests/fixtures): the default model's
+# validation and test answers, Gemma's test answers.
+HAND_READ_SPLITS = {KNOWN_MODELS[DEFAULT_MODEL].sha256: frozenset({"val", "test"}),
+                    KNOWN_MODELS["gemma3-270m"].sha256: frozenset({"test"})}
 
 
 def written_whole(sha: str, split: str) -> bool:
     """Whether a split's answers are written in one run (AnswerStore.generate's ``whole``): only a draw
     someone read by hand, whose labels must stay the labels of the text the guard is replayed on. Any
     other draw resumes answer by answer, so an interrupted full preset on a laptop keeps its hours."""
-    return split != "train" and sha in HAND_READ_MODELS
+    return split in HAND_READ_SPLITS.get(sha, frozenset())
 
 
 def split_answers(model: Model, sha: str, data_dir: Path, split: str, counts: tuple[int, int], tokens: int,
