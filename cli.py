@@ -460,26 +460,30 @@ def evaluate(model, head, data_file, loso, answers, curve_out, labels_file, draw
               help="also write every case's two answers and the judge's reading here (JSONL)")
 @click.option("--rejudge", type=click.Path(dir_okay=False, exists=True), default=None,
               help="generate nothing: judge the answers of an earlier --answers file afresh and report them")
+@click.option("--labels", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="hand readings of harmful answers (JSONL: messages, answer, complied) that replace the judge's "
+                   "reading of the same text (default: the project's, tests/fixtures/attack_labels.jsonl)")
 @click.option("--sources", "by_source", is_flag=True, help="show every suite's sources in the table")
 @click.option("--parallel", type=click.IntRange(1, 64), default=None,
               help="answers decoded together (default: 8 with a GPU, 1 on a CPU-only build, where batching measured slower)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def attack(model, head, data_dir, suites, per_suite, max_tokens, long_tokens, policy, schedule, answers, rejudge,
-           by_source, parallel, as_json):
+           labels, by_source, parallel, as_json):
     """Attack suites with benign twins, unguarded vs guarded, judged by what the answer carries out."""
     from pathlib import Path
 
-    from guardrail.measure.attack import attack_report, read_outcomes, summarize_outcomes
+    from guardrail.measure.attack import apply_hand_labels, attack_report, hand_labels, read_outcomes, summarize_outcomes
     from guardrail.surfaces.ui import render_attack
 
     names = [s.strip() for s in suites.split(",") if s.strip()] if suites else None
     if rejudge:
-        report = summarize_outcomes(read_outcomes(rejudge)) | {"rejudged": rejudge}
+        outcomes = apply_hand_labels(read_outcomes(rejudge), hand_labels(labels))
+        report = summarize_outcomes(outcomes) | {"rejudged": rejudge}
     else:
         report = attack_report(model, head, per_suite=per_suite, max_tokens=max_tokens, long_tokens=long_tokens,
                                suites=names, data_dir=Path(data_dir) if data_dir else None,
                                answers_out=Path(answers) if answers else None, parallel=parallel,
-                               policy=policy, schedule=schedule)
+                               labels=Path(labels) if labels else None, policy=policy, schedule=schedule)
     if as_json:
         import json
 

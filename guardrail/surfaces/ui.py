@@ -408,6 +408,11 @@ def render_attack(report: Mapping[str, Any], out: Console | None = None, *, sour
     for kind, block in report.get("overall", {}).items():
         if kind in ("harmful", "benign"):
             row(f"all {kind}", block)
+    read = report.get("served_by")
+    if read:
+        refusals = read.get("rule judge, guard refusals", 0)
+        table.caption = (f"harmful answers judged by a hand reading of the same text: {read['hand labels']}, "
+                         f"by the rule judge: {read['rule judge']} ({refusals} of them the guard's refusals)")
     out.print(table)
     pooled = report.get("forms_seen_vs_held_out") or {}
     if pooled:
