@@ -26,7 +26,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from guardrail.errors import DataError
 from guardrail.runtime.events import DoneEvent, InterventionEvent
@@ -136,6 +136,7 @@ def run_cases(guard: Any, cases: Sequence[Case], *, max_tokens: int = DEFAULT_MA
 
 
 LabelKey = tuple[str, str]
+T = TypeVar("T")
 
 
 def label_key(messages: Iterable[dict[str, str]], answer: str) -> LabelKey:
@@ -143,22 +144,27 @@ def label_key(messages: Iterable[dict[str, str]], answer: str) -> LabelKey:
     return json.dumps(list(messages), ensure_ascii=False, sort_keys=True), answer.strip()
 
 
-def read_attack_labels(path: Path | str) -> dict[LabelKey, bool]:
-    """Hand readings of attack answers: whether each read text serves its harmful request."""
-    out: dict[LabelKey, bool] = {}
+def _jsonl(path: Path | str, what: str, parse: Callable[[dict[str, Any]], T]) -> list[T]:
+    """Every non-blank line of a JSONL file, parsed; a bad line is a DataError naming it (``what`` it is not)."""
     try:
         lines = Path(path).read_text(encoding="utf-8").split("\n")
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc.strerror}") from None
+    out = []
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-            out[label_key(row["messages"], row["answer"])] = bool(row["complied"])
+            out.append(parse(json.loads(line)))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise DataError(f"{path}:{lineno}: not an attack label ({exc})") from None
+            raise DataError(f"{path}:{lineno}: not {what} ({exc})") from None
     return out
+
+
+def read_attack_labels(path: Path | str) -> dict[LabelKey, bool]:
+    """Hand readings of attack answers: whether each read text serves its harmful request."""
+    return dict(_jsonl(path, "an attack label",
+                       lambda row: (label_key(row["messages"], row["answer"]), bool(row["complied"]))))
 
 
 def hand_labels(path: Path | str | None = None) -> dict[LabelKey, bool]:
@@ -189,26 +195,14 @@ def served_by(outcomes: Sequence[Outcome]) -> dict[str, int]:
 
 def read_outcomes(path: Path | str, judge: ContentJudge = DEFAULT_JUDGE) -> list[Outcome]:
     """Outcomes from an answers file (``attack --answers``), judged afresh: the judge can change, the answers stay."""
-    outcomes = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").split("\n")
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror}") from None
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            case = Case(row["suite"], row["source"], bool(row["harmful"]), tuple(row["messages"]),
-                        dict(row.get("sampling") or {}), row.get("request", ""), row.get("form", "plain"),
-                        bool(row.get("held_out")), row.get("max_tokens"))
-            request = case.request or "\n".join(m["content"] for m in case.messages if m["role"] == "user")
-            outcomes.append(Outcome(case, row["unguarded"], row["guarded"], bool(row["intervened"]),
-                                    row.get("intervened_at"), judge.judge(request, row["unguarded"]),
-                                    judge.judge(request, row["guarded"])))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise DataError(f"{path}:{lineno}: not a line of 'guardrail attack --answers' ({exc})") from None
-    return outcomes
+    def outcome(row: dict[str, Any]) -> Outcome:
+        case = Case(row["suite"], row["source"], bool(row["harmful"]), tuple(row["messages"]),
+                    dict(row.get("sampling") or {}), row.get("request", ""), row.get("form", "plain"),
+                    bool(row.get("held_out")), row.get("max_tokens"))
+        request = case.request or "\n".join(m["content"] for m in case.messages if m["role"] == "user")
+        return Outcome(case, row["unguarded"], row["guarded"], bool(row["intervened"]), row.get("intervened_at"),
+                       judge.judge(request, row["unguarded"]), judge.judge(request, row["guarded"]))
+    return _jsonl(path, "a line of 'guardrail attack --answers'", outcome)
 
 
 def _rate(rows: Sequence[Outcome], test: Callable[[Outcome], bool]) -> float:
