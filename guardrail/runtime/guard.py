@@ -626,8 +626,17 @@ class _Run:
         return event, action
 
     def first_check_alone(self) -> Generator[Decode, Decoded, tuple[CheckEvent, Action]]:
-        """The query check on its own: free for a probe-less head, one probe-only decode otherwise."""
+        """The query check on its own: free for a probe-less head, one probe-only decode otherwise.
+
+        A free check reads the request alone: a prefill is the answer's first tokens (the answer
+        stage reads them), not part of the request. The states up to the assistant's header are
+        the request's own, so this is the check the request gets without a prefill. Measured: a
+        benign request's prefill flagged 3 of 96 held-out prefixed benign requests the request
+        alone never did (README, "The prefill, not the request")."""
         if self.query_mode.free:
+            if self.request.prefill:
+                header = self.request.prefill[0] - 1
+                return self._verdict(0, list(self.query_runs) or [(header, header + 1)], header, None)
             return self._verdict(0, self._window(None), len(self.cache) - 1, None)
         checked = yield from self._step(self._plan(None))
         assert checked is not None

@@ -318,16 +318,17 @@ def answer_stage_of(head: Head) -> tuple[Head, AnswerWindow, AnswerRule, float]:
 
 
 def query_risk(head: Head, conv: Conversation) -> float:
-    """The query check, as the loop makes it: the check head over the query and the end of any prefill."""
+    """The query check, as the loop makes it: the check head over the request alone, read at the
+    assistant's header (a prefill is the answer's first tokens, which the answer stage reads)."""
     hooks = hooks_of_blocks([b.name for b in head.blocks])
     history = StateHistory(hooks, conv.trajectory.states[hooks[0]].shape[1], vectors=not HeadReader.is_linear(head),
                            capacity=conv.n_positions)
     reader = HeadReader(head, history)  # before the states: a linear head tracks its projections as they arrive
-    history.append({h: conv.trajectory.states[h][:conv.trajectory.n_prompt].astype(np.float32) for h in hooks})
+    end = conv.answer_start  # the prompt's end, or the first prefill token: the states before it are the request's
+    history.append({h: conv.trajectory.states[h][:end].astype(np.float32) for h in hooks})
     query = [p for a, b in conv.query_runs for p in range(a, b)]
-    prefill = list(range(conv.answer_start, conv.trajectory.n_prompt))
-    window = first_window(query, prefill, WindowParams())
-    return reader.risk(Window(tuple(runs(window)), conv.trajectory.n_prompt - 1))
+    window = first_window(query, [], WindowParams())
+    return reader.risk(Window(tuple(runs(window)), end - 1))
 
 
 def replay(head: Head, convs: Sequence[Conversation], served: Sequence[int | None]) -> list[Replay]:
