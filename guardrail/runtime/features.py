@@ -83,6 +83,13 @@ def first_window(query: Sequence[int], answer: Sequence[int], params: WindowPara
     return choose_window(query, answer, WindowState(), params) or [max([*query, *answer, 0])]
 
 
+def request_window(query_runs: Sequence[tuple[int, int]], end: int) -> Window:
+    """What a probe-free query check reads: the request's content, read at position ``end - 1`` (the
+    assistant's header; ``end`` is the prompt's end or a prefill's first token, since a prefill is the
+    answer's start). The header token alone when the request has no content."""
+    return Window(tuple(query_runs) or ((end - 1, end),), end - 1)
+
+
 def tail_runs(window_runs: Runs, n: int = TAIL) -> list[tuple[int, int]]:
     """The runs of the last ``n`` positions of a window given as sorted runs."""
     out: list[tuple[int, int]] = []

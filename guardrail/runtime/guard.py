@@ -49,7 +49,7 @@ from .chat import ChatFormat, Message, PromptTokens
 from .engine import (DEFAULT_MAX_TOKENS, Context, Detokenizer, Entry, Model, Sampler, SamplingParams, default_flash_attn,
                      default_n_ctx)
 from .events import CheckEvent, DoneEvent, Event, InterventionEvent, QueryEvent, TokenEvent
-from .features import HeadReader, StateHistory, Window, hooks_of, probe_tokens, split_conversation
+from .features import HeadReader, StateHistory, Window, hooks_of, probe_tokens, request_window, split_conversation
 from .options import GuardOptions, ResolvedOptions
 from .policy import FIXED_REASON, MAX_REASON_TOKENS, Action, Policy, acceptable_reason, halt_text, lead_in
 from .probe import AnswerWindow, Probe, WindowState, runs, update_window_state, window_runs
@@ -634,10 +634,8 @@ class _Run:
         benign request's prefill flagged 3 of 96 held-out prefixed benign requests the request
         alone never did (README, "The prefill, not the request")."""
         if self.query_mode.free:
-            if self.request.prefill:
-                header = self.request.prefill[0] - 1
-                return self._verdict(0, list(self.query_runs) or [(header, header + 1)], header, None)
-            return self._verdict(0, self._window(None), len(self.cache) - 1, None)
+            read = request_window(self.query_runs, self.request.prefill[0] if self.request.prefill else len(self.cache))
+            return self._verdict(0, list(read.runs), read.last, None)
         checked = yield from self._step(self._plan(None))
         assert checked is not None
         return checked

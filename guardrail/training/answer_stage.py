@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from guardrail.head import Head, ModelFingerprint
-from guardrail.runtime.features import HeadReader, StateHistory, Window, check_features, first_window, parse_block
+from guardrail.runtime.features import HeadReader, StateHistory, Window, check_features, parse_block, request_window
 from guardrail.runtime.options import GuardOptions
 from guardrail.runtime.policy import AnswerRule
 from guardrail.runtime.probe import AnswerWindow, WindowParams, runs
@@ -326,9 +326,7 @@ def query_risk(head: Head, conv: Conversation) -> float:
     reader = HeadReader(head, history)  # before the states: a linear head tracks its projections as they arrive
     end = conv.answer_start  # the prompt's end, or the first prefill token: the states before it are the request's
     history.append({h: conv.trajectory.states[h][:end].astype(np.float32) for h in hooks})
-    query = [p for a, b in conv.query_runs for p in range(a, b)]
-    window = first_window(query, [], WindowParams())
-    return reader.risk(Window(tuple(runs(window)), end - 1))
+    return reader.risk(request_window(conv.query_runs, end))
 
 
 def replay(head: Head, convs: Sequence[Conversation], served: Sequence[int | None]) -> list[Replay]:
