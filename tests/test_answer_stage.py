@@ -503,7 +503,7 @@ def test_eval_answers_draw_asks_for_those_draws_and_reports_them(monkeypatch):
     assert result.exit_code != 0 and "--draw" in result.output
 
 
-@pytest.mark.parametrize("name, n, draw_2", [("smollm2-135m-instruct", 400, 200), ("gemma3-270m", 200, 0)])
+@pytest.mark.parametrize("name, n, draw_2", [("smollm2-135m-instruct", 400, 200), ("gemma3-270m", 400, 200)])
 def test_every_hand_read_held_out_answer_says_whether_and_from_which_word_it_serves(name, n, draw_2):
     from guardrail.artifacts.models import KNOWN_MODELS
     from guardrail.measure.answer_eval import HAND_LABELS, hand_label_file, read_labels
