@@ -346,9 +346,12 @@ def train(model, preset, data_dir, out, no_loso, no_answers) -> None:
 @click.option("--rule", default=None,
               help="the answer stage's rule: ema:ALPHA[:QUERY_WEIGHT[:PRIOR]] or streak:TAU (default: the current "
               "recipe's)")
+@click.option("--keep-thresholds", is_flag=True,
+              help="keep the head's rule and both thresholds; only re-measure what they do on its validation and "
+              "test answers (after a change to the loop, so its metadata says what it does now)")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="where to write the head (default: your cache, where guardrail finds it for this model)")
-def calibrate(model, head, rule, out) -> None:
+def calibrate(model, head, rule, keep_thresholds, out) -> None:
     """Choose a head's two operating points afresh on the model's own validation answers.
 
     The weights are kept; the answer stage's rule and both thresholds are chosen as `train`
@@ -364,7 +367,8 @@ def calibrate(model, head, rule, out) -> None:
         parsed = AnswerRule.parse(rule) if rule else None
     except ValueError as exc:
         raise OptionsError(f"--rule: {exc}") from None
-    calibrated, path = calibrate_for_model(model, head, rule=parsed, out=Path(out) if out else None)
+    calibrated, path = calibrate_for_model(model, head, rule=parsed, out=Path(out) if out else None,
+                                           keep_thresholds=keep_thresholds)
     render_training(calibrated)
     click.echo(f"saved {path}; use it with --head {path}" if out else
                f"saved {path}; guardrail uses it for this model from now on (see `guardrail heads`)")

@@ -424,6 +424,28 @@ def test_a_head_calibrated_afresh_keeps_its_weights_and_records_how_both_thresho
     assert chosen["answer_cuts"] == recorded["max_cuts"] and chosen["prevented"] == max(s["prevented"] for s in splits)
 
 
+def test_a_head_remeasured_keeps_its_operating_points_and_records_what_they_do_now(fitted_head):
+    from dataclasses import replace
+
+    from guardrail.training.answer_stage import rates, replay
+    from guardrail.training.pipeline import calibrate_answer_stage, remeasure_answer_stage
+
+    head, val, test = fitted_head
+    query, answer = calibrate_answer_stage(head, 0.5, AnswerRule("ema", alpha=0.9, query_weight=1.0), val, test, 20)
+    calibrated = replace(head, threshold=query, answer_head=answer)
+    # The loop changes under a shipped head: its metadata holds rates that no longer describe it.
+    stale = replace(calibrated, answer_head=replace(answer, metrics={**answer.metrics, "test": {"benign_cut": 0.5}}))
+
+    kept = remeasure_answer_stage(stale, val, test)
+
+    assert kept.threshold == answer.threshold and kept.model is answer.model          # nothing chosen afresh
+    assert kept.metrics["test"] == rates(replay(calibrated, *test), query, answer.threshold) != {"benign_cut": 0.5}
+    assert kept.metrics["val"] == answer.metrics["val"] and kept.metrics["rule"] == "ema:0.9:1"
+    stage = kept.extra["answer_stage"]
+    assert stage["splits"] == answer.extra["answer_stage"]["splits"]                 # how they were chosen stays
+    assert "kept" in stage["remeasured"] and "ema:0.9:1" in stage["remeasured"]
+
+
 def test_a_trained_heads_report_shows_each_split_of_the_budget_and_marks_the_chosen_one(fitted_head):
     import io
     from dataclasses import replace

@@ -246,6 +246,7 @@ def test_cli_json_stream_is_exactly_the_events(model_path):
     (("generate", "--head", "README.md", "hi"), "not a valid GGUF"),
     (("generate", "--max-tokens", "4", "word " * 9000), "context holds"),
     (("calibrate", "--rule", "ema:fast"), "unknown answer rule"),
+    (("calibrate", "--keep-thresholds", "--rule", "ema:0.9"), "drop --rule"),
     (("calibrate", "--head", str(SHIPPED_HEADS / "gemma3-270m.gguf")), "trained for"),
 ])
 def test_cli_bad_input_gets_one_line_and_exit_1(model_path, args, message):

@@ -18,7 +18,7 @@ import numpy as np
 
 from guardrail.artifacts.models import DEFAULT_MODEL, KNOWN_MODELS, resolve_model
 from guardrail.artifacts.wheels import cache_dir
-from guardrail.errors import DataError, HeadError
+from guardrail.errors import DataError, HeadError, OptionsError
 from guardrail.head import Head
 from guardrail.runtime.engine import Model
 from guardrail.runtime.policy import AnswerRule
@@ -559,12 +559,37 @@ def calibrate_answer_stage(head: Head, row_threshold: float, rule: AnswerRule, v
                                           f"({points.prevented} stopped before serving, {points.stopped} stopped); "
                                           f"never looser than its row-level threshold ({row_threshold:.4f})"}}
     calibrated = replace(head.answer_head, threshold=points.answer, extra={"answer_stage": stage})
-    metrics = {"rule": rule.describe(), "threshold": points.answer,
+    metrics = {"rule": rule.describe(), "threshold": points.answer, "served_by": "rule judge",
                "val": rates(val_rows, points.query, points.answer)}  # a replay does not depend on either threshold
     if test is not None:
         final = replace(head, threshold=points.query, answer_head=calibrated)
         metrics["test"] = rates(replay(final, *test), points.query, points.answer)
     return points.query, replace(calibrated, metrics=metrics)
+
+
+def remeasure_answer_stage(head: Head, val: tuple[list, list], test: tuple[list, list] | None) -> Head:
+    """``head.answer_head`` with its val and test rates measured afresh at the thresholds and rule the
+    head file already holds, under the loop as it is now: when the loop changes (what the query check
+    reads, say), the metadata of a head whose operating points are kept must still say what it does.
+    How the thresholds were chosen stays recorded beside the new rates."""
+    import datetime
+
+    from guardrail._version import __version__
+
+    from .answer_stage import answer_stage_of, rates, replay
+
+    assert head.answer_head is not None
+    _, _, rule, answer_threshold = answer_stage_of(head)
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stage = dict(head.answer_head.extra.get("answer_stage") or {})
+    stage["remeasured"] = (f"{when}: both thresholds kept as chosen above; the val and test rates replayed at them "
+                           f"({rule.describe()}) by guardrail {__version__}")
+    metrics = {**head.answer_head.metrics, "rule": rule.describe(), "threshold": answer_threshold,
+               "served_by": "rule judge", "remeasured": when,
+               "val": rates(replay(head, *val), head.threshold, answer_threshold)}
+    if test is not None:
+        metrics["test"] = rates(replay(head, *test), head.threshold, answer_threshold)
+    return replace(head.answer_head, extra={**head.answer_head.extra, "answer_stage": stage}, metrics=metrics)
 
 
 def rethreshold(head: Head, threshold: float, model: Model, sha: str, data_dir: Path, config: FeatureConfig, *,
@@ -593,9 +618,11 @@ def _labelled(examples: list[Example], feats: Features, split: str) -> Labelled:
 
 
 def calibrate_for_model(model_spec: str | None, head_path: str | None, *, rule: AnswerRule | None = None,
-                        out: Path | None = None, progress: bool = True) -> tuple[Head, Path]:
+                        out: Path | None = None, keep_thresholds: bool = False,
+                        progress: bool = True) -> tuple[Head, Path]:
     """`guardrail calibrate`: a head's two operating points chosen afresh on the model's own validation
-    answers, under ``rule`` (default: the current recipe's), its weights kept.
+    answers, under ``rule`` (default: the current recipe's), its weights kept; with ``keep_thresholds``,
+    its operating points kept and only what they do re-measured (:func:`remeasure_answer_stage`).
 
     Minutes where the answers are stored (they are generated once, as `train` does), not the
     hours of a retrain: a change of rule or of the promise reaches heads already trained."""
@@ -604,6 +631,8 @@ def calibrate_for_model(model_spec: str | None, head_path: str | None, *, rule: 
     from guardrail.artifacts.heads import user_head_path
     from guardrail.head import save_head
 
+    if keep_thresholds and rule is not None:
+        raise OptionsError("--keep-thresholds keeps the head's own rule with its thresholds: drop --rule")
     model, sha = _model_and_sha(model_spec)
     head, config, _ = _head_and_config(model, sha, head_path)
     if head.answer_head is None:
@@ -614,20 +643,24 @@ def calibrate_for_model(model_spec: str | None, head_path: str | None, *, rule: 
                         "answers are unknown: retrain it with `guardrail train --preset quick|full`")
     data_dir = ensure_named_set(name, progress=progress)
     plan = ANSWER_PLANS[preset]
+    val = split_answers(model, sha, data_dir, "val", plan.val, plan.eval_tokens, progress)
+    test = split_answers(model, sha, data_dir, "test", plan.test, plan.eval_tokens, progress)
+    counted = {"answers": {**(head.answer_head.metrics.get("answers") or {}), "val": len(val[0]), "test": len(test[0])}}
+    target = out or user_head_path(sha)
+    if keep_thresholds:
+        kept = remeasure_answer_stage(head, val[:2], test[:2])
+        calibrated = replace(head, answer_head=replace(kept, metrics={**kept.metrics, **counted}))
+        save_head(calibrated, target)
+        return calibrated, target
     stage = head.answer_head.extra.get("answer_stage") or {}
     row_threshold = float((stage.get("query_threshold") or {}).get("by_rows", head.threshold))
     rule = rule or default_answer_recipe(config)[1]
-    val = split_answers(model, sha, data_dir, "val", plan.val, plan.eval_tokens, progress)
-    test = split_answers(model, sha, data_dir, "test", plan.test, plan.eval_tokens, progress)
     chosen, answer = calibrate_answer_stage(head, row_threshold, rule, val[:2], test[:2], plan.eval_tokens)
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    metrics = {**head.answer_head.metrics, **answer.metrics, "calibrated": when,
-               "answers": {**(head.answer_head.metrics.get("answers") or {}), "val": len(val[0]),
-                           "test": len(test[0])}}
+    metrics = {**head.answer_head.metrics, **answer.metrics, "calibrated": when, **counted}
     calibrated = replace(head, answer_head=replace(answer, metrics=metrics))
     if chosen != head.threshold:
         calibrated = rethreshold(calibrated, chosen, model, sha, data_dir, config_for(head, config),
                                  progress=progress)
-    target = out or user_head_path(sha)
     save_head(calibrated, target)
     return calibrated, target
