@@ -498,6 +498,28 @@ def test_a_head_whose_answer_stage_never_cuts_says_so(head):
     assert quick is not None and "quick-preset head" in quick and "never cuts" in quick
 
 
+def test_the_heads_list_shows_what_each_head_does_per_answer_as_its_file_last_recorded_it():
+    import io
+
+    from rich.console import Console
+
+    from guardrail.artifacts.heads import known_heads
+    from guardrail.head import describe_head, load_head
+    from guardrail.surfaces.ui import render_heads
+
+    rows = [describe_head(p) for p in known_heads()]
+    for row in rows:
+        answers = load_head(Path(row["path"])).answer_head.metrics
+        assert row["answers_benign_cut"] == answers["test"]["benign_cut"]
+        assert row["answers_harmful_stopped"] == answers["test"]["harmful_stopped"]
+        # Re-recorded under the request-alone query check, so the date says which loop they describe.
+        assert row["answers_measured"] == answers["remeasured"]
+    out = io.StringIO()
+    render_heads(rows, Console(file=out, width=400))
+    shipped = next(r for r in rows if Path(r["path"]).name == "smollm2-135m-instruct.gguf")
+    assert f"{100 * shipped['answers_benign_cut']:.1f}% / {100 * shipped['answers_harmful_stopped']:.1f}%" in out.getvalue()
+
+
 def test_both_shipped_heads_come_from_the_full_preset_with_an_answer_stage_and_carry_no_caveat():
     from guardrail.artifacts.heads import known_heads
     from guardrail.head import describe_head, load_head

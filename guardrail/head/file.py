@@ -427,6 +427,10 @@ def describe_head(path: str | os.PathLike[str]) -> dict[str, Any]:
         return row | {"error": str(exc)}
     metrics = head.metrics
     test = (metrics.get("test") or {}).get("overall") or {}
+    # Per answer, not per request: what a user meets over the model's own held-out answers, as the head
+    # file last recorded it (`train`, `calibrate`, or `calibrate --keep-thresholds` after a loop change).
+    answers = (head.answer_head.metrics if head.answer_head is not None else {}) or {}
+    answer_test = answers.get("test") or {}
     return row | {
         "model_sha256": head.fingerprint.sha256, "architecture": head.fingerprint.architecture,
         "n_layer": head.fingerprint.n_layer, "n_embd": head.fingerprint.n_embd,
@@ -436,6 +440,8 @@ def describe_head(path: str | os.PathLike[str]) -> dict[str, Any]:
         "loso_mean_auroc": (metrics.get("loso") or {}).get("mean_auroc"),
         "loso_min_auroc": (metrics.get("loso") or {}).get("min_auroc"),
         "test_auroc": test.get("auroc"), "test_tpr_at_threshold": test.get("tpr"), "test_fpr": test.get("fpr"),
+        "answers_benign_cut": answer_test.get("benign_cut"), "answers_harmful_stopped": answer_test.get("harmful_stopped"),
+        "answers_measured": answers.get("remeasured") or answers.get("calibrated") or head.extra.get("created"),
         "caveat": head.caveat,
     }
 

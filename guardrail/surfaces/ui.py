@@ -467,15 +467,16 @@ def render_heads(rows: Sequence[Mapping[str, Any]], out: Console | None = None) 
         out.print("no safety heads found")
         return
     table = Table(title="safety heads guardrail finds (shipped, then trained with `guardrail train --model`)")
-    for column in ("model (sha256)", "arch", "created", "examples", "LOSO mean / min", "test AUROC", "path"):
+    for column in ("model (sha256)", "arch", "created", "examples", "LOSO mean / min", "test AUROC",
+                   "test answers: benign cut / harmful stopped", "path"):
         table.add_column(column)
     for row in rows:
         if "error" in row:
-            table.add_row("-", "-", "-", "-", "-", "-", f"{row['path']}: {row['error']}")
+            table.add_row("-", "-", "-", "-", "-", "-", "-", f"{row['path']}: {row['error']}")
             continue
         table.add_row(row["model_sha256"][:12], row["architecture"], str(row["created"]), str(row["examples"] or "-"),
                       f"{_number(row['loso_mean_auroc'])} / {_number(row['loso_min_auroc'])}", _number(row["test_auroc"]),
-                      row["path"])
+                      f"{_pct(row.get('answers_benign_cut'))} / {_pct(row.get('answers_harmful_stopped'))}", row["path"])
     out.print(table)
     for row in rows:
         if row.get("caveat"):
