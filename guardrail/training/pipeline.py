@@ -282,6 +282,13 @@ def model_and_head(model_spec: str | None, head_path: str | None) -> tuple[Model
     return model, sha, head
 
 
+def _utc_now() -> str:
+    """When a head was made or its metadata recorded, as head files write it."""
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
 def _model_and_sha(model_spec: str | None) -> tuple[Model, str]:
     from guardrail.head import fingerprint_file
 
@@ -298,8 +305,6 @@ def train_for_model(model_spec: str | None, *, preset: str = "quick", data_dir: 
 
     Without ``out`` the head goes to the user's cache under the model file's sha256, so
     ``Guard(PATH)``, ``guardrail chat --model PATH`` and ``serve`` use it with no --head."""
-    import datetime
-
     from guardrail.artifacts.heads import user_head_path
     from guardrail.head import save_head
 
@@ -321,7 +326,7 @@ def train_for_model(model_spec: str | None, *, preset: str = "quick", data_dir: 
     extra = {"feature_config": asdict(config), "recipe": asdict(check), "data_dir": data_dir.name,
              "preset": preset if data_dir.name == TRAINING_SETS.get(preset) else None,
              "model_file": model.path.name, "wall_seconds": time.perf_counter() - started,
-             "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+             "created": _utc_now()}
     head = replace(head, tau=EVERY_STEP_TAU, extra=extra)
     target = out or user_head_path(sha)
     save_head(head, target)
@@ -567,28 +572,25 @@ def calibrate_answer_stage(head: Head, row_threshold: float, rule: AnswerRule, v
     return points.query, replace(calibrated, metrics=metrics)
 
 
-def remeasure_answer_stage(head: Head, val: tuple[list, list], test: tuple[list, list] | None) -> Head:
+def remeasure_answer_stage(head: Head, val: tuple[list, list], test: tuple[list, list]) -> Head:
     """``head.answer_head`` with its val and test rates measured afresh at the thresholds and rule the
     head file already holds, under the loop as it is now: when the loop changes (what the query check
     reads, say), the metadata of a head whose operating points are kept must still say what it does.
     How the thresholds were chosen stays recorded beside the new rates."""
-    import datetime
-
     from guardrail._version import __version__
 
     from .answer_stage import answer_stage_of, rates, replay
 
     assert head.answer_head is not None
     _, _, rule, answer_threshold = answer_stage_of(head)
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = _utc_now()
     stage = dict(head.answer_head.extra.get("answer_stage") or {})
     stage["remeasured"] = (f"{when}: both thresholds kept as chosen above; the val and test rates replayed at them "
                            f"({rule.describe()}) by guardrail {__version__}")
     metrics = {**head.answer_head.metrics, "rule": rule.describe(), "threshold": answer_threshold,
                "served_by": "rule judge", "remeasured": when,
-               "val": rates(replay(head, *val), head.threshold, answer_threshold)}
-    if test is not None:
-        metrics["test"] = rates(replay(head, *test), head.threshold, answer_threshold)
+               "val": rates(replay(head, *val), head.threshold, answer_threshold),
+               "test": rates(replay(head, *test), head.threshold, answer_threshold)}
     return replace(head.answer_head, extra={**head.answer_head.extra, "answer_stage": stage}, metrics=metrics)
 
 
@@ -626,8 +628,6 @@ def calibrate_for_model(model_spec: str | None, head_path: str | None, *, rule: 
 
     Minutes where the answers are stored (they are generated once, as `train` does), not the
     hours of a retrain: a change of rule or of the promise reaches heads already trained."""
-    import datetime
-
     from guardrail.artifacts.heads import user_head_path
     from guardrail.head import save_head
 
@@ -656,7 +656,7 @@ def calibrate_for_model(model_spec: str | None, head_path: str | None, *, rule: 
     row_threshold = float((stage.get("query_threshold") or {}).get("by_rows", head.threshold))
     rule = rule or default_answer_recipe(config)[1]
     chosen, answer = calibrate_answer_stage(head, row_threshold, rule, val[:2], test[:2], plan.eval_tokens)
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = _utc_now()
     metrics = {**head.answer_head.metrics, **answer.metrics, "calibrated": when, **counted}
     calibrated = replace(head, answer_head=replace(answer, metrics=metrics))
     if chosen != head.threshold:
