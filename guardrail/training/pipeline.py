@@ -154,6 +154,8 @@ class DerivedSet:
     caps: dict[str, int | float]
     whole: tuple[str, ...] = ()            # variants (or families of them) the caps never drop
     whole_train: tuple[str, ...] = ()      # ... or never drop from the training split
+    breadth: tuple[str, ...] = ()          # generation-6 forms added to the training split (transforms.BREADTH_FORMS)
+    breadth_per_label: int = 0             # ... requests of each label in each
 
 
 # train-v3's shares: 3,000 of full-v3's 14,516 ShareGPT conversations, 1,000 of its 6,071 consumer health ones.
@@ -173,6 +175,12 @@ DERIVED_SETS: dict[str, DerivedSet] = {
     # measured, the twins did not lower those cuts. The held-out splits stay train-v4's, and so does
     # every validation and test answer drawn from them.
     "train-v5": DerivedSet("full-v4", _V3_SHARES, ("instruct",), ("form", "jailbreak", "prefix:prefill")),
+    # train-v3, and in its training split requests of both labels in more encodings the host model cannot
+    # read and in single-turn splits (transforms.BREADTH_FORMS): the query check flagged benign base64 and
+    # variables-split requests, forms it never saw, as often as harmful ones. Held-out splits as train-v3's.
+    "train-v6": DerivedSet("full-v3", {"sharegpt": 3000, "consumer_health": 1000},
+                           breadth=("obfuscation:hex", "obfuscation:caesar", "obfuscation:atbash", "spread:concat",
+                                    "spread:words"), breadth_per_label=150),
 }
 
 # How many consecutive malicious checks after a benign start make the guard act, for a
@@ -259,7 +267,8 @@ def build_named_set(name: str, path: Path | None = None, progress: bool = True) 
     path = path or cache_dir() / "data" / name
     if name in DERIVED_SETS:
         d = DERIVED_SETS[name]
-        derive_capped(ensure_named_set(d.base, progress), path, caps=d.caps, whole=d.whole, whole_train=d.whole_train)
+        derive_capped(ensure_named_set(d.base, progress), path, caps=d.caps, whole=d.whole, whole_train=d.whole_train,
+                      breadth=d.breadth, breadth_per_label=d.breadth_per_label)
     else:
         build_preset(path, name, progress=progress)
     return path

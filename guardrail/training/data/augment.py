@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .format import Example, Message
-from .transforms import FORMS, TRAIN_FORMS
+from .transforms import BREADTH_FORMS, FORMS, TRAIN_FORMS
 
 T = TypeVar("T")
 
@@ -365,6 +365,24 @@ def prefix_variants(roots: Sequence[Example], plan: AugmentPlan, seed: str) -> l
 
 
 # --- (d) attack families: obfuscation, persona, multi-turn, spread, long ----------
+
+
+def breadth_variants(roots: Sequence[Example], forms: Sequence[str], per_label: int, seed: str,
+                     max_words: int = 30) -> list[Example]:
+    """``per_label`` requests of each label sent in each of the generation-6 ``forms``
+    (``transforms.BREADTH_FORMS``), each form's requests a hashed sample of its own: a form
+    is breadth on both labels alike, never a label cue. Short requests only, so an encoded
+    one still fits the extraction's window."""
+    out = []
+    for name in forms:
+        form = BREADTH_FORMS[name]
+        for label in (1, 0):
+            eligible = [r for r in roots if r.label == label and (req := _single_request(r))
+                        and len(req.split()) <= max_words]
+            for root in _sample(eligible, per_label, seed, "breadth", name):
+                out.append(_derive(root, f"form:{name}", form(root.messages[0].content, seed),
+                                   form_family=form.family))
+    return out
 
 
 def form_variants(roots: Sequence[Example], plan: AugmentPlan, seed: str,

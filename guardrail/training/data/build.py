@@ -24,7 +24,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from guardrail.artifacts.wheels import fetch_wheel, sha256_file
 from guardrail.errors import DataError
 
-from .augment import AugmentPlan, augment, unit_hash
+from .augment import AugmentPlan, augment, breadth_variants, unit_hash
 from .format import Example, Message, read_jsonl, variant_family, write_jsonl
 from .sources import SOURCES, STABLE_GENERATION, TEMPLATE_WHEELS, load_jailbreak_templates, source_names
 from .split import DEFAULT_RATIOS, SPLITS, assign_splits, deduplicate, leakage
@@ -266,14 +266,17 @@ def _named(variant: str, names: Sequence[str]) -> bool:
 
 
 def derive_capped(src: Path | str, dst: Path | str, *, caps: Mapping[str, int | float],
-                  whole: Sequence[str] = (), whole_train: Sequence[str] = ()) -> dict:
+                  whole: Sequence[str] = (), whole_train: Sequence[str] = (),
+                  breadth: Sequence[str] = (), breadth_per_label: int = 0) -> dict:
     """A copy of a built dataset with some sources each held to about ``caps[source]`` conversations
     (a float: that share of them), chosen by a hash of their origin (so variants of one request stay
     together and splits stay as they were). A share keeps the same origins in a later recipe that adds
     variants, where a count would keep fewer. Variants named in ``whole`` (or of a family named there) are
     kept however their source is capped: a form rare in a label is not cut down with the big sources that
     hold most of it. Those in ``whole_train`` are kept so in the training split only, which leaves the
-    held-out splits, and every answer drawn from them, as they were.
+    held-out splits, and every answer drawn from them, as they were. ``breadth`` names forms of
+    ``transforms.BREADTH_FORMS`` added to the training split only, ``breadth_per_label`` requests of
+    each label in each (:func:`~.augment.breadth_variants`), for the same reason.
 
     ShareGPT alone is 45% of full-v2 (and consumer health questions a tenth of full-v3); holding
     them to a few thousand keeps their breadth and frees hours of extraction for the sources that
@@ -289,6 +292,10 @@ def derive_capped(src: Path | str, dst: Path | str, *, caps: Mapping[str, int | 
                        or (name == "train" and _named(e.variant, whole_train))
                        or unit_hash(f"{source}-cap:{e.origin or e.id}") < share] for name, rows in kept.items()}
         derived[source] = {"kept": sum(e.source == source for rows in kept.values() for e in rows), "of": total}
+    manifest = json.loads((src / "manifest.json").read_text()) if (src / "manifest.json").is_file() else {}
+    seed = str(manifest.get("seed_text", "guardrail-v1"))
+    if breadth:
+        kept["train"] = kept["train"] + breadth_variants(kept["train"], breadth, breadth_per_label, seed)
     dst.mkdir(parents=True, exist_ok=True)
     files = {}
     for name, rows in kept.items():
@@ -296,8 +303,9 @@ def derive_capped(src: Path | str, dst: Path | str, *, caps: Mapping[str, int | 
         files[path.name] = {"examples": write_jsonl(path, rows), "sha256": sha256_file(path)}
     # the source's manifest, with every count and file hash made this copy's own (the head's metadata
     # quotes them); its sources' per-split counts for the capped sources too
-    manifest = json.loads((src / "manifest.json").read_text()) if (src / "manifest.json").is_file() else {}
     derivation = {"from": src.name, "caps": derived, "whole": list(whole), "whole_train": list(whole_train)}
+    if breadth:
+        derivation["breadth"] = {"forms": list(breadth), "per_label": breadth_per_label}
     manifest |= {**_counts(kept), "files": files, "preset": dst.name, "derived": derivation}
     for source in caps:
         if source in manifest.get("sources", {}):
