@@ -279,12 +279,13 @@ def data() -> None:
 @data.command("build")
 @click.option("--preset", type=click.Choice(["default-v1", "quick-v2", "capped-v2", "full-v2", "quick-v3", "capped-v3",
                                             "full-v3", "quick-v4", "capped-v4", "full-v4", "train-v2", "train-v3",
-                                            "train-v4", "train-v5"]), default="default-v1",
+                                            "train-v4", "train-v5", "train-v6"]), default="default-v1",
               show_default=True, help="the recipe: default-v1 (200 requests/source, what the first heads saw), "
               "capped-v2 (the same plus the attack families), full-v2 (everything the sources hold); "
               "the -v3 recipes add the generation-3 sources (categorised harm, sensitive-sounding benign requests); "
               "the -v4 recipes add how-to questions asked as instructions; train-vN: full-vN with its big benign "
-              "sources capped (train-v3 is the shipped head's data; train-v5 keeps the attack forms' benign twins)")
+              "sources capped (train-v3 is the shipped head's data; train-v5 keeps the attack forms' benign twins; "
+              "train-v6 adds both labels in five more forms to train-v3's training split)")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="output directory (default: the cache's directory named for the preset)")
 @click.option("--max-per-source", type=click.IntRange(min=10), default=None,
