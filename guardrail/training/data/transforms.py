@@ -92,9 +92,14 @@ _OBFUSCATIONS: dict[str, tuple[Callable[[str], str], tuple[str, ...]]] = {
 }
 
 
-def obfuscate(request: str, kind: str, seed: str) -> tuple[Message, ...]:
-    encode, wordings = _OBFUSCATIONS[kind]
+def _encoded(table: dict[str, tuple[Callable[[str], str], tuple[str, ...]]], request: str, kind: str,
+             seed: str) -> tuple[Message, ...]:
+    encode, wordings = table[kind]
     return _user(_pick(wordings, seed, kind, request).format(x=encode(request.strip())))
+
+
+def obfuscate(request: str, kind: str, seed: str) -> tuple[Message, ...]:
+    return _encoded(_OBFUSCATIONS, request, kind, seed)
 
 
 # --- persona and role-play framings ------------------------------------------
@@ -258,8 +263,7 @@ _BREADTH_OBFUSCATIONS: dict[str, tuple[Callable[[str], str], tuple[str, ...]]] =
 
 
 def breadth_obfuscate(request: str, kind: str, seed: str) -> tuple[Message, ...]:
-    encode, wordings = _BREADTH_OBFUSCATIONS[kind]
-    return _user(_pick(wordings, seed, kind, request).format(x=encode(request.strip())))
+    return _encoded(_BREADTH_OBFUSCATIONS, request, kind, seed)
 
 
 def split_inline(request: str, kind: str, seed: str) -> tuple[Message, ...]:
