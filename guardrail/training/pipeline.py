@@ -158,12 +158,14 @@ class DerivedSet:
     breadth_per_label: int = 0             # ... requests of each label in each
 
 
+# train-v3's caps, by count (train-v6 keeps them, so its conversations are train-v3's and more).
+_V3_CAPS: dict[str, int | float] = {"sharegpt": 3000, "consumer_health": 1000}
 # train-v3's shares: 3,000 of full-v3's 14,516 ShareGPT conversations, 1,000 of its 6,071 consumer health ones.
 _V3_SHARES: dict[str, int | float] = {"sharegpt": 3000 / 14516, "consumer_health": 1000 / 6071}
 
 DERIVED_SETS: dict[str, DerivedSet] = {
     "train-v2": DerivedSet("full-v2", {"sharegpt": 3000}),
-    "train-v3": DerivedSet("full-v3", {"sharegpt": 3000, "consumer_health": 1000}),
+    "train-v3": DerivedSet("full-v3", _V3_CAPS),
     # train-v3's shares, so train-v4 holds every train-v3 conversation; the instruction forms are kept
     # whole, since most benign how-to questions are in those two sources
     "train-v4": DerivedSet("full-v4", _V3_SHARES, ("instruct",)),
@@ -178,7 +180,7 @@ DERIVED_SETS: dict[str, DerivedSet] = {
     # train-v3, and in its training split requests of both labels in more encodings the host model cannot
     # read and in single-turn splits (transforms.BREADTH_FORMS): the query check flagged benign base64 and
     # variables-split requests, forms it never saw, as often as harmful ones. Held-out splits as train-v3's.
-    "train-v6": DerivedSet("full-v3", {"sharegpt": 3000, "consumer_health": 1000},
+    "train-v6": DerivedSet("full-v3", _V3_CAPS,
                            breadth=("obfuscation:hex", "obfuscation:caesar", "obfuscation:atbash", "spread:concat",
                                     "spread:words"), breadth_per_label=150),
 }

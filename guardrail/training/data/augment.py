@@ -373,13 +373,13 @@ def breadth_variants(roots: Sequence[Example], forms: Sequence[str], per_label: 
     (``transforms.BREADTH_FORMS``), each form's requests a hashed sample of its own: a form
     is breadth on both labels alike, never a label cue. Short requests only, so an encoded
     one still fits the extraction's window."""
+    eligible = {label: [r for r in roots if r.label == label and (req := _single_request(r))
+                        and len(req.split()) <= max_words] for label in (1, 0)}
     out = []
     for name in forms:
         form = BREADTH_FORMS[name]
         for label in (1, 0):
-            eligible = [r for r in roots if r.label == label and (req := _single_request(r))
-                        and len(req.split()) <= max_words]
-            for root in _sample(eligible, per_label, seed, "breadth", name):
+            for root in _sample(eligible[label], per_label, seed, "breadth", name):
                 out.append(_derive(root, f"form:{name}", form(root.messages[0].content, seed),
                                    form_family=form.family))
     return out
