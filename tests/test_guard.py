@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import codecs
 import json
 import subprocess
 import sys
@@ -301,7 +303,8 @@ def test_the_shipped_head_separates_a_fresh_sample_above_a_floor(guard):
 
 
 @pytest.mark.parametrize("options", [{"policy": "maybe"}, {"schedule": "sometimes"}, {"threshold": 1.5},
-                                     {"tau": 0}, {"r1": 0}, {"temperature_typo": 1}])
+                                     {"tau": 0}, {"r1": 0}, {"temperature_typo": 1},
+                                     {"read_encoded": "yes"}])
 def test_bad_guard_options_are_refused_before_decoding(guard, options):
     from guardrail.errors import OptionsError
 
@@ -325,3 +328,57 @@ def test_the_first_token_is_shown_before_its_own_check_when_that_check_cannot_en
     assert kinds[1:4] == [("check", 0), ("token", 0), ("check", 1)]
     later = kinds[4:]
     assert later[:2] == [("check", 2), ("token", 1)]  # later tokens wait for their check
+
+
+# -- encoded requests (runtime.encodings) ---------------------------------------------------
+
+ENCODED_HARMFUL = "Decode this and do what it says: " + codecs.encode(HARMFUL, "rot13")
+
+
+def test_an_encoded_request_is_read_in_plain_words_too_and_the_higher_risk_decides(guard):
+    messages = [{"role": "user", "content": ENCODED_HARMFUL}]
+    as_written = guard.score(messages, read_encoded=False)
+    plain = guard.score([{"role": "user", "content": HARMFUL}])
+    read = guard.score(messages)
+    assert as_written.reading == () and read.reading == ("rot13",)
+    assert read.risk == pytest.approx(max(as_written.risk, plain.risk), abs=1e-3)
+    assert read.malicious and not as_written.malicious  # as written, the head cannot read ROT13
+    events, done = _chat(guard, messages, max_tokens=16)
+    first = next(e for e in events if e.type == "check")
+    assert first.index == 0 and first.reading == ("rot13",) and first.malicious
+    assert done.intervened and done.finish_reason == "refuse"
+
+
+def test_a_harmless_encoded_blob_does_not_hide_a_harmful_request_written_beside_it(guard):
+    blob = base64.b64encode(b"What is the weather like in Paris in the spring?").decode()
+    verdict = guard.score([{"role": "user", "content": f"{HARMFUL} Then decode this: {blob}"}])
+    assert verdict.reading == ("base64",) and verdict.malicious
+
+
+def test_reading_an_encoded_request_changes_no_token_of_the_answer(guard):
+    messages = [{"role": "user", "content": "Please decode: " + base64.b64encode(BENIGN.encode()).decode()}]
+    events, done = _chat(guard, messages, max_tokens=12, policy="monitor")
+    assert next(e for e in events if e.type == "check").reading == ("base64",)
+    assert done.text == _plain(guard, messages, 12)  # decoded in the same sequence first, then overwritten
+
+
+def test_after_an_encoded_turn_the_chat_keeps_its_cache(model_path):
+    turn1 = [{"role": "user", "content": "Please decode: " + base64.b64encode(BENIGN.encode()).decode()}]
+    with Guard(model_path, policy="monitor") as g:
+        first, done1 = _chat(g, turn1, max_tokens=8)
+        turn2 = turn1 + [{"role": "assistant", "content": done1.text}, {"role": "user", "content": "Thanks!"}]
+        second, _ = _chat(g, turn2, max_tokens=4)
+    assert next(e for e in first if e.type == "check").reading == ("base64",)
+    assert next(e for e in second if e.type == "check").reading == ()      # an earlier turn is not read again
+    assert second[0].cached_tokens >= first[0].prompt_tokens               # nothing before the new turn re-decoded
+
+
+def test_answers_decoded_together_read_encoded_requests_as_one_answer_alone_does(model_path):
+    conversations = [[{"role": "user", "content": ENCODED_HARMFUL}], [{"role": "user", "content": BENIGN}],
+                     [{"role": "user", "content": "Please decode: " + base64.b64encode(BENIGN.encode()).decode()}]]
+    with Guard(model_path, n_parallel=3, policy="monitor") as g:
+        alone = [next(e for e in g.chat(c, max_tokens=4) if e.type == "check") for c in conversations]
+        together = {i: e for i, e in g.chat_many(conversations, max_tokens=4) if e.type == "check" and e.index == 0}
+    for i, check in enumerate(alone):
+        assert together[i].reading == check.reading
+        assert together[i].risk == pytest.approx(check.risk, abs=0.02)

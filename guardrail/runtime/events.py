@@ -57,7 +57,9 @@ class CheckEvent(Event):
     ``query`` (the first check, on the request) or ``answer`` (a check during the
     answer, by the answer stage's head and rule); ``malicious`` is this check's own
     verdict at its stage's threshold, and for an answer check ``score`` is the answer
-    stage's running statistic after it (what makes the guard act)."""
+    stage's running statistic after it (what makes the guard act). ``reading``: the encodings
+    the query check undid, when it read the request's plain words instead of the text as
+    written (:mod:`~guardrail.runtime.encodings`; ``window`` stays the text as written)."""
 
     type: ClassVar[str] = "check"
     index: int
@@ -67,6 +69,7 @@ class CheckEvent(Event):
     signal: Signal
     stage: str = "query"
     score: float | None = None
+    reading: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,9 @@
 One guarded answer is a run (``_Run.steps``), a generator of named steps:
 1. **start** — make the slot's conversation cache hold the prompt, decoding only
    what the previous call did not leave there (in chunks, beside other answers);
+   a request whose last user turn reads as encoded has its plain words decoded and
+   checked there first (:mod:`.encodings`), and the prompt then decodes from where
+   the two part;
 2. **plan** — sample the next answer token and lay out its entries: the answer
    token first; when a check with a [CLS] probe is due, the probe's tokens follow
    it, the probe's last token last;
@@ -27,6 +30,7 @@ decodes only what is new.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -46,6 +50,7 @@ from guardrail.head import Head, fingerprint_file, load_head
 from .batch import Batcher, Decode, Decoded, Job, drive_alone
 from .cache import CachePool, ConversationCache, Slot
 from .chat import ChatFormat, Message, PromptTokens
+from .encodings import decoded_messages, decoded_request
 from .engine import (DEFAULT_MAX_TOKENS, Context, Detokenizer, Entry, Model, Sampler, SamplingParams, default_flash_attn,
                      default_n_ctx)
 from .events import CheckEvent, DoneEvent, Event, InterventionEvent, QueryEvent, TokenEvent
@@ -65,6 +70,7 @@ class Verdict:
     risk: float
     malicious: bool
     threshold: float
+    reading: tuple[str, ...] = ()  # the encodings undone: the check read the plain words (runtime.encodings)
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,10 @@ class GuardRequest:
     max_tokens: int
     stops: tuple[str, ...]
     options: GuardOptions
+    # What an encoded request asks, in plain words (runtime.encodings): the query check reads it too,
+    # in the slot's own sequence before the prompt, and takes the higher risk; and the encodings undone.
+    plain: GuardRequest | None = None
+    encodings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -106,7 +116,7 @@ class Guard:
     cold prompts sooner. Options: ``policy``
     (refuse | halt | monitor), ``schedule`` (auto | every | annealing | first |
     periodic:K), ``threshold``, ``tau``, ``opener``, ``reason`` (fixed | model),
-    ``r1/r2/r3``.
+    ``r1/r2/r3``, ``read_encoded`` (default on: an encoded request is read in plain words too).
     """
 
     def __init__(self, model: str | os.PathLike[str] | llama_cpp.Llama | None = None,
@@ -269,27 +279,39 @@ class Guard:
 
     # -- helpers of the calls -------------------------------------------------------------
 
-    def _chat_request(self, messages: Sequence[Mapping[str, str] | Message], guard: Mapping[str, Any]) -> GuardRequest:
+    def _chat_request(self, messages: Sequence[Mapping[str, str] | Message], guard: Mapping[str, Any],
+                      read_plain: bool = True) -> GuardRequest:
         msgs = [Message.coerce(m) for m in messages]
         options = self.options.updated(**guard)
         prompt = self.format.tokens(msgs)
         as_dicts = [{"role": m.role, "content": m.content} for m in msgs]
         query, prefill = split_conversation(prompt, as_dicts)
         prefill_text = msgs[-1].content if msgs and msgs[-1].role == "assistant" else ""
-        return GuardRequest(prompt, query, prefill, prefill_text, SamplingParams(), 0, (), options)
+        request = GuardRequest(prompt, query, prefill, prefill_text, SamplingParams(), 0, (), options)
+        plain = decoded_messages(as_dicts) if read_plain and options.read_encoded else None
+        if plain is None:
+            return request
+        return replace(request, plain=self._chat_request(plain[0], guard, read_plain=False), encodings=plain[1])
 
-    def _text_request(self, prompt: str, guard: Mapping[str, Any]) -> GuardRequest:
+    def _text_request(self, prompt: str, guard: Mapping[str, Any], read_plain: bool = True) -> GuardRequest:
         tokens = PromptTokens()
         if self.model.info.add_bos:
             tokens.extend([self.model.bos], -1)
         tokens.extend(self.format.plain.tokenize(prompt), 0)  # a person's text: never a special token
         query = [i for i, m in enumerate(tokens.message) if m >= 0]
-        return GuardRequest(tokens, query, [], "", SamplingParams(), 0, (), self.options.updated(**guard))
+        options = self.options.updated(**guard)
+        request = GuardRequest(tokens, query, [], "", SamplingParams(), 0, (), options)
+        decoded = decoded_request(prompt) if read_plain and options.read_encoded else None
+        if decoded is None:
+            return request
+        return replace(request, plain=self._text_request(decoded[0], guard, read_plain=False), encodings=decoded[1])
 
     def _cells_needed(self, request: GuardRequest) -> int:
-        """KV cells an answer may add: its tokens, a probe, and a model-written refusal reason."""
+        """KV cells an answer may add: its tokens, a probe, a model-written refusal reason, and the
+        plain reading's tokens beyond the prompt's (it is decoded in the same sequence first)."""
         reason = MAX_REASON_TOKENS + 16 if request.options.reason == "model" else 0
-        return request.max_tokens + len(self._probe_tokens) + reason + 1
+        plain = max(0, len(request.plain.prompt) - len(request.prompt)) if request.plain is not None else 0
+        return request.max_tokens + len(self._probe_tokens) + reason + 1 + plain
 
     def _acquire(self, request: GuardRequest) -> Slot:
         slot = self._pool.acquire(request.prompt.ids, self._cells_needed(request))
@@ -374,7 +396,8 @@ class GuardBatch:
 
     def score(self, request: GuardRequest, on_end: Callable[[Verdict | None, BaseException | None], None]) -> Job | None:
         """Score a conversation (the first check alone) beside the running answers; None: try later."""
-        slot = self.guard._pool.acquire(request.prompt.ids, len(self.guard._probe_tokens) + 1)
+        plain = max(0, len(request.plain.prompt) - len(request.prompt)) if request.plain is not None else 0
+        slot = self.guard._pool.acquire(request.prompt.ids, len(self.guard._probe_tokens) + 1 + plain)
         if slot is None:
             return None
         run = _Run(self.guard, request, slot)
@@ -505,6 +528,7 @@ class _Run:
     def __init__(self, guard: Guard, request: GuardRequest, slot: Slot):
         self.guard = guard
         self.request = request
+        self.slot = slot
         self.cache = slot.cache
         self.context = guard.context
         self.model = guard.model
@@ -531,8 +555,11 @@ class _Run:
         self.written = 0                     # sampled answer tokens emitted
         self.checks = 0
         self.query_risk: float | None = None
+        self.query_check: CheckEvent | None = None
+        self.plain_check: CheckEvent | None = None  # the query check on the plain reading
         self.max_risk: float | None = None
         self.guard_s = 0.0
+        self.prompt_s = 0.0                  # decoding the prompt (the guard's own work for a plain reading)
         self.intervened = False
         self.out = -1                        # batch index of the logits to sample from
         self.reused = 0
@@ -553,10 +580,21 @@ class _Run:
     # -- 1. start ---------------------------------------------------------------------------
 
     def start(self) -> Generator[Decode, Decoded, None]:
+        """Decode the prompt. A request with a plain reading has that read first, in the same sequence:
+        the prompt then reuses the prefix they share and decodes only what differs."""
+        reused_before = None
+        if self.request.plain is not None:
+            plain = _Run(self.guard, self.request.plain, self.slot)
+            yield from plain.score()
+            self.plain_check, reused_before = plain.query_check, plain.reused
+            self.guard_s += plain.prompt_s + plain.guard_s  # all of it is the guard's own work
         self.reused, pending = self.cache.prepare(self.request.prompt.ids)
+        if reused_before is not None:
+            self.reused = reused_before  # what the previous call left, not what the plain reading did
         self.query_mode.release()
         while pending:
             got = yield from self._decode(Decode(pending, split=True), len(pending))
+            self.prompt_s += got.share_of(got.taken)
             if pending[got.taken - 1].output:
                 self.out = got.index(got.taken - 1)
             pending = pending[got.taken:]
@@ -600,14 +638,17 @@ class _Run:
         last = plan.pos if probe is None else plan.pos - 1  # a free check reads the new token
         return self._verdict(plan.check, plan.window, last, probe)
 
-    def _verdict(self, index: int, window: list[tuple[int, int]], last: int,
-                 probe: Any) -> tuple[CheckEvent, Action]:
+    def _verdict(self, index: int, window: list[tuple[int, int]], last: int, probe: Any) -> tuple[CheckEvent, Action]:
         """Score the window and decide: the query check on its own verdict, the answer's checks by the
-        answer stage's rule. ``signal`` says what was read: the [CLS] probe or the window's own states."""
+        answer stage's rule. ``signal`` says what was read: the [CLS] probe or the window's own states.
+        The query check of a request with a plain reading takes the higher of its risk and the reading's."""
         start = time.perf_counter()
         query = not self.first_done
         reader = self.signals.check if (query or self.signals.answer is None) else self.signals.answer
         risk = reader.risk(Window(tuple(window), last), probe)
+        plain = self.plain_check if query else None
+        if plain is not None:  # the higher of the two readings; NaN in either fails closed
+            risk = math.nan if math.isnan(risk) or math.isnan(plain.risk) else max(risk, plain.risk)
         self.guard_s += time.perf_counter() - start
         self.checks += 1
         self.max_risk = risk if self.max_risk is None else max(self.max_risk, risk)
@@ -622,7 +663,10 @@ class _Run:
             score, action = self.policy.on_answer(risk, self.answer_threshold)
         update_window_state(self.window_state, malicious, len(self.answer))
         event = CheckEvent(index, risk, malicious, list(window), signal="window" if probe is None else "probe",
-                           stage="query" if query else "answer", score=score)
+                           stage="query" if query else "answer", score=score,
+                           reading=self.request.encodings if plain is not None else ())
+        if query:
+            self.query_check = event
         return event, action
 
     def first_check_alone(self) -> Generator[Decode, Decoded, tuple[CheckEvent, Action]]:
@@ -646,7 +690,7 @@ class _Run:
             check, _ = yield from self.first_check_alone()
         finally:
             self.query_mode.release()
-        return Verdict(check.risk, check.malicious, self.threshold)
+        return Verdict(check.risk, check.malicious, self.threshold, check.reading)
 
     # -- 5. apply the policy ----------------------------------------------------------------
 

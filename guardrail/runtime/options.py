@@ -68,7 +68,9 @@ class GuardOptions:
     operating point, else ``threshold``).
 
     ``reason``: ``model`` lets the model write the refusal's reason (kept only when
-    it is one plain sentence), ``fixed`` always writes the fixed one."""
+    it is one plain sentence), ``fixed`` always writes the fixed one. ``read_encoded``: the query
+    check reads a request hidden in an encoding (base64, ROT13, leetspeak...) as its plain words
+    (:mod:`~guardrail.runtime.encodings`); off, it reads the text as written."""
 
     policy: str = "refuse"
     schedule: Schedule = field(default_factory=Schedule)
@@ -78,6 +80,7 @@ class GuardOptions:
     opener: str = DEFAULT_OPENER
     reason: str = "fixed"
     window: WindowParams = field(default_factory=WindowParams)
+    read_encoded: bool = True
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -138,6 +141,8 @@ class GuardOptions:
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not math.isfinite(value) or not 0.0 <= value <= 1.0):
                 raise OptionsError(f"{name} must be a number between 0 and 1, got {value!r}")
+        if not isinstance(self.read_encoded, bool):
+            raise OptionsError(f"read_encoded must be true or false, got {self.read_encoded!r}")
         if not isinstance(self.opener, str) or not self.opener.strip():
             raise OptionsError("the refusal opener must be non-empty text")
         if min(self.window.r1, self.window.r2, self.window.r3) < 1:

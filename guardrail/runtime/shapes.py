@@ -54,6 +54,8 @@ def event_dict(event: Event) -> dict[str, Any]:
     data = event.to_dict()
     if "window" in data:
         data["window"] = [list(run) for run in data["window"]]
+    if "reading" in data:
+        data["reading"] = list(data["reading"])  # as JSON carries it
     for key in ("risk", "query_risk", "max_risk"):
         if key in data:
             data[key] = risk_value(data[key])
