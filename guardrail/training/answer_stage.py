@@ -35,6 +35,7 @@ from guardrail.runtime.policy import AnswerRule
 from guardrail.runtime.probe import AnswerWindow, WindowParams, runs
 
 from .answers import AnswerStore, Trajectory
+from .extraction import Features
 from .data.format import Example, variant_family
 from .judge import DEFAULT_JUDGE
 
@@ -51,6 +52,7 @@ class Conversation:
     example: Example
     query_runs: tuple[tuple[int, int], ...]
     answer_start: int
+    decoded: Features | None = None  # the request's plain reading, when it reads as encoded (one row)
 
     @classmethod
     def of(cls, trajectory: Trajectory, example: Example) -> Conversation:
@@ -319,14 +321,21 @@ def answer_stage_of(head: Head) -> tuple[Head, AnswerWindow, AnswerRule, float]:
 
 def query_risk(head: Head, conv: Conversation) -> float:
     """The query check, as the loop makes it: the check head over the request alone, read at the
-    assistant's header (a prefill is the answer's first tokens, which the answer stage reads)."""
+    assistant's header (a prefill is the answer's first tokens, which the answer stage reads), and
+    over its plain reading when it reads as encoded."""
     hooks = hooks_of_blocks([b.name for b in head.blocks])
     history = StateHistory(hooks, conv.trajectory.states[hooks[0]].shape[1], vectors=not HeadReader.is_linear(head),
                            capacity=conv.n_positions)
     reader = HeadReader(head, history)  # before the states: a linear head tracks its projections as they arrive
     end = conv.answer_start  # the prompt's end, or the first prefill token: the states before it are the request's
     history.append({h: conv.trajectory.states[h][:end].astype(np.float32) for h in hooks})
-    return reader.risk(request_window(conv.query_runs, end))
+    risk = reader.risk(request_window(conv.query_runs, end))
+    if conv.decoded is None:
+        return risk
+    # an encoded request is read in plain words too, and the higher risk decides (runtime.encodings)
+    plain = float(head.score({b.name: conv.decoded.blocks[b.name] for b in head.blocks if b.name in conv.decoded.blocks},
+                             conv.decoded.texts)[0])
+    return math.nan if math.isnan(risk) or math.isnan(plain) else max(risk, plain)
 
 
 def replay(head: Head, convs: Sequence[Conversation], served: Sequence[int | None]) -> list[Replay]:
@@ -425,6 +434,22 @@ def by_form(rows: Sequence[Replay], query_threshold: float, answer_threshold: fl
     rarely spread evenly, and a per-answer rate hides which forms a head reads as harm. Grouped as
     ``guardrail eval --data`` groups rows (:func:`variant_family`), so the two tables line up."""
     return by_group(rows, lambda e: variant_family(e.variant), query_threshold, answer_threshold)
+
+
+def with_decoded(convs: Sequence[Conversation], features: Callable[[Sequence[Example]], Features]) -> list[Conversation]:
+    """The conversations whose request reads as encoded with the features of its plain reading
+    (``features``: extraction of those requests), so the replayed query check reads what the loop's does."""
+    from .extraction import decoded_example
+
+    decoded = {i: e for i, c in enumerate(convs) if (e := decoded_example(c.example)) is not None}
+    if not decoded:
+        return list(convs)
+    got = features(list(decoded.values()))
+    row = {i: k for k, i in enumerate(decoded)}
+    def one(k: int) -> Features:
+        return Features({name: v[k:k + 1] for name, v in got.blocks.items() if not name.startswith("__")},
+                        [got.texts[k]])
+    return [replace(c, decoded=one(row[i])) if i in row else c for i, c in enumerate(convs)]
 
 
 def load_conversations(store: AnswerStore, items: Sequence[tuple[Example, Any]], by_id: dict[str, Example],

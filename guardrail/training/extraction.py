@@ -37,7 +37,7 @@ from guardrail.runtime.features import (
 )
 from guardrail.runtime.probe import DEFAULT_PROBE_TEXT, Probe, WindowParams, runs
 
-from .data.format import Example
+from .data.format import Example, Message
 
 REFUSAL_OPENERS = ("Sorry", "I", "As", "Unfortunately", "No")
 COMPLIANCE_OPENERS = ("Sure", "Here", "Certainly", "Absolutely", "Step", "To", "1")
@@ -209,6 +209,24 @@ PARTIAL = ".part.npz"  # a part while it is written; renamed to its own name onc
 
 def conversation(example: Example) -> list[dict[str, str]]:
     return [{"role": m.role, "content": m.content} for m in example.messages]
+
+
+def decoded_example(example: Example) -> Example | None:
+    """The example's request as the query check also reads it when a user turn reads as encoded
+    (:func:`guardrail.runtime.encodings.decoded_messages`): encoded turns in plain words, a final
+    prefill left out (the query check reads the request alone); None when nothing reads as encoded."""
+    from dataclasses import replace
+
+    from guardrail.runtime.encodings import decoded_messages
+
+    messages = conversation(example)
+    if messages and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    decoded = decoded_messages(messages)
+    if decoded is None:
+        return None
+    return replace(example, id=example.id + "~decoded",
+                   messages=tuple(Message(m["role"], m["content"]) for m in decoded[0]))
 
 
 def example_key(example: Example) -> str:

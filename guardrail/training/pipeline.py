@@ -500,7 +500,7 @@ def split_answers(model: Model, sha: str, data_dir: Path, split: str, counts: tu
     """The model's own answers to a split's chosen requests (generated once, stored), with where each
     harmful one starts to serve its request (the rule judge's reading), and what generating the
     missing ones cost."""
-    from .answer_stage import load_conversations
+    from .answer_stage import load_conversations, with_decoded
     from .answers import AnswerStore, draw_requests
     from .data import read_jsonl
     from .progress import progress_bar
@@ -512,7 +512,14 @@ def split_answers(model: Model, sha: str, data_dir: Path, split: str, counts: tu
     with progress_bar(progress) as bar:
         task = bar.add_task(f"the model's own answers: {split}" + (f", draw {draw}" if draw > 1 else ""), total=len(store.todo(items, whole=whole)))
         cost = store.generate(items, whole=whole, progress=lambda n: bar.advance(task, n))
-    return (*load_conversations(store, items, {r.id: r for r in rows}, model.detokenize), cost)
+    convs, served = load_conversations(store, items, {r.id: r for r in rows}, model.detokenize)
+    return with_decoded(convs, lambda examples: extract_features(model, sha, examples, decoded_config(model),
+                                                                 progress=False, label="plain readings")), served, cost
+
+
+def decoded_config(model: Model) -> FeatureConfig:
+    """The extraction of encoded requests' plain readings: the stored answers' layers, no probe."""
+    return FeatureConfig(layers=answer_layers(model), probes=(), max_tokens=MAX_TOKENS)
 
 
 def train_answer_stage(model: Model, sha: str, data_dir: Path, head: Head, config: FeatureConfig, preset: str, *,
