@@ -112,21 +112,31 @@ def _from_hex(span: str) -> str | None:
 Piece = tuple[str, str | None]  # (text, the encoding it was written in; None: as the user wrote it)
 
 
-def _decode_spans(pieces: list[Piece], name: str, pattern: re.Pattern[str],
-                  decode: Callable[[str], str | None]) -> list[Piece]:
+Found = Iterable[tuple[int, int, str, str]]  # (start, end, encoding, decoded text) of spans in a text
+
+
+def _decoded(pieces: list[Piece], find: Callable[[str], Found]) -> list[Piece]:
+    """The pieces the user wrote split where ``find`` finds encoded spans; decoded pieces stay as they are."""
     out: list[Piece] = []
     for text, kind in pieces:
         if kind is not None:
             out.append((text, kind))
             continue
         last = 0
+        for start, end, name, plain in find(text):
+            out += [(text[last:start], None), (plain, name)]
+            last = end
+        out.append((text[last:], None))
+    return out
+
+
+def _byte_spans(name: str, pattern: re.Pattern[str], decode: Callable[[str], str | None]) -> Callable[[str], Found]:
+    def find(text: str) -> Found:
         for m in pattern.finditer(text):
             plain = decode(m.group().strip())
             if plain is not None and readable(plain):
-                out += [(text[last:m.start()], None), (plain, name)]
-                last = m.end()
-        out.append((text[last:], None))
-    return out
+                yield m.start(), m.end(), name, plain
+    return find
 
 
 # --- letter encodings: runs of tokens that are not words ------------------------------------
@@ -299,29 +309,19 @@ def _trimmed(text: str, start: int, end: int) -> tuple[int, int, tuple[str, str]
     return None if best is None else (best[2], best[3], best[4])
 
 
-def _decode_runs(pieces: list[Piece]) -> list[Piece]:
-    out: list[Piece] = []
-    for text, kind in pieces:
-        if kind is not None:
-            out.append((text, kind))
-            continue
-        last = 0
-        for start, end in _runs(text):
-            found = _trimmed(text, start, end)
-            if found is not None:
-                s, e, (name, plain) = found
-                out += [(text[last:s], None), (plain, name)]
-                last = e
-        out.append((text[last:], None))
-    return out
+def _letter_spans(text: str) -> Found:
+    for start, end in _runs(text):
+        found = _trimmed(text, start, end)
+        if found is not None:
+            s, e, (name, plain) = found
+            yield s, e, name, plain
 
 
 def plain_reading(text: str) -> Reading | None:
     """``text`` with every encoded span decoded, or None when nothing in it reads as encoded."""
     pieces: list[Piece] = [(text, None)]
-    for name, pattern, decode in (("base64", _B64, _from_base64), ("hex", _HEX, _from_hex)):
-        pieces = _decode_spans(pieces, name, pattern, decode)
-    pieces = _decode_runs(pieces)
+    for find in (_byte_spans("base64", _B64, _from_base64), _byte_spans("hex", _HEX, _from_hex), _letter_spans):
+        pieces = _decoded(pieces, find)
     encodings = tuple(dict.fromkeys(kind for _, kind in pieces if kind is not None))
     if not encodings:
         return None
