@@ -127,6 +127,18 @@ def test_one_row_fast_path_matches_the_batch(head, test_rows):
     np.testing.assert_allclose(single, batch[:20], atol=1e-5)
 
 
+def test_weights_that_overflow_fail_closed_in_a_batch_as_for_one_row(head, test_rows):
+    """Finite weights can still overflow float32 (a flipped exponent bit in a file): malicious, never NaN."""
+    from dataclasses import replace
+
+    features, texts, _ = test_rows
+    weights = {"w": head.model.w} if hasattr(head.model, "w") else {"w1": head.model.w1}
+    huge = replace(head, model=replace(head.model, **{k: np.full_like(v, 3e38) for k, v in weights.items()}))
+    p = huge.score({k: v[:3] for k, v in features.items()}, texts[:3])
+    assert p.dtype == np.float32 and np.all(p == 1.0), p
+    assert huge.score_one({k: v[0] for k, v in features.items()}, texts[0]) == 1.0
+
+
 def test_missing_or_misshapen_inputs_are_refused(head, test_rows):
     features, texts, _ = test_rows
     with pytest.raises(HeadError, match="l_out-3/mean"):

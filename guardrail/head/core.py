@@ -179,8 +179,12 @@ class Head:
         return self.model.logits(np.concatenate(parts, axis=1))
 
     def score(self, features: Mapping[str, np.ndarray], texts: Sequence[str] | None = None) -> np.ndarray:
-        """Probabilities (n,) float32 that each row is malicious."""
-        return sigmoid(self.logits(features, texts) / np.float32(self.temperature)).astype(np.float32)
+        """Probabilities (n,) float32 that each row is malicious; a row whose logit is not finite (finite
+        weights can still overflow) fails closed at 1.0, as :meth:`probability` does for one."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            logits = self.logits(features, texts)
+            p = sigmoid(logits / np.float32(self.temperature)).astype(np.float32)
+        return np.where(np.isfinite(logits) & np.isfinite(p), p, np.float32(1.0)).astype(np.float32)
 
     @cached_property
     def _plans(self) -> tuple[_BlockPlan, ...]:
