@@ -56,6 +56,10 @@ class Labelled:
     labels: np.ndarray
     sources: np.ndarray
     splits: np.ndarray
+    # The plain readings of encoded requests (runtime.encodings), which the query check reads too:
+    # ``plain_of[i]`` is row i's row in ``plain``, -1 for a request that does not read as encoded.
+    plain: Features | None = None
+    plain_of: np.ndarray | None = None
 
 
 def fit_head(data: Labelled, train: np.ndarray, val: np.ndarray, recipe: HeadRecipe,
@@ -100,8 +104,19 @@ def fit_head(data: Labelled, train: np.ndarray, val: np.ndarray, recipe: HeadRec
 
 
 def score_rows(head: Head, data: Labelled, rows: np.ndarray) -> np.ndarray:
+    """The head's probabilities for ``rows``; where a row's request reads as encoded and ``data`` holds
+    its plain reading, the higher of the two, as the loop's query check takes."""
     feats = {b.name: data.features.blocks[b.name][rows] for b in head.blocks if b.name != LEXICAL}
-    return head.score(feats, [data.features.texts[i] for i in rows])
+    p = head.score(feats, [data.features.texts[i] for i in rows])
+    if data.plain is None or data.plain_of is None:
+        return p
+    at = data.plain_of[rows]
+    read = np.flatnonzero(at >= 0)
+    if read.size:
+        plain = {b.name: data.plain.blocks[b.name][at[read]] for b in head.blocks if b.name != LEXICAL}
+        p = p.copy()
+        p[read] = np.maximum(p[read], head.score(plain, [data.plain.texts[i] for i in at[read]]))
+    return p
 
 
 def loso(data: Labelled, recipe: HeadRecipe, fingerprint: ModelFingerprint, *,

@@ -12,6 +12,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -110,8 +111,9 @@ def train_head(model: Model, model_sha: str, data_dir: Path, config: FeatureConf
     test = np.flatnonzero(data.splits == "test")
     head = fit_head(data, train, val, recipe, fingerprint, probe_text=config.probes[0], layers=config.layers)
     baseline = baseline_head(data, train, val, fingerprint)
-    metrics["test"] = evaluate_head(quantized(head), data, test)
-    metrics["test_baseline"] = evaluate_head(baseline, data, test)
+    plainly = read_plainly(model, model_sha, examples, data, config, progress, rows=test)  # as the loop reads
+    metrics["test"] = evaluate_head(quantized(head), plainly, test)
+    metrics["test_baseline"] = evaluate_head(baseline, plainly, test)
     feats = {b.name: data.features.blocks[b.name][test] for b in head.blocks if b.name != "lexical"}
     metrics["quantization"] = quantization_report(head, quantized(head), feats,
                                                   [data.features.texts[i] for i in test], data.labels[test])
@@ -385,7 +387,7 @@ def evaluate_file(model_spec: str | None, head_path: str | None, data_file: Path
     file = data_file or ensure_dataset(None) / "test.jsonl"
     examples = read_jsonl(file)
     feats = extract_features(model, sha, examples, config_for(head, config), label=f"features: {file.name}")
-    data = _labelled(examples, feats, "test")
+    data = read_plainly(model, sha, examples, _labelled(examples, feats, "test"), config_for(head, config))
     rows = np.arange(len(examples))
     forms = [variant_family(e.variant) for e in examples]
     report = {"data": str(file), "threshold": head.threshold, **evaluate_head(head, data, rows, forms)}
@@ -623,12 +625,31 @@ def rethreshold(head: Head, threshold: float, model: Model, sha: str, data_dir: 
     from .evaluate import evaluate_head
 
     examples = read_jsonl(data_dir / "test.jsonl")
-    data = _labelled(examples, extract_features(model, sha, examples, config, progress=progress,
-                                                label="features: test"), "test")
+    data = read_plainly(model, sha, examples, _labelled(examples, extract_features(
+        model, sha, examples, config, progress=progress, label="features: test"), "test"), config, progress)
     moved = replace(head, threshold=threshold)
     metrics = dict(head.metrics)
     metrics["test"] = evaluate_head(quantized(moved), data, np.arange(len(examples)))
     return replace(moved, metrics=metrics)
+
+
+def read_plainly(model: Model, sha: str, examples: Sequence[Example], data: Labelled, config: FeatureConfig,
+                 progress: bool = False, rows: np.ndarray | None = None) -> Labelled:
+    """``data`` (whose rows are ``examples``) with the plain readings of its encoded requests (of ``rows``
+    only, if given), extracted once, so its scores are the query check's as the loop makes it
+    (:func:`.evaluate.score_rows`); fitting reads the rows as written."""
+    from .extraction import decoded_example
+
+    wanted = set(range(len(examples)) if rows is None else rows.tolist())
+    decoded = [decoded_example(e) if i in wanted else None for i, e in enumerate(examples)]
+    found = [d for d in decoded if d is not None]
+    if not found:
+        return data
+    feats = extract_features(model, sha, found, config, progress=progress, label="plain readings")
+    plain_of = np.cumsum([d is not None for d in decoded]) - 1
+    plain_of[[d is None for d in decoded]] = -1
+    return replace(data, plain=Features({k: v for k, v in feats.blocks.items() if not k.startswith("__")}, feats.texts),
+                   plain_of=plain_of)
 
 
 def _labelled(examples: list[Example], feats: Features, split: str) -> Labelled:
@@ -668,6 +689,9 @@ def calibrate_for_model(model_spec: str | None, head_path: str | None, *, rule: 
     if keep_thresholds:
         kept = remeasure_answer_stage(head, val[:2], test[:2])
         calibrated = replace(head, answer_head=replace(kept, metrics={**kept.metrics, **counted}))
+        # the test split's rows too, at the kept query threshold, as the loop reads them now
+        calibrated = rethreshold(calibrated, head.threshold, model, sha, data_dir, config_for(head, config),
+                                 progress=progress)
         save_head(calibrated, target)
         return calibrated, target
     stage = head.answer_head.extra.get("answer_stage") or {}
