@@ -303,25 +303,30 @@ def test_featurizing_one_short_text_takes_under_a_millisecond():
     assert min(timings) < 1e-3
 
 
-def test_rows_scored_as_the_loop_reads_them_take_the_higher_risk_of_an_encoded_requests_plain_reading():
-    """score_rows: a row whose request reads as encoded is scored as written and as its plain reading,
-    the higher deciding (what `eval` and the head's test metrics report); other rows as written."""
+def test_rows_scored_as_the_loop_reads_them_weigh_an_encoded_requests_plain_readings():
+    """score_rows: a row whose request reads as encoded is scored as the loop's query check scores it
+    (encodings.encoded_risk over as written, decoded spans alone, text with them in place); other rows
+    as written, whatever order they are asked in."""
     from dataclasses import replace
 
     from guardrail.head import FeatureBlock, Head, ModelFingerprint
+    from guardrail.runtime.encodings import encoded_risk
     from guardrail.training.evaluate import Labelled, score_rows
-    from guardrail.training.extraction import Features
+    from guardrail.training.extraction import Features, PlainFeatures
 
     head = Head(ModelFingerprint("0" * 64, "llama", 2, 3), (FeatureBlock("l_out-1/mean", 2),),
                 (Standardizer.identity(2),), LinearModel(np.array([1.0, 0.0], np.float32), 0.0),
                 temperature=1.0, threshold=0.5, target_fpr=0.03)
-    x = np.array([[-3, 0], [-3, 0], [2, 0]], np.float32)        # rows 0 and 1 read benign as written
-    data = Labelled(Features({"l_out-1/mean": x}, ["a", "b", "c"]), np.array([1, 0, 1]),
-                    np.array(["s"] * 3, dtype=object), np.array(["test"] * 3, dtype=object))
+
+    def rows(*values: float) -> Features:
+        return Features({"l_out-1/mean": np.array([[v, 0] for v in values], np.float32)}, ["t"] * len(values))
+    data = Labelled(rows(-3, -3, 3), np.array([1, 0, 0]), np.array(["s"] * 3, dtype=object),
+                    np.array(["test"] * 3, dtype=object))
     as_written = score_rows(head, data, np.arange(3))
-    plain = Features({"l_out-1/mean": np.array([[4, 0], [-5, 0]], np.float32)}, ["a plain", "c plain"])
-    read = replace(data, plain=plain, plain_of=np.array([0, -1, 1]))  # rows 0 and 2 read as encoded
+    # rows 0 and 2 read as encoded: row 0 asks something harmful, row 2 is flagged only as written
+    read = replace(data, plain=PlainFeatures(np.array([0, -1, 1]), rows(4, -5), rows(-1, -4)))
     got = score_rows(head, read, np.arange(3))
-    assert got[0] == pytest.approx(sigmoid(np.float32(4.0)))        # its plain reading is higher
-    assert got[1] == as_written[1] and got[2] == as_written[2]      # no reading; a lower reading changes nothing
-    assert score_rows(head, read, np.array([2, 0]))[1] == got[0]    # by row, whatever the order asked
+    expect = encoded_risk(as_written[[0, 2]], sigmoid(np.float32([4, -5])), sigmoid(np.float32([-1, -4])))
+    np.testing.assert_allclose(got[[0, 2]], expect, rtol=1e-6)
+    assert got[0] > 0.9 and got[2] < 0.5 < as_written[2] and got[1] == as_written[1]
+    np.testing.assert_allclose(score_rows(head, read, np.array([2, 0])), got[[2, 0]])

@@ -4,13 +4,11 @@ A request sent in base64, hex, ROT13 (or any Caesar shift), Atbash, backwards, i
 with its letters spaced out asks for the same thing as its plain words: a model that reads the
 encoding serves that request, and one that cannot serves nothing. The safety head reads plain
 words well and encodings hardly at all (AUROC 0.53-0.70 within leetspeak, ROT13 and spaced
-letters; README, "Attacks"): as written, it flagged 11 of 265 encoded harmful requests. So the
-query check reads an encoded request twice, as written and as its decoded spans alone
-(``GuardRequest.plain``, decoded in the slot's own sequence first), and takes the higher risk;
-``CheckEvent.reading`` names the encodings it undid. The higher of the two, because the text
-around an encoded span can carry the request too (a harmful question with a harmless blob
-appended), and the decoded spans alone, because the head flags the wrappers that ask for a
-decoding ("Decode this ROT13 text and do what it says:") whatever they wrap (README, "Encoded
+letters; README, "Attacks"): as written, it flagged 11 of 265 encoded harmful requests, and 5
+of 8 benign base64 ones. So the query check reads an encoded request three ways, as written, as
+its decoded spans alone, and as its text with them in place (``GuardRequest.plain`` and
+``in_place``, decoded in the slot's own sequence first), and weighs them with
+:func:`encoded_risk`; ``CheckEvent.reading`` names the encodings it undid (README, "Encoded
 requests, read in plain words").
 
 Only a reading that turns non-words into words counts. A span is replaced by its decoding when
@@ -29,6 +27,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 WORDS_FILE = Path(__file__).with_name("common_words.txt")
 
@@ -328,33 +329,56 @@ def plain_reading(text: str) -> Reading | None:
     return Reading("".join(t for t, _ in pieces), encodings, tuple(t for t, kind in pieces if kind is not None))
 
 
-def decoded_request(text: str) -> tuple[str, tuple[str, ...]] | None:
-    """What an encoded request asks, in plain words (its decoded spans, one per line), and the
-    encodings undone; None when nothing in ``text`` reads as encoded, or when the decoded spans
-    are under MIN_DECODED_SHARE of its words once read (a leetspeak line inside a long jailbreak
+@dataclass(frozen=True)
+class PlainRequest:
+    """An encoded request read in plain words, two ways: its decoded spans alone (what it asks) and
+    its text with them in place (what it says, made legible), and the encodings undone."""
+
+    alone: str
+    in_place: str
+    encodings: tuple[str, ...]
+
+
+def read_request(text: str) -> PlainRequest | None:
+    """``text`` read in plain words; None when nothing in it reads as encoded, or when the decoded
+    spans are under MIN_DECODED_SHARE of its words once read (a leetspeak line inside a long jailbreak
     template is not the request: read alone, it is a fragment, and the text as written is read)."""
     reading = plain_reading(text)
     if reading is None:
         return None
-    decoded = "\n".join(reading.decoded)
-    if len(words_of(decoded)) < MIN_DECODED_SHARE * len(words_of(reading.text)):
+    alone = "\n".join(reading.decoded)
+    if len(words_of(alone)) < MIN_DECODED_SHARE * len(words_of(reading.text)):
         return None
-    return decoded, reading.encodings
+    return PlainRequest(alone, reading.text, reading.encodings)
 
 
-def decoded_messages(messages: Sequence[Mapping[str, str]]) -> tuple[list[dict[str, str]], tuple[str, ...]] | None:
-    """The conversation with its last user turn replaced by what it asks in plain words (every other
-    turn as it is), and the encodings undone; None when that turn does not read as encoded.
+def read_conversation(messages: Sequence[Mapping[str, str]]) -> tuple[list[dict[str, str]], list[dict[str, str]],
+                                                                       tuple[str, ...]] | None:
+    """The conversation with its last user turn read in plain words, (decoded spans alone, text with
+    them in place, the encodings undone); every other turn as it is; None when that turn does not
+    read as encoded.
 
     The last user turn only: an earlier turn was the request, and was read, when it came, and a chat
-    whose earlier turn was encoded keeps its cached states (the plain reading is decoded in the same
-    KV sequence, from where it first differs from the conversation)."""
+    whose earlier turn was encoded keeps its cached states (the readings are decoded in the same KV
+    sequence, from where they first differ from the conversation)."""
     out = [{"role": m["role"], "content": m["content"]} for m in messages]
     last = next((i for i in range(len(out) - 1, -1, -1) if out[i]["role"] == "user"), None)
     if last is None:
         return None
-    decoded = decoded_request(out[last]["content"])
-    if decoded is None:
+    read = read_request(out[last]["content"])
+    if read is None:
         return None
-    out[last]["content"] = decoded[0]
-    return out, decoded[1]
+    alone, in_place = [dict(m) for m in out], [dict(m) for m in out]
+    alone[last]["content"], in_place[last]["content"] = read.alone, read.in_place
+    return alone, in_place, read.encodings
+
+
+def encoded_risk(as_written: Any, alone: Any, in_place: Any) -> Any:
+    """The query check's risk for an encoded request: what it asks (its decoded spans alone) decides,
+    or the whole text when it reads malicious both as written and made legible. Alone, because the
+    head flags the wrappers that ask for a decoding whatever they wrap; the whole text too, because
+    it can carry the request itself (a harmful question with a harmless blob appended); both ways,
+    because as written an encoding is illegible to the head (it flagged 5 of 8 benign base64 twins)
+    and made legible its wrapper is (3 of 8 benign ROT13 ones). NaN anywhere fails closed (NaN).
+    Floats or numpy arrays, element-wise."""
+    return np.maximum(alone, np.minimum(as_written, in_place))

@@ -30,7 +30,6 @@ decodes only what is new.
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import time
@@ -50,7 +49,7 @@ from guardrail.head import Head, fingerprint_file, load_head
 from .batch import Batcher, Decode, Decoded, Job, drive_alone
 from .cache import CachePool, ConversationCache, Slot
 from .chat import ChatFormat, Message, PromptTokens
-from .encodings import decoded_messages, decoded_request
+from .encodings import encoded_risk, read_conversation, read_request
 from .engine import (DEFAULT_MAX_TOKENS, Context, Detokenizer, Entry, Model, Sampler, SamplingParams, default_flash_attn,
                      default_n_ctx)
 from .events import CheckEvent, DoneEvent, Event, InterventionEvent, QueryEvent, TokenEvent
@@ -86,9 +85,11 @@ class GuardRequest:
     max_tokens: int
     stops: tuple[str, ...]
     options: GuardOptions
-    # What an encoded request asks, in plain words (runtime.encodings): the query check reads it too,
-    # in the slot's own sequence before the prompt, and takes the higher risk; and the encodings undone.
+    # An encoded request in plain words (runtime.encodings): its decoded spans alone, and its text with
+    # them in place; the query check reads both too, in the slot's own sequence before the prompt
+    # (encoded_risk decides), and says which encodings it undid.
     plain: GuardRequest | None = None
+    in_place: GuardRequest | None = None
     encodings: tuple[str, ...] = ()
 
 
@@ -288,10 +289,11 @@ class Guard:
         query, prefill = split_conversation(prompt, as_dicts)
         prefill_text = msgs[-1].content if msgs and msgs[-1].role == "assistant" else ""
         request = GuardRequest(prompt, query, prefill, prefill_text, SamplingParams(), 0, (), options)
-        plain = decoded_messages(as_dicts) if read_plain and options.read_encoded else None
-        if plain is None:
+        read = read_conversation(as_dicts) if read_plain and options.read_encoded else None
+        if read is None:
             return request
-        return replace(request, plain=self._chat_request(plain[0], guard, read_plain=False), encodings=plain[1])
+        return replace(request, plain=self._chat_request(read[0], guard, read_plain=False),
+                       in_place=self._chat_request(read[1], guard, read_plain=False), encodings=read[2])
 
     def _text_request(self, prompt: str, guard: Mapping[str, Any], read_plain: bool = True) -> GuardRequest:
         tokens = PromptTokens()
@@ -301,17 +303,17 @@ class Guard:
         query = [i for i, m in enumerate(tokens.message) if m >= 0]
         options = self.options.updated(**guard)
         request = GuardRequest(tokens, query, [], "", SamplingParams(), 0, (), options)
-        decoded = decoded_request(prompt) if read_plain and options.read_encoded else None
-        if decoded is None:
+        read = read_request(prompt) if read_plain and options.read_encoded else None
+        if read is None:
             return request
-        return replace(request, plain=self._text_request(decoded[0], guard, read_plain=False), encodings=decoded[1])
+        return replace(request, plain=self._text_request(read.alone, guard, read_plain=False),
+                       in_place=self._text_request(read.in_place, guard, read_plain=False), encodings=read.encodings)
 
     def _cells_needed(self, request: GuardRequest) -> int:
         """KV cells an answer may add: its tokens, a probe, a model-written refusal reason, and the
-        plain reading's tokens beyond the prompt's (it is decoded in the same sequence first)."""
+        plain readings' tokens beyond the prompt's (they are decoded in the same sequence first)."""
         reason = MAX_REASON_TOKENS + 16 if request.options.reason == "model" else 0
-        plain = max(0, len(request.plain.prompt) - len(request.prompt)) if request.plain is not None else 0
-        return request.max_tokens + len(self._probe_tokens) + reason + 1 + plain
+        return request.max_tokens + len(self._probe_tokens) + reason + 1 + _readings_beyond(request)
 
     def _acquire(self, request: GuardRequest) -> Slot:
         slot = self._pool.acquire(request.prompt.ids, self._cells_needed(request))
@@ -396,8 +398,7 @@ class GuardBatch:
 
     def score(self, request: GuardRequest, on_end: Callable[[Verdict | None, BaseException | None], None]) -> Job | None:
         """Score a conversation (the first check alone) beside the running answers; None: try later."""
-        plain = max(0, len(request.plain.prompt) - len(request.prompt)) if request.plain is not None else 0
-        slot = self.guard._pool.acquire(request.prompt.ids, len(self.guard._probe_tokens) + 1 + plain)
+        slot = self.guard._pool.acquire(request.prompt.ids, len(self.guard._probe_tokens) + 1 + _readings_beyond(request))
         if slot is None:
             return None
         run = _Run(self.guard, request, slot)
@@ -431,6 +432,12 @@ class GuardBatch:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _readings_beyond(request: GuardRequest) -> int:
+    """KV cells the plain readings of a request may need beyond its prompt's."""
+    readings = [r for r in (request.plain, request.in_place) if r is not None]
+    return max((len(r.prompt) - len(request.prompt) for r in readings), default=0) if readings else 0
 
 
 def _sampled(request: GuardRequest, sampling: SamplingParams, max_tokens: int,
@@ -556,7 +563,7 @@ class _Run:
         self.checks = 0
         self.query_risk: float | None = None
         self.query_check: CheckEvent | None = None
-        self.plain_check: CheckEvent | None = None  # the query check on the plain reading
+        self.plain_checks: tuple[CheckEvent, CheckEvent] | None = None  # the query check on both plain readings
         self.max_risk: float | None = None
         self.guard_s = 0.0
         self.prompt_s = 0.0                  # decoding the prompt (the guard's own work for a plain reading)
@@ -580,14 +587,19 @@ class _Run:
     # -- 1. start ---------------------------------------------------------------------------
 
     def start(self) -> Generator[Decode, Decoded, None]:
-        """Decode the prompt. A request with a plain reading has that read first, in the same sequence:
-        the prompt then reuses the prefix they share and decodes only what differs."""
+        """Decode the prompt. A request with plain readings has those read first, in the same sequence:
+        each then reuses the prefix they share and decodes only what differs."""
         reused_before = None
-        if self.request.plain is not None:
-            plain = _Run(self.guard, self.request.plain, self.slot)
-            yield from plain.score()
-            self.plain_check, reused_before = plain.query_check, plain.reused
-            self.guard_s += plain.prompt_s + plain.guard_s  # all of it is the guard's own work
+        if self.request.plain is not None and self.request.in_place is not None:
+            checks = []
+            for reading in (self.request.plain, self.request.in_place):
+                run = _Run(self.guard, reading, self.slot)
+                yield from run.score()
+                assert run.query_check is not None
+                checks.append(run.query_check)
+                reused_before = run.reused if reused_before is None else reused_before
+                self.guard_s += run.prompt_s + run.guard_s  # all of it is the guard's own work
+            self.plain_checks = (checks[0], checks[1])
         self.reused, pending = self.cache.prepare(self.request.prompt.ids)
         if reused_before is not None:
             self.reused = reused_before  # what the previous call left, not what the plain reading did
@@ -641,14 +653,14 @@ class _Run:
     def _verdict(self, index: int, window: list[tuple[int, int]], last: int, probe: Any) -> tuple[CheckEvent, Action]:
         """Score the window and decide: the query check on its own verdict, the answer's checks by the
         answer stage's rule. ``signal`` says what was read: the [CLS] probe or the window's own states.
-        The query check of a request with a plain reading takes the higher of its risk and the reading's."""
+        The query check of an encoded request weighs its plain readings too (``encodings.encoded_risk``)."""
         start = time.perf_counter()
         query = not self.first_done
         reader = self.signals.check if (query or self.signals.answer is None) else self.signals.answer
         risk = reader.risk(Window(tuple(window), last), probe)
-        plain = self.plain_check if query else None
-        if plain is not None:  # the higher of the two readings; NaN in either fails closed
-            risk = math.nan if math.isnan(risk) or math.isnan(plain.risk) else max(risk, plain.risk)
+        plain = self.plain_checks if query else None
+        if plain is not None:  # an encoded request: what it asks, or the whole text both ways (NaN fails closed)
+            risk = float(encoded_risk(risk, plain[0].risk, plain[1].risk))
         self.guard_s += time.perf_counter() - start
         self.checks += 1
         self.max_risk = risk if self.max_risk is None else max(self.max_risk, risk)

@@ -30,12 +30,13 @@ import numpy as np
 
 from guardrail.head import Head, ModelFingerprint
 from guardrail.runtime.features import HeadReader, StateHistory, Window, check_features, parse_block, request_window
+from guardrail.runtime.encodings import encoded_risk
 from guardrail.runtime.options import GuardOptions
 from guardrail.runtime.policy import AnswerRule
 from guardrail.runtime.probe import AnswerWindow, WindowParams, runs
 
 from .answers import AnswerStore, Trajectory
-from .extraction import Features
+from .extraction import Features, PlainFeatures
 from .data.format import Example, variant_family
 from .judge import DEFAULT_JUDGE
 
@@ -52,7 +53,7 @@ class Conversation:
     example: Example
     query_runs: tuple[tuple[int, int], ...]
     answer_start: int
-    decoded: Features | None = None  # the request's plain reading, when it reads as encoded (one row)
+    plain: tuple[Features, Features] | None = None  # an encoded request's plain readings (alone, in place)
 
     @classmethod
     def of(cls, trajectory: Trajectory, example: Example) -> Conversation:
@@ -330,12 +331,10 @@ def query_risk(head: Head, conv: Conversation) -> float:
     end = conv.answer_start  # the prompt's end, or the first prefill token: the states before it are the request's
     history.append({h: conv.trajectory.states[h][:end].astype(np.float32) for h in hooks})
     risk = reader.risk(request_window(conv.query_runs, end))
-    if conv.decoded is None:
+    if conv.plain is None:
         return risk
-    # an encoded request is read in plain words too, and the higher risk decides (runtime.encodings)
-    plain = float(head.score({b.name: conv.decoded.blocks[b.name] for b in head.blocks if b.name in conv.decoded.blocks},
-                             conv.decoded.texts)[0])
-    return math.nan if math.isnan(risk) or math.isnan(plain) else max(risk, plain)
+    alone, in_place = (float(head.score(f.blocks, f.texts)[0]) for f in conv.plain)
+    return float(encoded_risk(risk, alone, in_place))  # an encoded request, read as the loop reads it
 
 
 def replay(head: Head, convs: Sequence[Conversation], served: Sequence[int | None]) -> list[Replay]:
@@ -436,20 +435,12 @@ def by_form(rows: Sequence[Replay], query_threshold: float, answer_threshold: fl
     return by_group(rows, lambda e: variant_family(e.variant), query_threshold, answer_threshold)
 
 
-def with_decoded(convs: Sequence[Conversation], features: Callable[[Sequence[Example]], Features]) -> list[Conversation]:
-    """The conversations whose request reads as encoded with the features of its plain reading
-    (``features``: extraction of those requests), so the replayed query check reads what the loop's does."""
-    from .extraction import decoded_example
-
-    decoded = {i: e for i, c in enumerate(convs) if (e := decoded_example(c.example)) is not None}
-    if not decoded:
+def with_plain(convs: Sequence[Conversation], plain: PlainFeatures | None) -> list[Conversation]:
+    """The conversations whose request reads as encoded with the features of its plain readings
+    (``plain``, of these conversations' examples), so the replayed query check reads what the loop's does."""
+    if plain is None:
         return list(convs)
-    got = features(list(decoded.values()))
-    row = {i: k for k, i in enumerate(decoded)}
-    def one(k: int) -> Features:
-        return Features({name: v[k:k + 1] for name, v in got.blocks.items() if not name.startswith("__")},
-                        [got.texts[k]])
-    return [replace(c, decoded=one(row[i])) if i in row else c for i, c in enumerate(convs)]
+    return [replace(c, plain=plain.row(i)) if plain.of[i] >= 0 else c for i, c in enumerate(convs)]
 
 
 def load_conversations(store: AnswerStore, items: Sequence[tuple[Example, Any]], by_id: dict[str, Example],

@@ -19,8 +19,9 @@ from guardrail._json import json_safe
 from guardrail.head import LEXICAL, FeatureBlock, Head, ModelFingerprint
 from guardrail.head.lexical import HashedNgrams
 from guardrail.head.model import LinearModel, MLPModel, Standardizer, sigmoid
+from guardrail.runtime.encodings import encoded_risk
 
-from .extraction import Features
+from .extraction import Features, PlainFeatures
 from .metrics import auroc, by_group, summarize, threshold_at_fpr
 from .trainer import balanced_weights, fit_temperature, train_logreg, train_mlp
 
@@ -56,10 +57,7 @@ class Labelled:
     labels: np.ndarray
     sources: np.ndarray
     splits: np.ndarray
-    # The plain readings of encoded requests (runtime.encodings), which the query check reads too:
-    # ``plain_of[i]`` is row i's row in ``plain``, -1 for a request that does not read as encoded.
-    plain: Features | None = None
-    plain_of: np.ndarray | None = None
+    plain: PlainFeatures | None = None  # encoded requests' plain readings, which the query check reads too
 
 
 def fit_head(data: Labelled, train: np.ndarray, val: np.ndarray, recipe: HeadRecipe,
@@ -105,17 +103,19 @@ def fit_head(data: Labelled, train: np.ndarray, val: np.ndarray, recipe: HeadRec
 
 def score_rows(head: Head, data: Labelled, rows: np.ndarray) -> np.ndarray:
     """The head's probabilities for ``rows``; where a row's request reads as encoded and ``data`` holds
-    its plain reading, the higher of the two, as the loop's query check takes."""
-    feats = {b.name: data.features.blocks[b.name][rows] for b in head.blocks if b.name != LEXICAL}
-    p = head.score(feats, [data.features.texts[i] for i in rows])
-    if data.plain is None or data.plain_of is None:
+    its plain readings, weighed as the loop's query check weighs them (``encodings.encoded_risk``)."""
+    def scored(features: Features, index: np.ndarray) -> np.ndarray:
+        feats = {b.name: features.blocks[b.name][index] for b in head.blocks if b.name != LEXICAL}
+        return head.score(feats, [features.texts[i] for i in index])
+
+    p = scored(data.features, rows)
+    if data.plain is None:
         return p
-    at = data.plain_of[rows]
+    at = data.plain.of[rows]
     read = np.flatnonzero(at >= 0)
     if read.size:
-        plain = {b.name: data.plain.blocks[b.name][at[read]] for b in head.blocks if b.name != LEXICAL}
         p = p.copy()
-        p[read] = np.maximum(p[read], head.score(plain, [data.plain.texts[i] for i in at[read]]))
+        p[read] = encoded_risk(p[read], scored(data.plain.alone, at[read]), scored(data.plain.in_place, at[read]))
     return p
 
 

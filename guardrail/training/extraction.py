@@ -211,22 +211,65 @@ def conversation(example: Example) -> list[dict[str, str]]:
     return [{"role": m.role, "content": m.content} for m in example.messages]
 
 
-def decoded_example(example: Example) -> Example | None:
-    """The example's request as the query check also reads it when a user turn reads as encoded
-    (:func:`guardrail.runtime.encodings.decoded_messages`): encoded turns in plain words, a final
-    prefill left out (the query check reads the request alone); None when nothing reads as encoded."""
+def plain_examples(example: Example) -> tuple[Example, Example] | None:
+    """The example's request as the query check also reads it when its last user turn reads as
+    encoded (:func:`guardrail.runtime.encodings.read_conversation`): (its decoded spans alone, its text
+    with them in place), a final prefill left out (the query check reads the request alone); None
+    when nothing reads as encoded."""
     from dataclasses import replace
 
-    from guardrail.runtime.encodings import decoded_messages
+    from guardrail.runtime.encodings import read_conversation
 
     messages = conversation(example)
     if messages and messages[-1]["role"] == "assistant":
         messages = messages[:-1]
-    decoded = decoded_messages(messages)
-    if decoded is None:
+    read = read_conversation(messages)
+    if read is None:
         return None
-    return replace(example, id=example.id + "~decoded",
-                   messages=tuple(Message(m["role"], m["content"]) for m in decoded[0]))
+    alone, in_place, _ = read
+    return (replace(example, id=example.id + "~alone", messages=tuple(Message(m["role"], m["content"]) for m in alone)),
+            replace(example, id=example.id + "~in-place",
+                    messages=tuple(Message(m["role"], m["content"]) for m in in_place)))
+
+
+@dataclass(frozen=True)
+class PlainFeatures:
+    """Features of the plain readings of the encoded requests among some examples: example ``i``
+    with a reading has row ``of[i]`` in ``alone`` (its decoded spans alone) and in ``in_place``
+    (its text with them in place); ``of[i]`` is -1 for the others."""
+
+    of: np.ndarray
+    alone: Features
+    in_place: Features
+
+    def row(self, i: int) -> tuple[Features, Features] | None:
+        k = int(self.of[i])
+        if k < 0:
+            return None
+        one = np.array([k])
+        return _take(self.alone, one), _take(self.in_place, one)
+
+
+def _take(features: Features, index: np.ndarray) -> Features:
+    return Features({k: v[index] for k, v in features.blocks.items() if not k.startswith("__")},
+                    [features.texts[i] for i in index])
+
+
+def plain_features(model: Model, model_sha: str, examples: Sequence[Example], config: FeatureConfig, *,
+                   progress: bool = False) -> PlainFeatures | None:
+    """The plain readings' features of the encoded requests among ``examples`` (extracted once, stored
+    like any conversation), so a replay or an evaluation scores them as the loop's query check does;
+    None when none reads as encoded."""
+    read = [plain_examples(e) for e in examples]
+    found = [r for r in read if r is not None]
+    if not found:
+        return None
+    feats = extract_features(model, model_sha, [e for pair in found for e in pair], config, progress=progress,
+                             label="plain readings")
+    n = len(found)
+    of = np.cumsum([r is not None for r in read]) - 1
+    of[[r is None for r in read]] = -1
+    return PlainFeatures(of, _take(feats, np.arange(0, 2 * n, 2)), _take(feats, np.arange(1, 2 * n, 2)))
 
 
 def example_key(example: Example) -> str:

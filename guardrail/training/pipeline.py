@@ -28,7 +28,7 @@ from guardrail.runtime.probe import AnswerWindow
 from .answer_stage import AnswerRecipe
 from .data.format import Example
 from .evaluate import HeadRecipe, Labelled
-from .extraction import FeatureConfig, Features, extract_features
+from .extraction import FeatureConfig, Features, extract_features, plain_features
 from .progress import progress_bar
 
 # ---------------------------------------------------------------------------
@@ -502,7 +502,7 @@ def split_answers(model: Model, sha: str, data_dir: Path, split: str, counts: tu
     """The model's own answers to a split's chosen requests (generated once, stored), with where each
     harmful one starts to serve its request (the rule judge's reading), and what generating the
     missing ones cost."""
-    from .answer_stage import load_conversations, with_decoded
+    from .answer_stage import load_conversations, with_plain
     from .answers import AnswerStore, draw_requests
     from .data import read_jsonl
     from .progress import progress_bar
@@ -515,11 +515,11 @@ def split_answers(model: Model, sha: str, data_dir: Path, split: str, counts: tu
         task = bar.add_task(f"the model's own answers: {split}" + (f", draw {draw}" if draw > 1 else ""), total=len(store.todo(items, whole=whole)))
         cost = store.generate(items, whole=whole, progress=lambda n: bar.advance(task, n))
     convs, served = load_conversations(store, items, {r.id: r for r in rows}, model.detokenize)
-    return with_decoded(convs, lambda examples: extract_features(model, sha, examples, decoded_config(model),
-                                                                 progress=False, label="plain readings")), served, cost
+    plain = plain_features(model, sha, [c.example for c in convs], plain_config(model))
+    return with_plain(convs, plain), served, cost
 
 
-def decoded_config(model: Model) -> FeatureConfig:
+def plain_config(model: Model) -> FeatureConfig:
     """The extraction of encoded requests' plain readings: the stored answers' layers, no probe."""
     return FeatureConfig(layers=answer_layers(model), probes=(), max_tokens=MAX_TOKENS)
 
@@ -638,18 +638,14 @@ def read_plainly(model: Model, sha: str, examples: Sequence[Example], data: Labe
     """``data`` (whose rows are ``examples``) with the plain readings of its encoded requests (of ``rows``
     only, if given), extracted once, so its scores are the query check's as the loop makes it
     (:func:`.evaluate.score_rows`); fitting reads the rows as written."""
-    from .extraction import decoded_example
-
-    wanted = set(range(len(examples)) if rows is None else rows.tolist())
-    decoded = [decoded_example(e) if i in wanted else None for i, e in enumerate(examples)]
-    found = [d for d in decoded if d is not None]
-    if not found:
+    wanted = np.zeros(len(examples), bool)
+    wanted[np.arange(len(examples)) if rows is None else rows] = True
+    plain = plain_features(model, sha, [e for e, w in zip(examples, wanted) if w], config, progress=progress)
+    if plain is None:
         return data
-    feats = extract_features(model, sha, found, config, progress=progress, label="plain readings")
-    plain_of = np.cumsum([d is not None for d in decoded]) - 1
-    plain_of[[d is None for d in decoded]] = -1
-    return replace(data, plain=Features({k: v for k, v in feats.blocks.items() if not k.startswith("__")}, feats.texts),
-                   plain_of=plain_of)
+    of = np.full(len(examples), -1)
+    of[wanted] = plain.of
+    return replace(data, plain=replace(plain, of=of))
 
 
 def _labelled(examples: list[Example], feats: Features, split: str) -> Labelled:
