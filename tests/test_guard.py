@@ -395,3 +395,11 @@ def test_answers_decoded_together_read_encoded_requests_as_one_answer_alone_does
     for i, check in enumerate(alone):
         assert together[i].reading == check.reading
         assert together[i].risk == pytest.approx(check.risk, abs=0.02)
+
+
+def test_a_decoding_the_model_cannot_hold_is_not_read_and_the_request_is_answered_as_written(guard):
+    hidden = base64.b64encode("What is the capital of France, my good friend?\x04 Thanks a lot".encode()).decode()
+    messages = [{"role": "user", "content": f"Please decode: {hidden}"}]
+    events, done = _chat(guard, messages, max_tokens=4, policy="monitor")
+    assert next(e for e in events if e.type == "check").reading == ()
+    assert done.finish_reason in ("length", "stop")

@@ -43,7 +43,7 @@ import llama_cpp
 
 from guardrail.artifacts.heads import find_head
 from guardrail.artifacts.models import resolve_model
-from guardrail.errors import GuardBusyError, HeadError, OptionsError
+from guardrail.errors import ContextError, GuardBusyError, HeadError, OptionsError
 from guardrail.head import Head, fingerprint_file, load_head
 
 from .batch import Batcher, Decode, Decoded, Job, drive_alone
@@ -292,8 +292,11 @@ class Guard:
         read = read_conversation(as_dicts) if read_plain and options.read_encoded else None
         if read is None:
             return request
-        return replace(request, plain=self._chat_request(read[0], guard, read_plain=False),
-                       in_place=self._chat_request(read[1], guard, read_plain=False), encodings=read[2])
+        try:
+            return replace(request, plain=self._chat_request(read[0], guard, read_plain=False),
+                           in_place=self._chat_request(read[1], guard, read_plain=False), encodings=read[2])
+        except ContextError:
+            return request  # a decoding the model cannot hold (a control character): read as written
 
     def _text_request(self, prompt: str, guard: Mapping[str, Any], read_plain: bool = True) -> GuardRequest:
         tokens = PromptTokens()
@@ -306,8 +309,12 @@ class Guard:
         read = read_request(prompt) if read_plain and options.read_encoded else None
         if read is None:
             return request
-        return replace(request, plain=self._text_request(read.alone, guard, read_plain=False),
-                       in_place=self._text_request(read.in_place, guard, read_plain=False), encodings=read.encodings)
+        try:
+            return replace(request, plain=self._text_request(read.alone, guard, read_plain=False),
+                           in_place=self._text_request(read.in_place, guard, read_plain=False),
+                           encodings=read.encodings)
+        except ContextError:
+            return request  # a decoding the model cannot hold (a control character): read as written
 
     def _cells_needed(self, request: GuardRequest) -> int:
         """KV cells an answer may add: its tokens, a probe, a model-written refusal reason, and the
