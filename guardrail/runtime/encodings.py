@@ -40,7 +40,8 @@ MIN_SHARE = 0.6
 MIN_WORDS = 3
 MAX_SHARE_BEFORE = 0.35
 MIN_GAIN = 0.3
-# The query check reads the decoded spans alone only where they are most of the request.
+# The decoded spans are read as the request only where they are at least this share of its words
+# (a leetspeak line inside a long jailbreak template is a fragment, not the request).
 MIN_DECODED_SHARE = 0.15
 
 _WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
@@ -111,8 +112,6 @@ def _from_hex(span: str) -> str | None:
 
 
 Piece = tuple[str, str | None]  # (text, the encoding it was written in; None: as the user wrote it)
-
-
 Found = Iterable[tuple[int, int, str, str]]  # (start, end, encoding, decoded text) of spans in a text
 
 
