@@ -29,15 +29,15 @@ from typing import Any
 import numpy as np
 
 from guardrail.head import Head, ModelFingerprint
-from guardrail.runtime.features import HeadReader, StateHistory, Window, check_features, parse_block, request_window
 from guardrail.runtime.encodings import encoded_risk
+from guardrail.runtime.features import HeadReader, StateHistory, Window, check_features, parse_block, request_window
 from guardrail.runtime.options import GuardOptions
 from guardrail.runtime.policy import AnswerRule
 from guardrail.runtime.probe import AnswerWindow, WindowParams, runs
 
 from .answers import AnswerStore, Trajectory
-from .extraction import Features, PlainFeatures
 from .data.format import Example, variant_family
+from .extraction import Features, PlainFeatures
 from .judge import DEFAULT_JUDGE
 
 # ---------------------------------------------------------------------------

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -515,13 +515,8 @@ def split_answers(model: Model, sha: str, data_dir: Path, split: str, counts: tu
         task = bar.add_task(f"the model's own answers: {split}" + (f", draw {draw}" if draw > 1 else ""), total=len(store.todo(items, whole=whole)))
         cost = store.generate(items, whole=whole, progress=lambda n: bar.advance(task, n))
     convs, served = load_conversations(store, items, {r.id: r for r in rows}, model.detokenize)
-    plain = plain_features(model, sha, [c.example for c in convs], plain_config(model))
+    plain = plain_features(model, sha, [c.example for c in convs], default_config(model))  # what any head reads
     return with_plain(convs, plain), served, cost
-
-
-def plain_config(model: Model) -> FeatureConfig:
-    """The extraction of encoded requests' plain readings: the stored answers' layers, no probe."""
-    return FeatureConfig(layers=answer_layers(model), probes=(), max_tokens=MAX_TOKENS)
 
 
 def train_answer_stage(model: Model, sha: str, data_dir: Path, head: Head, config: FeatureConfig, preset: str, *,
