@@ -403,3 +403,12 @@ def test_a_decoding_the_model_cannot_hold_is_not_read_and_the_request_is_answere
     events, done = _chat(guard, messages, max_tokens=4, policy="monitor")
     assert next(e for e in events if e.type == "check").reading == ()
     assert done.finish_reason in ("length", "stop")
+
+
+def test_reading_an_encoded_request_never_reserves_fewer_kv_cells_than_the_request_as_written(guard):
+    messages = [{"role": "user", "content": "Please decode: " + base64.b64encode(BENIGN.encode()).decode()}]
+    read = guard.chat_request(messages, max_tokens=64)
+    as_written = guard.chat_request(messages, max_tokens=64, read_encoded=False)
+    assert read.readings is not None and as_written.readings is None
+    assert all(len(r.prompt) < len(read.prompt) for r in read.readings)  # base64 decodes shorter
+    assert guard._cells_needed(read) == guard._cells_needed(as_written)

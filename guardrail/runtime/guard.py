@@ -85,11 +85,10 @@ class GuardRequest:
     max_tokens: int
     stops: tuple[str, ...]
     options: GuardOptions
-    # An encoded request in plain words (runtime.encodings): its decoded spans alone, and its text with
-    # them in place; the query check reads both too, in the slot's own sequence before the prompt
+    # An encoded request in plain words (runtime.encodings): (its decoded spans alone, its text with them
+    # in place); the query check reads both too, in the slot's own sequence before the prompt
     # (encoded_risk decides), and says which encodings it undid.
-    plain: GuardRequest | None = None
-    in_place: GuardRequest | None = None
+    readings: tuple[GuardRequest, GuardRequest] | None = None
     encodings: tuple[str, ...] = ()
 
 
@@ -293,8 +292,8 @@ class Guard:
         if read is None:
             return request
         try:
-            return replace(request, plain=self._chat_request(read[0], guard, read_plain=False),
-                           in_place=self._chat_request(read[1], guard, read_plain=False), encodings=read[2])
+            return replace(request, readings=(self._chat_request(read[0], guard, read_plain=False),
+                                              self._chat_request(read[1], guard, read_plain=False)), encodings=read[2])
         except ContextError:
             return request  # a decoding the model cannot hold (a control character): read as written
 
@@ -310,8 +309,8 @@ class Guard:
         if read is None:
             return request
         try:
-            return replace(request, plain=self._text_request(read.alone, guard, read_plain=False),
-                           in_place=self._text_request(read.in_place, guard, read_plain=False),
+            return replace(request, readings=(self._text_request(read.alone, guard, read_plain=False),
+                                              self._text_request(read.in_place, guard, read_plain=False)),
                            encodings=read.encodings)
         except ContextError:
             return request  # a decoding the model cannot hold (a control character): read as written
@@ -442,9 +441,8 @@ class GuardBatch:
 
 
 def _readings_beyond(request: GuardRequest) -> int:
-    """KV cells the plain readings of a request may need beyond its prompt's."""
-    readings = [r for r in (request.plain, request.in_place) if r is not None]
-    return max((len(r.prompt) - len(request.prompt) for r in readings), default=0) if readings else 0
+    """KV cells the plain readings of a request may need beyond its prompt's (none when shorter)."""
+    return max([0] + [len(r.prompt) - len(request.prompt) for r in request.readings or ()])
 
 
 def _sampled(request: GuardRequest, sampling: SamplingParams, max_tokens: int,
@@ -597,9 +595,9 @@ class _Run:
         """Decode the prompt. A request with plain readings has those read first, in the same sequence:
         each then reuses the prefix they share and decodes only what differs."""
         reused_before = None
-        if self.request.plain is not None and self.request.in_place is not None:
+        if self.request.readings is not None:
             checks = []
-            for reading in (self.request.plain, self.request.in_place):
+            for reading in self.request.readings:
                 run = _Run(self.guard, reading, self.slot)
                 yield from run.score()
                 assert run.query_check is not None
