@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ("_version", "_json", "errors", "artifacts", "head", "runtime", "training", "serve", "measure", "surfaces", "cli")
+ORDER = ("_version", "_json", "_ciphers", "errors", "artifacts", "head", "runtime", "training", "serve", "measure", "surfaces", "cli")
 
 
 def _group(module: str) -> str | None:

@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from guardrail._ciphers import atbash, caesar
+
 WORDS_FILE = Path(__file__).with_name("common_words.txt")
 
 # A decoding must read as mostly common words: at least this share of its words, and at least
@@ -51,16 +53,6 @@ _TOKEN = re.compile(r"\S+")
 _LEET = {"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "8": "b", "9": "g", "@": "a", "$": "s",
          "!": "i", "|": "l", "+": "t"}
 _SEPARATORS = re.compile(r"\s*[/|]\s*|\s{2,}")
-
-
-@dataclass(frozen=True)
-class Reading:
-    """A text with its encoded spans decoded (``text``), which encodings were undone (in order
-    found), and the decoded spans themselves (``decoded``: what the query check reads)."""
-
-    text: str
-    encodings: tuple[str, ...]
-    decoded: tuple[str, ...]
 
 
 @cache
@@ -141,25 +133,6 @@ def _byte_spans(name: str, pattern: re.Pattern[str], decode: Callable[[str], str
 
 # --- letter encodings: runs of tokens that are not words ------------------------------------
 
-_LOWER, _UPPER = "abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
-def _rotation(k: int) -> dict[int, int]:
-    return str.maketrans(_LOWER + _UPPER, _LOWER[k:] + _LOWER[:k] + _UPPER[k:] + _UPPER[:k])
-
-
-_SHIFTS = {k: _rotation(k) for k in range(26)}
-_ATBASH = str.maketrans(_LOWER + _UPPER, _LOWER[::-1] + _UPPER[::-1])
-
-
-def _shift(text: str, k: int) -> str:
-    return text.translate(_SHIFTS[k % 26])
-
-
-def _atbash(text: str) -> str:
-    return text.translate(_ATBASH)
-
-
 def _unleet_word(word: str) -> str:
     if not any(c in _LEET for c in word) or not any(c.isalpha() for c in word) and len(word) > 2:
         return word
@@ -207,9 +180,9 @@ _LETTER_DECODERS: dict[str, Callable[[str], str]] = {
     "reversed": lambda s: s[::-1],
     "leetspeak": _unleet,
     "spaced": _unspace,
-    "atbash": _atbash,
-    "rot13": lambda s: _shift(s, 13),
-    **{f"caesar{k}": (lambda k: lambda s: _shift(s, -k))(k) for k in range(1, 26) if k != 13},
+    "atbash": atbash,
+    "rot13": lambda s: caesar(s, 13),
+    **{f"caesar{k}": (lambda k: lambda s: caesar(s, -k))(k) for k in range(1, 26) if k != 13},
 }
 
 
@@ -317,7 +290,17 @@ def _letter_spans(text: str) -> Found:
             yield s, e, name, plain
 
 
-def plain_reading(text: str) -> Reading | None:
+@dataclass(frozen=True)
+class PlainRequest:
+    """An encoded request read in plain words, two ways: its decoded spans alone, one per line (what
+    it asks), and its text with them in place (what it says, made legible); the encodings undone."""
+
+    alone: str
+    in_place: str
+    encodings: tuple[str, ...]
+
+
+def plain_reading(text: str) -> PlainRequest | None:
     """``text`` with every encoded span decoded, or None when nothing in it reads as encoded."""
     pieces: list[Piece] = [(text, None)]
     for find in (_byte_spans("base64", _B64, _from_base64), _byte_spans("hex", _HEX, _from_hex), _letter_spans):
@@ -325,30 +308,18 @@ def plain_reading(text: str) -> Reading | None:
     encodings = tuple(dict.fromkeys(kind for _, kind in pieces if kind is not None))
     if not encodings:
         return None
-    return Reading("".join(t for t, _ in pieces), encodings, tuple(t for t, kind in pieces if kind is not None))
-
-
-@dataclass(frozen=True)
-class PlainRequest:
-    """An encoded request read in plain words, two ways: its decoded spans alone (what it asks) and
-    its text with them in place (what it says, made legible), and the encodings undone."""
-
-    alone: str
-    in_place: str
-    encodings: tuple[str, ...]
+    return PlainRequest("\n".join(t for t, kind in pieces if kind is not None), "".join(t for t, _ in pieces),
+                        encodings)
 
 
 def read_request(text: str) -> PlainRequest | None:
     """``text`` read in plain words; None when nothing in it reads as encoded, or when the decoded
     spans are under MIN_DECODED_SHARE of its words once read (a leetspeak line inside a long jailbreak
     template is not the request: read alone, it is a fragment, and the text as written is read)."""
-    reading = plain_reading(text)
-    if reading is None:
+    read = plain_reading(text)
+    if read is None or len(words_of(read.alone)) < MIN_DECODED_SHARE * len(words_of(read.in_place)):
         return None
-    alone = "\n".join(reading.decoded)
-    if len(words_of(alone)) < MIN_DECODED_SHARE * len(words_of(reading.text)):
-        return None
-    return PlainRequest(alone, reading.text, reading.encodings)
+    return read
 
 
 def read_conversation(messages: Sequence[Mapping[str, str]]) -> tuple[list[dict[str, str]], list[dict[str, str]],

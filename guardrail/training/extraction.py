@@ -247,12 +247,7 @@ class PlainFeatures:
         if k < 0:
             return None
         one = np.array([k])
-        return _take(self.alone, one), _take(self.in_place, one)
-
-
-def _take(features: Features, index: np.ndarray) -> Features:
-    return Features({k: v[index] for k, v in features.blocks.items() if not k.startswith("__")},
-                    [features.texts[i] for i in index])
+        return self.alone.take(one), self.in_place.take(one)
 
 
 def plain_features(model: Model, model_sha: str, examples: Sequence[Example], config: FeatureConfig, *,
@@ -266,10 +261,10 @@ def plain_features(model: Model, model_sha: str, examples: Sequence[Example], co
         return None
     feats = extract_features(model, model_sha, [e for pair in found for e in pair], config, progress=progress,
                              label="plain readings")
-    n = len(found)
+    rows = Features({k: v for k, v in feats.blocks.items() if not k.startswith("__")}, feats.texts)
     of = np.cumsum([r is not None for r in read]) - 1
     of[[r is None for r in read]] = -1
-    return PlainFeatures(of, _take(feats, np.arange(0, 2 * n, 2)), _take(feats, np.arange(1, 2 * n, 2)))
+    return PlainFeatures(of, rows.take(np.arange(0, 2 * len(found), 2)), rows.take(np.arange(1, 2 * len(found), 2)))
 
 
 def example_key(example: Example) -> str:

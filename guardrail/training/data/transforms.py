@@ -32,6 +32,8 @@ import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from guardrail._ciphers import atbash, caesar
+
 from .format import Message
 
 FAMILIES = ("obfuscation", "persona", "multiturn", "spread", "long")
@@ -233,23 +235,6 @@ def long_form(request: str, seed: str) -> tuple[Message, ...]:
 
 def hex_text(text: str) -> str:
     return text.encode("utf-8").hex()
-
-
-def caesar(text: str, shift: int = 3) -> str:
-    """Letters shifted ``shift`` places along the alphabet (ROT13 is the shift of 13)."""
-    def move(c: str) -> str:
-        if "a" <= c <= "z":
-            return chr((ord(c) - 97 + shift) % 26 + 97)
-        if "A" <= c <= "Z":
-            return chr((ord(c) - 65 + shift) % 26 + 65)
-        return c
-    return "".join(move(c) for c in text)
-
-
-def atbash(text: str) -> str:
-    """Each letter mirrored in the alphabet (a<->z, b<->y)."""
-    return "".join(chr(219 - ord(c)) if "a" <= c <= "z" else chr(155 - ord(c)) if "A" <= c <= "Z" else c
-                   for c in text)
 
 
 _BREADTH_OBFUSCATIONS: dict[str, tuple[Callable[[str], str], tuple[str, ...]]] = {
