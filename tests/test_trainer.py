@@ -305,7 +305,8 @@ def test_featurizing_one_short_text_takes_under_a_millisecond():
 
 def test_rows_scored_as_the_loop_reads_them_weigh_an_encoded_requests_plain_readings():
     """score_rows: a row whose request reads as encoded is scored as the loop's query check scores it
-    (encodings.encoded_risk over as written, decoded spans alone, text with them in place); other rows
+    (encodings.encoded_risk over as written, decoded spans alone, text with them in place, what is said
+    around them); other rows
     as written, whatever order they are asked in."""
     from dataclasses import replace
 
@@ -324,9 +325,10 @@ def test_rows_scored_as_the_loop_reads_them_weigh_an_encoded_requests_plain_read
                     np.array(["test"] * 3, dtype=object))
     as_written = score_rows(head, data, np.arange(3))
     # rows 0 and 2 read as encoded: row 0 asks something harmful, row 2 is flagged only as written
-    read = replace(data, plain=PlainFeatures(np.array([0, -1, 1]), rows(4, -5), rows(-1, -4)))
+    read = replace(data, plain=PlainFeatures(np.array([0, -1, 1]), rows(4, -5), rows(-1, -4), rows(-2, -6)))
     got = score_rows(head, read, np.arange(3))
-    expect = encoded_risk(as_written[[0, 2]], sigmoid(np.float32([4, -5])), sigmoid(np.float32([-1, -4])))
+    expect = encoded_risk(as_written[[0, 2]], sigmoid(np.float32([4, -5])), sigmoid(np.float32([-1, -4])),
+                          sigmoid(np.float32([-2, -6])))
     np.testing.assert_allclose(got[[0, 2]], expect, rtol=1e-6)
     assert got[0] > 0.9 and got[2] < 0.5 < as_written[2] and got[1] == as_written[1]
     np.testing.assert_allclose(score_rows(head, read, np.array([2, 0])), got[[2, 0]])

@@ -5,11 +5,12 @@ with its letters spaced out asks for the same thing as its plain words: a model 
 encoding serves that request, and one that cannot serves nothing. The safety head reads plain
 words well and encodings hardly at all (AUROC 0.53-0.70 within leetspeak, ROT13 and spaced
 letters; README, "Attacks"): as written, it flagged 11 of 265 encoded harmful requests, and 5
-of 8 benign base64 ones. So the query check reads an encoded request three ways, as written, as
-its decoded spans alone, and as its text with them in place (``GuardRequest.plain`` and
-``in_place``, decoded in the slot's own sequence first), and weighs them with
+of 8 benign base64 ones. So the query check reads an encoded request four ways, as written, as
+its decoded spans alone, as its text with them in place and as what it says around them
+(``GuardRequest.readings``, decoded in the slot's own sequence first), and weighs them with
 :func:`encoded_risk`; ``CheckEvent.reading`` names the encodings it undid (README, "Encoded
-requests, read in plain words").
+requests, read in plain words"). A request split into quoted pieces is read joined, and weighed
+the same way (:mod:`.splits`; ``read_request`` and ``read_conversation`` return either reading).
 
 Only a reading that turns non-words into words counts. A span is replaced by its decoding when
 the decoding is mostly common English words (``common_words.txt``: the 5,000 commonest words of
@@ -27,11 +28,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from guardrail._ciphers import atbash, caesar
+
+from . import splits
 
 WORDS_FILE = Path(__file__).with_name("common_words.txt")
 
@@ -52,6 +55,9 @@ _HEX = re.compile(r"(?<![0-9A-Fa-f])(?:[0-9A-Fa-f]{2}[ :]?){8,}(?![0-9A-Fa-f])")
 _TOKEN = re.compile(r"\S+")
 _LEET = {"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "8": "b", "9": "g", "@": "a", "$": "s",
          "!": "i", "|": "l", "+": "t"}
+_ABOUT_ENCODING = re.compile(r"\b(?:decod\w*|encod\w*|decipher\w*|decrypt\w*|encrypt\w*|cipher\w*|base-?64|hex\w*|"
+                             r"rot-?13|caesar|atbash|leet\w*|backwards?|revers\w*|right to left|spaced|binary|morse|"
+                             r"ascii|utf-?8)\b", re.IGNORECASE)
 _SEPARATORS = re.compile(r"\s*[/|]\s*|\s{2,}")
 
 
@@ -292,12 +298,25 @@ def _letter_spans(text: str) -> Found:
 
 @dataclass(frozen=True)
 class PlainRequest:
-    """An encoded request read in plain words, two ways: its decoded spans alone, one per line (what
-    it asks), and its text with them in place (what it says, made legible); the encodings undone."""
+    """An encoded request read in plain words, three ways: its decoded spans alone, one per line
+    (what it asks), its text with them in place (what it says, made legible), and what it says
+    around them (:func:`.splits.said_around`: None when that is next to nothing); the encodings undone."""
 
     alone: str
     in_place: str
+    around: str | None
     encodings: tuple[str, ...]
+
+
+class Readings(NamedTuple):
+    """A conversation read in plain words: the same conversation with its request read alone, in
+    place and around its spans or pieces (``around`` is ``alone`` where nothing else is said, which
+    weighs as nothing in :func:`encoded_risk`), and the names of what was undone."""
+
+    alone: list[dict[str, str]]
+    in_place: list[dict[str, str]]
+    around: list[dict[str, str]]
+    names: tuple[str, ...]
 
 
 def plain_reading(text: str) -> PlainRequest | None:
@@ -308,25 +327,41 @@ def plain_reading(text: str) -> PlainRequest | None:
     encodings = tuple(dict.fromkeys(kind for _, kind in pieces if kind is not None))
     if not encodings:
         return None
+    marked = "".join(splits.MARK if kind is not None else t.replace(splits.MARK, " ") for t, kind in pieces)
     return PlainRequest("\n".join(t for t, kind in pieces if kind is not None), "".join(t for t, _ in pieces),
-                        encodings)
+                        splits.said_around(marked, _asks_to_decode), encodings)
 
 
-def read_request(text: str) -> PlainRequest | None:
-    """``text`` read in plain words; None when nothing in it reads as encoded, or when the decoded
-    spans are under MIN_DECODED_SHARE of its words once read (a leetspeak line inside a long jailbreak
-    template is not the request: read alone, it is a fragment, and the text as written is read)."""
+def _asks_to_decode(sentence: str) -> bool:
+    """A sentence about the encoding is the wrapper's ("Here is a base64-encoded request."), as one
+    asking to join pieces is a split request's: the head flags such sentences by themselves."""
+    return bool(_ABOUT_ENCODING.search(sentence))
+
+
+def _decoding(text: str) -> PlainRequest | None:
     read = plain_reading(text)
     if read is None or len(words_of(read.alone)) < MIN_DECODED_SHARE * len(words_of(read.in_place)):
         return None
     return read
 
 
-def read_conversation(messages: Sequence[Mapping[str, str]]) -> tuple[list[dict[str, str]], list[dict[str, str]],
-                                                                       tuple[str, ...]] | None:
-    """The conversation with its last user turn read in plain words, (decoded spans alone, text with
-    them in place, the encodings undone); every other turn as it is; None when that turn does not
-    read as encoded.
+def read_request(text: str) -> PlainRequest | None:
+    """``text`` read in plain words: decoded, or else joined where it is a split request
+    (:mod:`.splits`); None when it is neither. A decoding counts only when its spans are at least
+    MIN_DECODED_SHARE of the words once read (a leetspeak line inside a long jailbreak template is
+    not the request: read alone, it is a fragment, and the text as written is read)."""
+    read = _decoding(text)
+    if read is not None:
+        return read
+    whole = splits.read_text(text)
+    return None if whole is None else PlainRequest(whole.alone, whole.in_place, whole.around, (splits.READING,))
+
+
+def read_conversation(messages: Sequence[Mapping[str, str]]) -> Readings | None:
+    """The conversation with its last user turn read in plain words (decoded spans alone, text with
+    them in place, what it says around them), every other turn as it is. Where that turn does not
+    read as encoded, the conversation read as a split request (:func:`.splits.read_conversation`,
+    named ``joined``); None when it is neither.
 
     The last user turn only: an earlier turn was the request, and was read, when it came, and a chat
     whose earlier turn was encoded keeps its cached states (the readings are decoded in the same KV
@@ -335,20 +370,29 @@ def read_conversation(messages: Sequence[Mapping[str, str]]) -> tuple[list[dict[
     last = next((i for i in range(len(out) - 1, -1, -1) if out[i]["role"] == "user"), None)
     if last is None:
         return None
-    read = read_request(out[last]["content"])
+    read = _decoding(out[last]["content"])
     if read is None:
-        return None
-    alone, in_place = [dict(m) for m in out], [dict(m) for m in out]
+        whole = splits.read_conversation(out)
+        if whole is None:
+            return None
+        alone, in_place, around = whole
+        return Readings(alone, in_place, around or [dict(m) for m in alone], (splits.READING,))
+    alone, in_place, around = [dict(m) for m in out], [dict(m) for m in out], [dict(m) for m in out]
     alone[last]["content"], in_place[last]["content"] = read.alone, read.in_place
-    return alone, in_place, read.encodings
+    around[last]["content"] = read.around if read.around is not None else read.alone
+    return Readings(alone, in_place, around, read.encodings)
 
 
-def encoded_risk(as_written: Any, alone: Any, in_place: Any) -> Any:
-    """The query check's risk for an encoded request: what it asks (its decoded spans alone) decides,
-    or the whole text when it reads malicious both as written and made legible. Alone, because the
-    head flags the wrappers that ask for a decoding whatever they wrap; the whole text too, because
-    it can carry the request itself (a harmful question with a harmless blob appended); both ways,
-    because as written an encoding is illegible to the head (it flagged 5 of 8 benign base64 twins)
-    and made legible its wrapper is (3 of 8 benign ROT13 ones). NaN anywhere fails closed (NaN).
-    Floats or numpy arrays, element-wise."""
-    return np.maximum(alone, np.minimum(as_written, in_place))
+def encoded_risk(as_written: Any, alone: Any, in_place: Any, around: Any) -> Any:
+    """The query check's risk for an encoded or split request: what it asks (its decoded spans or
+    joined pieces alone) decides, or the whole text where it reads malicious as written and either
+    made legible or in what it says around them: max(alone, min(as written, max(in place, around))).
+
+    Alone, because the head flags the wrappers that ask for a decoding or a joining whatever they
+    wrap; the whole text too, because it can carry a request of its own (a harmful question beside
+    a harmless blob). As written, because illegible the head misreads it (it flagged 5 of 8 benign
+    base64 twins). In place or around, because a harmless request made legible beside a harmful one
+    dilutes it (in place alone, 24 of 60 harmful requests with a harmless base64 one appended stayed
+    flagged, against 47 as written; with what is said around it, 37): README, "Split requests, read
+    joined". NaN anywhere fails closed (NaN). Floats or numpy arrays, element-wise."""
+    return np.maximum(alone, np.minimum(as_written, np.maximum(in_place, around)))

@@ -3,9 +3,9 @@
 One guarded answer is a run (``_Run.steps``), a generator of named steps:
 1. **start** — make the slot's conversation cache hold the prompt, decoding only
    what the previous call did not leave there (in chunks, beside other answers);
-   a request whose last user turn reads as encoded has its plain words decoded and
-   checked there first (:mod:`.encodings`), and the prompt then decodes from where
-   the two part;
+   a request whose last user turn reads as encoded or split has its plain readings
+   decoded and checked there first (:mod:`.encodings`, :mod:`.splits`), and the
+   prompt then decodes from where they part;
 2. **plan** — sample the next answer token and lay out its entries: the answer
    token first; when a check with a [CLS] probe is due, the probe's tokens follow
    it, the probe's last token last;
@@ -85,10 +85,11 @@ class GuardRequest:
     max_tokens: int
     stops: tuple[str, ...]
     options: GuardOptions
-    # An encoded request in plain words (runtime.encodings): (its decoded spans alone, its text with them
-    # in place); the query check reads both too, in the slot's own sequence before the prompt
-    # (encoded_risk decides), and says which encodings it undid.
-    readings: tuple[GuardRequest, GuardRequest] | None = None
+    # An encoded or split request in plain words (runtime.encodings, runtime.splits): (its decoded spans
+    # or joined pieces alone, its text with them in place, what it says around them); the query check
+    # reads each too, in the slot's own sequence before the prompt (encoded_risk decides), and says
+    # which encodings it undid.
+    readings: tuple[GuardRequest, ...] | None = None
     encodings: tuple[str, ...] = ()
 
 
@@ -292,8 +293,9 @@ class Guard:
         if read is None:
             return request
         try:
-            return replace(request, readings=(self._chat_request(read[0], guard, read_plain=False),
-                                              self._chat_request(read[1], guard, read_plain=False)), encodings=read[2])
+            readings = tuple(self._chat_request(m, guard, read_plain=False)
+                             for m in (read.alone, read.in_place, read.around))
+            return replace(request, readings=readings, encodings=read.names)
         except ContextError:
             return request  # a decoding the model cannot hold (a control character): read as written
 
@@ -309,9 +311,9 @@ class Guard:
         if read is None:
             return request
         try:
-            return replace(request, readings=(self._text_request(read.alone, guard, read_plain=False),
-                                              self._text_request(read.in_place, guard, read_plain=False)),
-                           encodings=read.encodings)
+            readings = tuple(self._text_request(t, guard, read_plain=False)
+                             for t in (read.alone, read.in_place, read.around or read.alone))
+            return replace(request, readings=readings, encodings=read.encodings)
         except ContextError:
             return request  # a decoding the model cannot hold (a control character): read as written
 
@@ -568,7 +570,7 @@ class _Run:
         self.checks = 0
         self.query_risk: float | None = None
         self.query_check: CheckEvent | None = None
-        self.plain_checks: tuple[CheckEvent, CheckEvent] | None = None  # the query check on both plain readings
+        self.plain_checks: tuple[CheckEvent, ...] | None = None  # the query check on each plain reading
         self.max_risk: float | None = None
         self.guard_s = 0.0
         self.prompt_s = 0.0                  # decoding the prompt (the guard's own work for a plain reading)
@@ -604,7 +606,7 @@ class _Run:
                 checks.append(run.query_check)
                 reused_before = run.reused if reused_before is None else reused_before
                 self.guard_s += run.prompt_s + run.guard_s  # all of it is the guard's own work
-            self.plain_checks = (checks[0], checks[1])
+            self.plain_checks = tuple(checks)
         self.reused, pending = self.cache.prepare(self.request.prompt.ids)
         if reused_before is not None:
             self.reused = reused_before  # what the previous call left, not what the plain reading did
@@ -665,7 +667,7 @@ class _Run:
         risk = reader.risk(Window(tuple(window), last), probe)
         plain = self.plain_checks if query else None
         if plain is not None:  # an encoded request: what it asks, or the whole text both ways (NaN fails closed)
-            risk = float(encoded_risk(risk, plain[0].risk, plain[1].risk))
+            risk = float(encoded_risk(risk, *(check.risk for check in plain)))
         self.guard_s += time.perf_counter() - start
         self.checks += 1
         self.max_risk = risk if self.max_risk is None else max(self.max_risk, risk)

@@ -53,7 +53,7 @@ class Conversation:
     example: Example
     query_runs: tuple[tuple[int, int], ...]
     answer_start: int
-    plain: tuple[Features, Features] | None = None  # an encoded request's plain readings (alone, in place)
+    plain: tuple[Features, Features, Features] | None = None  # plain readings (alone, in place, around)
 
     @classmethod
     def of(cls, trajectory: Trajectory, example: Example) -> Conversation:
@@ -333,8 +333,8 @@ def query_risk(head: Head, conv: Conversation) -> float:
     risk = reader.risk(request_window(conv.query_runs, end))
     if conv.plain is None:
         return risk
-    alone, in_place = (float(head.score(f.blocks, f.texts)[0]) for f in conv.plain)
-    return float(encoded_risk(risk, alone, in_place))  # an encoded request, read as the loop reads it
+    alone, in_place, around = (float(head.score(f.blocks, f.texts)[0]) for f in conv.plain)
+    return float(encoded_risk(risk, alone, in_place, around))  # encoded or split, read as the loop reads it
 
 
 def replay(head: Head, convs: Sequence[Conversation], served: Sequence[int | None]) -> list[Replay]:

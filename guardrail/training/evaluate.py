@@ -102,7 +102,7 @@ def fit_head(data: Labelled, train: np.ndarray, val: np.ndarray, recipe: HeadRec
 
 
 def score_rows(head: Head, data: Labelled, rows: np.ndarray) -> np.ndarray:
-    """The head's probabilities for ``rows``; where a row's request reads as encoded and ``data`` holds
+    """The head's probabilities for ``rows``; where a row's request reads as encoded or split and ``data`` holds
     its plain readings, weighed as the loop's query check weighs them (``encodings.encoded_risk``)."""
     def scored(features: Features, index: np.ndarray) -> np.ndarray:
         feats = {b.name: features.blocks[b.name][index] for b in head.blocks if b.name != LEXICAL}
@@ -115,7 +115,8 @@ def score_rows(head: Head, data: Labelled, rows: np.ndarray) -> np.ndarray:
     read = np.flatnonzero(at >= 0)
     if read.size:
         p = p.copy()
-        p[read] = encoded_risk(p[read], scored(data.plain.alone, at[read]), scored(data.plain.in_place, at[read]))
+        p[read] = encoded_risk(p[read], *(scored(f, at[read]) for f in (data.plain.alone, data.plain.in_place,
+                                                                        data.plain.around)))
     return p
 
 

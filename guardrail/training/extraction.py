@@ -211,11 +211,11 @@ def conversation(example: Example) -> list[dict[str, str]]:
     return [{"role": m.role, "content": m.content} for m in example.messages]
 
 
-def plain_examples(example: Example) -> tuple[Example, Example] | None:
+def plain_examples(example: Example) -> tuple[Example, Example, Example] | None:
     """The example's request as the query check also reads it when its last user turn reads as
-    encoded (:func:`guardrail.runtime.encodings.read_conversation`): (its decoded spans alone, its text
-    with them in place), a final prefill left out (the query check reads the request alone); None
-    when nothing reads as encoded."""
+    encoded or split (:func:`guardrail.runtime.encodings.read_conversation`): (its decoded spans or
+    joined pieces alone, its text with them in place, what it says around them), a final prefill
+    left out (the query check reads the request alone); None when it reads as neither."""
     from dataclasses import replace
 
     from guardrail.runtime.encodings import read_conversation
@@ -226,45 +226,47 @@ def plain_examples(example: Example) -> tuple[Example, Example] | None:
     read = read_conversation(messages)
     if read is None:
         return None
-    alone, in_place, _ = read
-    return (replace(example, id=example.id + "~alone", messages=tuple(Message(m["role"], m["content"]) for m in alone)),
-            replace(example, id=example.id + "~in-place",
-                    messages=tuple(Message(m["role"], m["content"]) for m in in_place)))
+    def reading(name: str, messages: list[dict[str, str]]) -> Example:
+        return replace(example, id=f"{example.id}~{name}", messages=tuple(Message(m["role"], m["content"]) for m in messages))
+    return reading("alone", read.alone), reading("in-place", read.in_place), reading("around", read.around)
 
 
 @dataclass(frozen=True)
 class PlainFeatures:
-    """Features of the plain readings of the encoded requests among some examples: example ``i``
-    with a reading has row ``of[i]`` in ``alone`` (its decoded spans alone) and in ``in_place``
-    (its text with them in place); ``of[i]`` is -1 for the others."""
+    """Features of the plain readings of the encoded or split requests among some examples: example
+    ``i`` with a reading has row ``of[i]`` in ``alone`` (its decoded spans or joined pieces alone),
+    ``in_place`` (its text with them in place) and ``around`` (what it says around them); ``of[i]``
+    is -1 for the others."""
 
     of: np.ndarray
     alone: Features
     in_place: Features
+    around: Features
 
-    def row(self, i: int) -> tuple[Features, Features] | None:
+    def row(self, i: int) -> tuple[Features, Features, Features] | None:
         k = int(self.of[i])
         if k < 0:
             return None
         one = np.array([k])
-        return self.alone.take(one), self.in_place.take(one)
+        return self.alone.take(one), self.in_place.take(one), self.around.take(one)
 
 
 def plain_features(model: Model, model_sha: str, examples: Sequence[Example], config: FeatureConfig, *,
                    progress: bool = False) -> PlainFeatures | None:
-    """The plain readings' features of the encoded requests among ``examples`` (extracted once, stored
-    like any conversation), so a replay or an evaluation scores them as the loop's query check does;
-    None when none reads as encoded."""
+    """The plain readings' features of the encoded or split requests among ``examples`` (extracted
+    once, stored like any conversation), so a replay or an evaluation scores them as the loop's query
+    check does; None when none reads as either."""
     read = [plain_examples(e) for e in examples]
     found = [r for r in read if r is not None]
     if not found:
         return None
-    feats = extract_features(model, model_sha, [e for pair in found for e in pair], config, progress=progress,
+    feats = extract_features(model, model_sha, [e for three in found for e in three], config, progress=progress,
                              label="plain readings")
     rows = Features({k: v for k, v in feats.blocks.items() if not k.startswith("__")}, feats.texts)
     of = np.cumsum([r is not None for r in read]) - 1
     of[[r is None for r in read]] = -1
-    return PlainFeatures(of, rows.take(np.arange(0, 2 * len(found), 2)), rows.take(np.arange(1, 2 * len(found), 2)))
+    n = len(found)
+    return PlainFeatures(of, *(rows.take(np.arange(k, 3 * n, 3)) for k in range(3)))
 
 
 def example_key(example: Example) -> str:
