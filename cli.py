@@ -186,7 +186,7 @@ def score(model, head, threshold, text) -> None:
     with Guard(model, head, threshold=threshold) as guard:
         verdict = guard.score([{"role": "user", "content": text}])
         verdict_name = "malicious" if verdict.malicious else "benign"
-        read = f"\tread decoded: {', '.join(verdict.reading)}" if verdict.reading else ""
+        read = f"\tread plainly: {', '.join(verdict.reading)}" if verdict.reading else ""
         click.echo(f"{verdict.risk:.4f}\t{verdict_name} (threshold {verdict.threshold:.4f}){read}")
 
 

@@ -177,7 +177,7 @@ class Footer:
             text.append(f"query: {'MALICIOUS' if malicious else 'benign'} ({query.risk:.2f})",
                         style="bold red" if malicious else "green")
             if query.reading:
-                text.append(f" read decoded: {', '.join(query.reading)}", style="dim")
+                text.append(f" read plainly: {', '.join(query.reading)}", style="dim")
         risk = answer.token_risk
         text.append(f"  risk now: {'-' if risk is None else f'{risk:.2f}'}  checks: {len(answer.checks)}  "
                     f"tokens: {answer.sampled_tokens}")
