@@ -4,7 +4,7 @@ Payload splitting sends a request in pieces the model is asked to put back toget
 two turns ("Part 1: ..."), string variables over several ("Let a = ..."), strings joined in code,
 a list of its words. No piece reads as the request, so a head that reads the text as written
 misses harmful ones, and it flags the wrapper whatever it wraps: as written, the Gemma head
-flagged 14 of 40 benign split requests and SmolLM2's 21 of 40 harmful ones. So the query check
+flagged 14 of 40 benign split requests, and SmolLM2's only 21 of 40 harmful ones. So the query check
 reads a split request joined as well (README, "Split requests, read joined"), weighed like an
 encoded one (:func:`guardrail.runtime.encodings.encoded_risk`).
 
