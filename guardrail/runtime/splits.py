@@ -26,12 +26,15 @@ MIN_PIECES = 2
 MIN_WORDS = 3
 MIN_SHARE = 0.15  # of the words of the turns that hold them: a few quoted phrases in a long template are no request
 
-_QUOTED = re.compile(r'"([^"\n]{1,500})"|\u201c([^\u201d\n]{1,500})\u201d')
-_ASSIGNED = re.compile(r'\b([A-Za-z_]\w{0,15})\s*:?=\s*(?="|\u201c)')  # a name given the quoted piece after it
+# a piece: in double or curly quotes, or in single quotes where code assigns it (s1 = 'how to'): prose
+# uses the apostrophe too freely for single quotes to mark a piece anywhere else
+_QUOTED = re.compile(r'"([^"\n]{1,500})"|\u201c([^\u201d\n]{1,500})\u201d|(?<=[=:]) ?\'([^\'\n]{1,500})\'')
+_ASSIGNED = re.compile(r'\b([A-Za-z_]\w{0,15})\s*:?=\s*(?=["\u201c\'])')  # a name given the quoted piece after it
 # the verb as an instruction (base form): "they were joined by Edward" asks nothing
 _JOIN = re.compile(r"\b(?:join|combine|concat|concatenate|merge|assemble|glue|stitch|"
                    r"(?:put|bring|piece)\b[^.?!\n]{0,40}\btogether)\b", re.IGNORECASE)
-_PLUS = re.compile(r'(""|\b[A-Za-z_]\w*)\s*\+\s*(?=(""|[A-Za-z_]\w*))')  # a + b, s1 + "" + s2
+_OPERAND = r"(\"\"|'[^'\n]{0,3}'|\b[A-Za-z_]\w*)"  # a name, or a short literal (a piece is emptied to "")
+_PLUS = re.compile(_OPERAND + r"\s*\+\s*(?=" + _OPERAND + ")")  # a + b, s1 + " " + s2
 _NAME = re.compile(r"[A-Za-z_]\w*")
 _SENTENCE = re.compile(r"(?<=[.?!])\s+|\n+")
 MARK = "\ue000"  # where a span or piece stood (a private-use character; one a user typed is made a space)
@@ -72,10 +75,11 @@ def pieces_of(text: str) -> Pieces:
     names_at = {m.end(): m.group(1) for m in _ASSIGNED.finditer(text)}
     texts, names = [], []
     for m in _QUOTED.finditer(text):
-        piece = " ".join((m.group(1) if m.group(1) is not None else m.group(2)).split())
+        k = next(i for i in (1, 2, 3) if m.group(i) is not None)
+        piece = " ".join(m.group(k).split())
         if piece:
             texts.append(piece)
-            names.append(names_at.get(m.start()))
+            names.append(names_at.get(m.start(k) - 1))  # keyed by where its opening quote is
     return Pieces(tuple(texts), tuple(names))
 
 
@@ -91,7 +95,7 @@ def joined(pieces: Pieces, turn: str, words: int) -> str | None:
     read (under MIN_WORDS, or under MIN_SHARE of the ``words`` of the turns that hold them)."""
     instruction = instruction_of(turn)
     by_name = {n: t for n, t in zip(pieces.names, pieces.texts) if n is not None}
-    plus = any(a in by_name or a == '""' or b in by_name or b == '""' for a, b in _PLUS.findall(instruction))
+    plus = any(x in by_name or x[:1] in "\"'" for pair in _PLUS.findall(instruction) for x in pair)
     if len(pieces.texts) < MIN_PIECES or not (plus or _JOIN.search(instruction)):
         return None
     named = list(dict.fromkeys(w for w in _NAME.findall(instruction) if w in by_name))
