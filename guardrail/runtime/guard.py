@@ -69,7 +69,7 @@ class Verdict:
     risk: float
     malicious: bool
     threshold: float
-    reading: tuple[str, ...] = ()  # the encodings undone: the check read the plain words (runtime.encodings)
+    reading: tuple[str, ...] = ()  # what was undone (encodings, "joined"): the check read the plain words too
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ class Guard:
     cold prompts sooner. Options: ``policy``
     (refuse | halt | monitor), ``schedule`` (auto | every | annealing | first |
     periodic:K), ``threshold``, ``tau``, ``opener``, ``reason`` (fixed | model),
-    ``r1/r2/r3``, ``read_encoded`` (default on: an encoded request is read in plain words too).
+    ``r1/r2/r3``, ``read_encoded`` (default on: an encoded or split request is read in plain words too).
     """
 
     def __init__(self, model: str | os.PathLike[str] | llama_cpp.Llama | None = None,
@@ -292,12 +292,8 @@ class Guard:
         read = read_conversation(as_dicts) if read_plain and options.read_encoded else None
         if read is None:
             return request
-        try:
-            readings = tuple(self._chat_request(m, guard, read_plain=False)
-                             for m in (read.alone, read.in_place, read.around))
-            return replace(request, readings=readings, encodings=read.names)
-        except ContextError:
-            return request  # a decoding the model cannot hold (a control character): read as written
+        return _with_readings(request, lambda m: self._chat_request(m, guard, read_plain=False),
+                              (read.alone, read.in_place, read.around), read.names)
 
     def _text_request(self, prompt: str, guard: Mapping[str, Any], read_plain: bool = True) -> GuardRequest:
         tokens = PromptTokens()
@@ -310,12 +306,8 @@ class Guard:
         read = read_request(prompt) if read_plain and options.read_encoded else None
         if read is None:
             return request
-        try:
-            readings = tuple(self._text_request(t, guard, read_plain=False)
-                             for t in (read.alone, read.in_place, read.around or read.alone))
-            return replace(request, readings=readings, encodings=read.encodings)
-        except ContextError:
-            return request  # a decoding the model cannot hold (a control character): read as written
+        return _with_readings(request, lambda t: self._text_request(t, guard, read_plain=False),
+                              (read.alone, read.in_place, read.around or read.alone), read.encodings)
 
     def _cells_needed(self, request: GuardRequest) -> int:
         """KV cells an answer may add: its tokens, a probe, a model-written refusal reason, and the
@@ -440,6 +432,15 @@ class GuardBatch:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _with_readings(request: GuardRequest, build: Callable[[Any], GuardRequest], readings: Sequence[Any],
+                   names: tuple[str, ...]) -> GuardRequest:
+    """``request`` with its plain readings (alone, in place, around) built as requests of their own."""
+    try:
+        return replace(request, readings=tuple(build(r) for r in readings), encodings=names)
+    except ContextError:
+        return request  # a decoding the model cannot hold (a control character): read as written
 
 
 def _readings_beyond(request: GuardRequest) -> int:
@@ -660,13 +661,13 @@ class _Run:
     def _verdict(self, index: int, window: list[tuple[int, int]], last: int, probe: Any) -> tuple[CheckEvent, Action]:
         """Score the window and decide: the query check on its own verdict, the answer's checks by the
         answer stage's rule. ``signal`` says what was read: the [CLS] probe or the window's own states.
-        The query check of an encoded request weighs its plain readings too (``encodings.encoded_risk``)."""
+        The query check of an encoded or split request weighs its plain readings too (``encodings.encoded_risk``)."""
         start = time.perf_counter()
         query = not self.first_done
         reader = self.signals.check if (query or self.signals.answer is None) else self.signals.answer
         risk = reader.risk(Window(tuple(window), last), probe)
         plain = self.plain_checks if query else None
-        if plain is not None:  # an encoded request: what it asks, or the whole text both ways (NaN fails closed)
+        if plain is not None:  # an encoded or split request, its readings weighed (NaN fails closed)
             risk = float(encoded_risk(risk, *(check.risk for check in plain)))
         self.guard_s += time.perf_counter() - start
         self.checks += 1
