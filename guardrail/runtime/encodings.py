@@ -71,10 +71,15 @@ def words_of(text: str) -> list[str]:
     return [w.lower() for w in _WORD.findall(text)]
 
 
+def _words(text: str) -> list[str]:
+    """The words of two letters or more: a lone letter is a word in any encoding."""
+    return [w for w in words_of(text) if len(w) > 1]
+
+
 def word_share(text: str) -> tuple[int, float]:
     """(distinct common words, the share of common words among all words) in ``text``, counting
-    words of two letters or more: a lone letter is a word in any encoding."""
-    words = [w for w in words_of(text) if len(w) > 1]
+    words of two letters or more."""
+    words = _words(text)
     known = [w for w in words if w in common_words()]
     return len(set(known)), (len(known) / len(words) if words else 0.0)
 
@@ -251,8 +256,7 @@ def _gains_words(span: str, plain: str) -> bool:
     read as well before as after)."""
     if not readable(plain):
         return False
-    known_before = {w for w in words_of(span) if len(w) > 1 and w in common_words()}
-    known_after = {w for w in words_of(plain) if len(w) > 1 and w in common_words()}
+    known_before, known_after = ({w for w in _words(t) if w in common_words()} for t in (span, plain))
     return len(known_after - known_before) >= MIN_WORDS and word_share(plain)[1] - _token_share(span) >= MIN_GAIN
 
 

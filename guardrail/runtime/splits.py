@@ -137,19 +137,22 @@ def read_conversation(messages: Sequence[Mapping[str, str]]) -> tuple[list[dict[
     if not users:
         return None
     last = users[-1]
-    first = last
+    run = [last]  # the user turns holding pieces, from the last back to the first without any
+    found = [pieces_of(out[last]["content"])]
     for i in reversed(users[:-1]):
-        if not pieces_of(out[i]["content"]).texts:
+        got = pieces_of(out[i]["content"])
+        if not got.texts:
             break
-        first = i
-    pieces = sum((pieces_of(out[i]["content"]) for i in users if i >= first), Pieces())
-    words = sum(len(out[i]["content"].split()) for i in users if i >= first)
-    whole = joined(pieces, out[last]["content"], words)
+        run.insert(0, i)
+        found.insert(0, got)
+    first = run[0]
+    words = sum(len(out[i]["content"].split()) for i in run)
+    whole = joined(sum(found, Pieces()), out[last]["content"], words)
     if whole is None:
         return None
     alone = out[:first] + [{"role": "user", "content": whole}] + out[last + 1:]
     in_place = [dict(m) for m in out]
     in_place[last]["content"] = f'{out[last]["content"]}\n"{whole}"'
-    said = said_around("\n".join(_marked(out[i]["content"]) for i in users if i >= first), _asks_to_join)
+    said = said_around("\n".join(_marked(out[i]["content"]) for i in run), _asks_to_join)
     around = None if said is None else out[:first] + [{"role": "user", "content": said}] + out[last + 1:]
     return alone, in_place, around
