@@ -58,8 +58,9 @@ class CheckEvent(Event):
     answer, by the answer stage's head and rule); ``malicious`` is this check's own
     verdict at its stage's threshold, and for an answer check ``score`` is the answer
     stage's running statistic after it (what makes the guard act). ``reading``: the encodings
-    the query check undid, when it read the request's plain words instead of the text as
-    written (:mod:`~guardrail.runtime.encodings`; ``window`` stays the text as written)."""
+    the query check undid (or ``joined`` for a split request), when it read the request's plain
+    words as well as the text as written (:mod:`~guardrail.runtime.encodings`,
+    :mod:`~guardrail.runtime.splits`; ``window`` stays the text as written)."""
 
     type: ClassVar[str] = "check"
     index: int

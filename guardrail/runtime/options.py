@@ -69,8 +69,9 @@ class GuardOptions:
 
     ``reason``: ``model`` lets the model write the refusal's reason (kept only when
     it is one plain sentence), ``fixed`` always writes the fixed one. ``read_encoded``: the query
-    check reads a request hidden in an encoding (base64, ROT13, leetspeak...) as its plain words
-    (:mod:`~guardrail.runtime.encodings`); off, it reads the text as written."""
+    check reads a request hidden in an encoding (base64, ROT13, leetspeak...) or split into quoted
+    pieces as its plain words too (:mod:`~guardrail.runtime.encodings`, :mod:`~guardrail.runtime.splits`);
+    off, it reads the text as written."""
 
     policy: str = "refuse"
     schedule: Schedule = field(default_factory=Schedule)

@@ -323,7 +323,7 @@ def answer_stage_of(head: Head) -> tuple[Head, AnswerWindow, AnswerRule, float]:
 def query_risk(head: Head, conv: Conversation) -> float:
     """The query check, as the loop makes it: the check head over the request alone, read at the
     assistant's header (a prefill is the answer's first tokens, which the answer stage reads), and
-    over its plain reading when it reads as encoded."""
+    over its plain readings when it reads as encoded or split."""
     hooks = hooks_of_blocks([b.name for b in head.blocks])
     history = StateHistory(hooks, conv.trajectory.states[hooks[0]].shape[1], vectors=not HeadReader.is_linear(head),
                            capacity=conv.n_positions)
@@ -436,7 +436,7 @@ def by_form(rows: Sequence[Replay], query_threshold: float, answer_threshold: fl
 
 
 def with_plain(convs: Sequence[Conversation], plain: PlainFeatures | None) -> list[Conversation]:
-    """The conversations whose request reads as encoded with the features of its plain readings
+    """The conversations whose request reads as encoded or split with the features of its plain readings
     (``plain``, of these conversations' examples), so the replayed query check reads what the loop's does."""
     if plain is None:
         return list(convs)

@@ -57,7 +57,7 @@ class Labelled:
     labels: np.ndarray
     sources: np.ndarray
     splits: np.ndarray
-    plain: PlainFeatures | None = None  # encoded requests' plain readings, which the query check reads too
+    plain: PlainFeatures | None = None  # encoded or split requests' plain readings, which the query check reads too
 
 
 def fit_head(data: Labelled, train: np.ndarray, val: np.ndarray, recipe: HeadRecipe,

@@ -630,7 +630,7 @@ def rethreshold(head: Head, threshold: float, model: Model, sha: str, data_dir: 
 
 def read_plainly(model: Model, sha: str, examples: Sequence[Example], data: Labelled, config: FeatureConfig,
                  progress: bool = False, rows: np.ndarray | None = None) -> Labelled:
-    """``data`` (whose rows are ``examples``) with the plain readings of its encoded requests (of ``rows``
+    """``data`` (whose rows are ``examples``) with the plain readings of its encoded or split requests (of ``rows``
     only, if given), extracted once, so its scores are the query check's as the loop makes it
     (:func:`.evaluate.score_rows`); fitting reads the rows as written."""
     wanted = np.zeros(len(examples), bool)
