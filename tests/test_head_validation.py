@@ -59,3 +59,19 @@ def test_a_head_with_a_threshold_outside_zero_to_one_cannot_be_built():
         with pytest.raises(HeadError, match="threshold"):
             dataclasses.replace(head, threshold=bad)
     assert dataclasses.replace(head, threshold=1.0).threshold == 1.0
+
+
+def test_an_answer_stage_whose_prefill_threshold_is_not_a_probability_cannot_be_built_or_saved(tmp_path):
+    head = build_head("logreg")
+
+    def with_prefill(value):
+        return dataclasses.replace(head, answer_head=dataclasses.replace(
+            head, extra={"answer_stage": {"rule": "ema:0.95:1", "prefill": {"threshold": value}}}))
+
+    for bad in (1.5, -0.1, float("nan"), "0.9", None):
+        with pytest.raises(HeadError, match="prefill threshold"):
+            with_prefill(bad)
+    path = tmp_path / "prefill.gguf"
+    save_head(with_prefill(0.95), path)                    # a valid one goes through the file and back
+    stage = load_head(path).answer_head.extra["answer_stage"]
+    assert stage["prefill"]["threshold"] == 0.95

@@ -130,6 +130,39 @@ def test_halt_stops_and_monitor_never_acts_but_records_what_it_saw():
     assert monitor.triggered == "the query was judged malicious"
 
 
+def test_the_prefill_check_runs_the_answer_rule_over_the_prefill_at_its_own_threshold():
+    rule = AnswerRule("ema", alpha=0.95, query_weight=1.0)
+    compliant = [0.9, 0.95, 0.97, 0.98, 0.98]                   # a start that already serves the request
+    peak, action = Policy("refuse", rule).on_prefill(compliant, 0.7, 0.95)
+    assert peak == max(rule.statistic(compliant, 0.7)) >= 0.95 and action.kind == "refuse"
+    assert "prefill" in action.reason
+    assert not Policy("refuse", rule).on_prefill([0.2, 0.3, 0.1], 0.7, 0.95)[1].acts   # a plain start: no
+    assert not Policy("refuse", rule).on_prefill([0.999], 0.9, 0.5)[1].acts             # one token alone never cuts
+    peak, action = Policy("refuse", rule).on_prefill([], 0.9, 0.5)
+    assert peak == 0.0 and not action.acts                                               # no prefill, nothing
+    monitor = Policy("monitor", rule)
+    assert not monitor.on_prefill(compliant, 0.7, 0.95)[1].acts and "prefill" in (monitor.triggered or "")
+    # the answer's own rule starts afresh at its first written token: the prefill check primes nothing
+    after = Policy("refuse", rule)
+    after.on_query(False, 0.7)
+    after.on_prefill(compliant, 0.7, 1.0)
+    assert after.on_answer(0.2, 0.5)[0] == 0.0                  # min_checks: its first written check cannot act
+
+
+def test_the_prefill_threshold_comes_from_the_heads_answer_stage_unless_given():
+    stage = {"rule": "ema:0.95:1", "prefill": {"threshold": 0.93}}
+    answer = SimpleNamespace(threshold=0.99, tau=6, extra={"answer_stage": stage})
+    head = SimpleNamespace(threshold=0.8, tau=6, answer_head=answer)
+    assert GuardOptions().resolve(head).prefill_threshold == 0.93
+    assert GuardOptions().updated(prefill_threshold=0.5).resolve(head).prefill_threshold == 0.5
+    older = SimpleNamespace(threshold=0.8, tau=6, answer_head=SimpleNamespace(threshold=0.99, tau=6, extra={}))
+    assert GuardOptions().resolve(older).prefill_threshold == 1.0                      # none in the file: never acts
+    assert GuardOptions().resolve(SimpleNamespace(threshold=0.8, tau=6)).prefill_threshold == 1.0
+    for bad in (1.5, -0.1, float("nan"), True):
+        with pytest.raises(OptionsError):
+            GuardOptions().updated(prefill_threshold=bad)
+
+
 @pytest.mark.parametrize("spec", ["ema", "ema:0.8", "ema:0.95:1:-2", "ema:0.9:0:-1.5", "streak:4"])
 def test_answer_rules_parse_and_describe_themselves(spec):
     rule = AnswerRule.parse(spec)

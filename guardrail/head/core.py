@@ -285,6 +285,12 @@ def _companion_inconsistency(head: Head) -> str:
                     f"the head for {head.fingerprint.describe()}")
     if head.baseline is not None and [b.name for b in head.baseline.blocks] != [LEXICAL]:
         return "the text baseline must read the text alone"
+    if head.answer_head is not None:
+        prefill = (head.answer_head.extra.get("answer_stage") or {}).get("prefill")
+        value = prefill.get("threshold") if isinstance(prefill, Mapping) else None
+        if prefill is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                    or not 0.0 <= value <= 1.0):
+            return f"the answer stage's prefill threshold must be a number between 0 and 1, got {value!r}"
     return ""
 
 

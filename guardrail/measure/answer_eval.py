@@ -22,7 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from guardrail.training.answer_stage import answer_stage_of, by_form, by_source, curve, in_time, rates, replay
+from guardrail.training.answer_stage import (answer_stage_of, by_form, by_source, curve, in_time, prefill_threshold_of,
+                                             rates, replay)
 
 _FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures"
 # The held-out answers read by hand, per known model: each model answers the same requests in its own words.
@@ -94,18 +95,21 @@ def answer_report(model_spec: str | None, head_path: str | None, *, data_dir: Pa
         cost = {k: cost[k] + spent.get(k, 0) for k in cost}
     replays = replay(head, convs, served)
     _, window, rule, answer_threshold = answer_stage_of(head)
+    prefill = prefill_threshold_of(head)
+    points = (head.threshold, answer_threshold, prefill)
     harmful = [c.example.label == 1 for c in convs]
     return {"data": str(data_dir / "test.jsonl"), "draws": draws, "answers": len(replays), "max_tokens": max_tokens,
             "generated": cost, "query_threshold": head.threshold, "answer_threshold": answer_threshold,
+            "prefill_threshold": prefill,
             "rule": rule.describe(), "window": {"recent": window.recent, "query": window.query},
             "answer_head": head.answer_head is not None,
             "served_by": {"hand labels": sum(h is not False for h, m in zip(hand, harmful) if m),
                           "rule judge": sum(h is False for h, m in zip(hand, harmful) if m),
                           "labels": str(label_file) if label_file else None},
-            "overall": rates(replays, head.threshold, answer_threshold),
-            "sources": by_source(replays, head.threshold, answer_threshold),
-            "forms": by_form(replays, head.threshold, answer_threshold),
-            "by_draw": {str(d): rates([r for r, k in zip(replays, of_draw) if k == d], head.threshold, answer_threshold)
+            "overall": rates(replays, *points),
+            "sources": by_source(replays, *points),
+            "forms": by_form(replays, *points),
+            "by_draw": {str(d): rates([r for r, k in zip(replays, of_draw) if k == d], *points)
                         for d in draws} if len(draws) > 1 else {},
-            "in_time": in_time(replays, head.threshold),
-            "curve": curve(replays, head.threshold)}
+            "in_time": in_time(replays, head.threshold, prefill),
+            "curve": curve(replays, head.threshold, prefill_threshold=prefill)}

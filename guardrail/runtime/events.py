@@ -54,7 +54,9 @@ class CheckEvent(Event):
     conversation positions it read, as sorted, disjoint ``(start, end)`` runs (end
     excluded); ``signal``: ``window`` (the head read the window's own states, no decode:
     the default head) or ``probe`` (the [CLS] probe re-read the window). ``stage``:
-    ``query`` (the first check, on the request) or ``answer`` (a check during the
+    ``query`` (the first check, on the request), ``prefill`` (a caller's prefill read by
+    the answer stage's head and rule before a word is written; ``risk`` its highest check,
+    ``score`` the rule's highest statistic over it) or ``answer`` (a check during the
     answer, by the answer stage's head and rule); ``malicious`` is this check's own
     verdict at its stage's threshold, and for an answer check ``score`` is the answer
     stage's running statistic after it (what makes the guard act). ``reading``: the encodings

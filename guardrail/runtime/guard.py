@@ -30,6 +30,7 @@ decodes only what is new.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -551,6 +552,7 @@ class _Run:
         options = request.options.resolve(guard.head)
         self.threshold = options.threshold
         self.answer_threshold = options.answer_threshold
+        self.prefill_threshold = options.prefill_threshold
         self.schedule = options.schedule.resolve(guard.checks_are_free)
         self.policy = Policy(options.policy, options.answer_rule)
         # The query check reads the check head (through the probe when it has a probe block); the
@@ -704,6 +706,24 @@ class _Run:
         assert checked is not None
         return checked
 
+    def prefill_check(self) -> tuple[CheckEvent, Action] | None:
+        """The answer stage's head and rule over a caller's prefill, at the prefill's own operating point
+        (``Policy.on_prefill``); None where there is no prefill, no answer-stage head or no such point.
+        Free: the prefill's states were captured when the prompt was decoded."""
+        reader, spec, positions = self.signals.answer, self.signals.answer_window, self.request.prefill
+        if not positions or reader is None or spec is None or not self.prefill_threshold < 1.0:
+            return None
+        started = time.perf_counter()
+        windows = [spec.runs(self.query_runs, positions[0], p + 1) or [(p, p + 1)] for p in positions]
+        risks = [float(reader.risk(Window(tuple(w), p))) for w, p in zip(windows, positions)]
+        peak, action = self.policy.on_prefill(risks, self.query_risk, self.prefill_threshold)
+        self.guard_s += time.perf_counter() - started
+        self.checks += 1
+        risk = max(r if math.isfinite(r) else 1.0 for r in risks)
+        self.max_risk = risk if self.max_risk is None else max(self.max_risk, risk)
+        return CheckEvent(0, risk, not peak < self.prefill_threshold, list(windows[-1]), signal="window",
+                          stage="prefill", score=peak), action
+
     def score(self) -> Generator[Decode, Decoded, Verdict]:
         try:
             yield from self.start()
@@ -820,6 +840,11 @@ class _Run:
             finish = yield from self._checked(checked, None)
             if finish:
                 return finish
+            prefill = self.prefill_check()
+            if prefill is not None:
+                finish = yield from self._checked(prefill, None)
+                if finish:
+                    return finish
         while True:
             if self.written >= self.request.max_tokens and self.first_done:
                 return "length"

@@ -51,6 +51,7 @@ class ResolvedOptions:
     reason: str
     window: WindowParams
     answer_rule: AnswerRule = field(default_factory=AnswerRule)
+    prefill_threshold: float = 1.0
 
     def value(self, name: str) -> Any:
         """An option by the name a caller uses (``r1``/``r2``/``r3`` read the window)."""
@@ -65,7 +66,9 @@ class ResolvedOptions:
 class GuardOptions:
     """``threshold``/``tau`` of None mean: the head file's. ``threshold`` decides the query's own
     check; ``answer_threshold`` the checks during the answer (None: the head's answer-stage
-    operating point, else ``threshold``).
+    operating point, else ``threshold``); ``prefill_threshold`` the prefill check, the answer
+    stage's rule over a caller's prefill (None: the head's; 1.0, which a head without one gets,
+    never acts).
 
     ``reason``: ``model`` lets the model write the refusal's reason (kept only when
     it is one plain sentence), ``fixed`` always writes the fixed one. ``read_encoded``: the query
@@ -77,6 +80,7 @@ class GuardOptions:
     schedule: Schedule = field(default_factory=Schedule)
     threshold: float | None = None
     answer_threshold: float | None = None
+    prefill_threshold: float | None = None
     tau: int | None = None
     opener: str = DEFAULT_OPENER
     reason: str = "fixed"
@@ -120,15 +124,17 @@ class GuardOptions:
             stage = answer_head.extra.get("answer_stage") or {}
             rule = AnswerRule.parse(str(stage.get("rule", f"streak:{answer_head.tau}")))
             answer_default = float(answer_head.threshold)
+            prefill_default = float((stage.get("prefill") or {}).get("threshold", 1.0))
         else:
-            rule, answer_default = AnswerRule("streak", tau=int(head.tau)), threshold
+            rule, answer_default, prefill_default = AnswerRule("streak", tau=int(head.tau)), threshold, 1.0
         if self.tau is not None and rule.kind == "streak":
             rule = replace(rule, tau=self.tau)
         return ResolvedOptions(
             policy=self.policy, schedule=self.schedule, threshold=threshold,
             answer_threshold=float(self.answer_threshold if self.answer_threshold is not None else answer_default),
             tau=int(self.tau if self.tau is not None else (rule.tau if rule.kind == "streak" else head.tau)),
-            opener=self.opener, reason=self.reason, window=self.window, answer_rule=rule)
+            opener=self.opener, reason=self.reason, window=self.window, answer_rule=rule,
+            prefill_threshold=float(self.prefill_threshold if self.prefill_threshold is not None else prefill_default))
 
     def _check(self) -> None:
         if self.policy not in POLICIES:
@@ -137,7 +143,7 @@ class GuardOptions:
             raise OptionsError(f"unknown reason {self.reason!r}: use one of {', '.join(REASONS)}")
         if self.tau is not None and (isinstance(self.tau, bool) or not isinstance(self.tau, int) or self.tau < 1):
             raise OptionsError(f"tau must be a whole number of at least 1, got {self.tau!r}")
-        for name in ("threshold", "answer_threshold"):
+        for name in ("threshold", "answer_threshold", "prefill_threshold"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not math.isfinite(value) or not 0.0 <= value <= 1.0):

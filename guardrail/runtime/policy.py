@@ -166,6 +166,18 @@ class Policy:
             return CONTINUE
         return self._act("the query was judged malicious")
 
+    def on_prefill(self, risks: Iterable[float], query_risk: float | None, threshold: float) -> tuple[float, Action]:
+        """The prefill check: the answer stage's rule run over a caller's prefill, each of its tokens
+        read as a written answer token would be, from the query check's risk; the answer's own rule
+        then starts afresh at its first written token, as it does without a prefill. Its own
+        threshold, because it decides once, before a word is written, on text the caller wrote: a
+        compliant start that already serves a harmful request can only be stopped here (README, "The
+        prefill check"). Returns the rule's highest statistic over the prefill and what to do."""
+        peak = max(self.rule.statistic(risks, query_risk), default=0.0)
+        if self.triggered is not None or peak < threshold:
+            return peak, CONTINUE
+        return peak, self._act("the prefill, read as the answer's first tokens, was judged malicious")
+
     def next_answer_check_may_act(self) -> bool:
         """Whether the next answer check could end the answer: when it cannot, the token it reads is
         shown before it is decoded (it can never be taken back)."""

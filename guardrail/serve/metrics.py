@@ -7,7 +7,7 @@ process, as in the tests, never share counters). What is counted:
   included (counted by :class:`RequestCounter`, the outermost middleware);
 - from the events of every answer (on the worker, as they are made):
   ``guardrail_checks_total{stage}``, ``guardrail_interventions_total{action, stage}`` (the
-  stage of the check that acted: ``query`` or ``answer``), ``guardrail_answers_total{finish_reason}``,
+  stage of the check that acted: ``query``, ``prefill`` or ``answer``), ``guardrail_answers_total{finish_reason}``,
   ``guardrail_tokens_generated_total`` (sampled tokens; the guard's written text is not counted),
   ``guardrail_time_to_first_token_seconds`` (from the request reaching the queue to its first
   token, waiting included) and ``guardrail_token_latency_seconds`` (between a stream's tokens);
@@ -46,7 +46,7 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("guardrail_requests", "HTTP responses, by endpoint and status code",
                                 ["endpoint", "status"], registry=r)
-        self.checks = Counter("guardrail_checks", "Checks run, by stage (query check, answer check)", ["stage"],
+        self.checks = Counter("guardrail_checks", "Checks run, by stage (query check, prefill check, answer check)", ["stage"],
                               registry=r)
         self.interventions = Counter("guardrail_interventions", "Answers the guard ended, by action and by the "
                                      "stage of the check that acted", ["action", "stage"], registry=r)

@@ -302,7 +302,9 @@ def render_answer_eval(report: Mapping[str, Any], out: Console | None = None) ->
     named = f" (draw{'s' if len(draws) > 1 else ''} {'+'.join(map(str, draws))})" if draws != [1] else ""
     title = (f"{report['answers']} held-out answers{named} of {report['max_tokens']} tokens: query threshold "
              f"{_number(report['query_threshold'])}, answer stage {report['rule']} at "
-             f"{_number(report['answer_threshold'])}")
+             f"{_number(report['answer_threshold'])}"
+             + (f", prefill check at {_number(report['prefill_threshold'])}"
+                if report.get("prefill_threshold", 1.0) < 1.0 else ""))
     per_draw = [(f"draw {d}", r) for d, r in (report.get("by_draw") or {}).items()]
     out.print(_answer_table(title, "source", list(report["sources"].items()) + per_draw
                             + [("overall", report["overall"])]))
@@ -323,8 +325,10 @@ def _in_time_table(rows: Sequence[Mapping[str, Any]]) -> Table:
     for r in rows:
         reach = r["threshold_in_time"]
         table.add_row(r["form"], r["source"], _number(r["query_risk"]), f"{r['serves_from']} of {r['answer_tokens']}",
+                      "the prefill check stops it" if r.get("stopped_by_prefill") else
                       "none (serves at once)" if reach is None else _number(reach),
-                      "" if r["benign_cut_in_time"] is None else _pct(r["benign_cut_in_time"]))
+                      "" if r["benign_cut_in_time"] is None or r.get("stopped_by_prefill")
+                      else _pct(r["benign_cut_in_time"]))
     return table
 
 
@@ -332,7 +336,7 @@ def _answer_table(title: str, first: str, rows: Sequence[tuple[str, Mapping[str,
     """One row per ``<group>:<label>`` (a benign row: answers cut; a harmful row: answers stopped), per draw
     where draws are pooled, and overall."""
     table = Table(title=title)
-    for column in (first, "n", "cut", "by query", "mid-answer", "served unguarded", "served guarded",
+    for column in (first, "n", "cut", "by query", "by prefill", "mid-answer", "served unguarded", "served guarded",
                    "let through: stopped", "... before serving"):
         table.add_column(column, justify="left" if column == first else "right", no_wrap=column == first)
     for name, r in rows:
@@ -341,10 +345,13 @@ def _answer_table(title: str, first: str, rows: Sequence[tuple[str, Mapping[str,
         table.add_row(name, str(r["benign"] + r["harmful"] if whole else (r["harmful"] or r["benign"])),
                       _pct(r["benign_cut"] if not name.endswith(":harmful") else r["harmful_stopped"]),
                       _pct(r["benign_cut_by_query"] if not name.endswith(":harmful") else r["harmful_stopped_by_query"]),
+                      _pct(r.get("benign_cut_by_prefill") if not name.endswith(":harmful")
+                           else r.get("harmful_stopped_by_prefill")),
                       _pct(r["benign_cut_mid_answer"]) if not name.endswith(":harmful") else "",
                       _pct(r["harmful_served_unguarded"]) if harmful else "",
                       _pct(r["harmful_served_guarded"]) if harmful else "",
-                      _pct(r["passed_stopped_mid_answer"]) if harmful else "",
+                      _pct((r["passed_stopped_mid_answer"] or 0) + (r.get("passed_stopped_by_prefill") or 0)
+                           if r["passed_stopped_mid_answer"] is not None else None) if harmful else "",
                       _pct(r["passed_served_stopped_before"]) if harmful else "",
                       style="bold" if name == "overall" else None)
     return table
@@ -367,6 +374,12 @@ def render_training(head: Any, out: Console | None = None) -> None:
                       f"mid-answer {_pct(r.get('benign_cut_mid_answer'))} of {r.get('benign')}; harmful let through "
                       f"by the query check stopped {_pct(r.get('passed_stopped_mid_answer'))} of "
                       f"{r.get('passed_query')}, before serving {_pct(r.get('passed_served_stopped_before'))}")
+        prefill = (answer.extra.get("answer_stage") or {}).get("prefill") or {}
+        if prefill:
+            v = prefill.get("val") or {}
+            out.print(f"prefill check at {_number(prefill.get('threshold'))}: of the prefilled validation requests the "
+                      f"query check let through, {v.get('benign_cut')} of {prefill.get('n_benign')} benign cut, "
+                      f"{v.get('harmful_stopped')} of {v.get('harmful_passed')} harmful stopped before a word is written")
         splits = (answer.extra.get("answer_stage") or {}).get("splits") or []
         if len(splits) > 1:
             out.print("the budget's splits on validation answers (benign cuts at the query + mid-answer: harmful "

@@ -115,15 +115,32 @@ def sampled_steps(every: int) -> Callable[[Conversation], list[int]]:
     return steps
 
 
-def answer_risks(head: Head, conv: Conversation, spec: AnswerWindow) -> np.ndarray:
-    """The answer head's probability at every step of one answer, through the loop's own reader."""
+def _reader(head: Head, conv: Conversation) -> HeadReader:
+    """The loop's own reader of ``head`` over every stored position of one conversation."""
     hooks = hooks_of_blocks([b.name for b in head.blocks])
     states = conv.trajectory.states
     history = StateHistory(hooks, states[hooks[0]].shape[1], vectors=not HeadReader.is_linear(head),
                            capacity=conv.n_positions)
     reader = HeadReader(head, history)
     history.append({h: states[h].astype(np.float32) for h in hooks})
+    return reader
+
+
+def answer_risks(head: Head, conv: Conversation, spec: AnswerWindow) -> np.ndarray:
+    """The answer head's probability at every step of one answer, through the loop's own reader."""
+    reader = _reader(head, conv)
     return np.array([reader.risk(conv.window(spec, s)) for s in every_step(conv)], np.float64)
+
+
+def prefill_risks(head: Head, conv: Conversation, spec: AnswerWindow) -> np.ndarray:
+    """The answer head's probability at each token of a caller's prefill, as the prefill check reads
+    them (``guard._Run.prefill_check``); empty without a prefill."""
+    positions = range(conv.answer_start, conv.trajectory.n_prompt)
+    if not positions:
+        return np.zeros(0, np.float64)
+    reader = _reader(head, conv)
+    return np.array([reader.risk(Window(tuple(spec.runs(conv.query_runs, conv.answer_start, p + 1)), p))
+                     for p in positions], np.float64)
 
 
 # ---------------------------------------------------------------------------
@@ -243,7 +260,7 @@ class OperatingPoints:
 
 
 def choose_operating_points(rows: Sequence[Replay], row_threshold: float, alpha: float, answer_alpha: float, *,
-                            held: float | None = HELD, min_cuts: int = 3) -> OperatingPoints:
+                            held: float | None = HELD, min_cuts: int = 3, prefill: float = 1.0) -> OperatingPoints:
     """Split one per-answer budget between the query check and the answer stage.
 
     Both together may cut :func:`allowed_cuts` of the benign validation answers (``alpha``), the
@@ -252,7 +269,9 @@ def choose_operating_points(rows: Sequence[Replay], row_threshold: float, alpha:
     replayed; the one that leaves the fewest harmful validation answers serving their request
     wins (then the most stopped, then the most left to the query check, which stops before a
     word is written). Below ``min_cuts`` the highest risks of a small set are noise: the row-level
-    threshold decides alone and the budget is what it leaves."""
+    threshold decides alone and the budget is what it leaves. The prefill check, chosen before on its
+    own rows (``prefill``), is fixed: what it cuts of the benign answers the query check lets
+    through comes out of the budget too."""
     benign = [r for r in rows if not r.harmful]
     harmful = [r for r in rows if r.harmful]
     risks = [r.query_risk for r in benign]
@@ -263,11 +282,13 @@ def choose_operating_points(rows: Sequence[Replay], row_threshold: float, alpha:
     for q in splits:
         query = row_threshold if q is None else max(row_threshold, threshold_for_cuts(risks, q))
         cut_q = sum(1 for v in risks if v >= query)
-        peaks = [float(r.statistic.max()) if r.statistic.size else 0.0 for r in benign if r.query_risk < query]
-        own = allowed_cuts(len(peaks), answer_alpha, held)
-        cuts = min(own, total - cut_q)
+        passed = [r for r in benign if r.query_risk < query]
+        cut_p = sum(1 for r in passed if not r.prefill_peak < prefill)
+        peaks = [float(r.statistic.max()) if r.statistic.size else 0.0 for r in passed if r.prefill_peak < prefill]
+        own = allowed_cuts(len(passed), answer_alpha, held) - cut_p
+        cuts = min(own, total - cut_q - cut_p)
         answer = threshold_for_cuts(peaks, cuts)
-        at = [r.cut_at(query, answer) for r in harmful]
+        at = [r.cut_at(query, answer, prefill) for r in harmful]
         prevented = sum(1 for r, a in zip(harmful, at)
                         if a is not None and r.served_from is not None and a < r.served_from)
         point = OperatingPoints(query, answer, cut_q, cuts, total, prevented,
@@ -297,14 +318,16 @@ class Replay:
     statistic: np.ndarray
     served_from: int | None
     n_answer: int
+    prefill_peak: float = 0.0  # the prefill check's statistic (0 without a prefill)
 
     @property
     def harmful(self) -> bool:
         return self.example.label == 1
 
-    def cut_at(self, query_threshold: float, answer_threshold: float) -> int | None:
-        """0: the query check; k >= 1: the answer stage after k tokens; None: never."""
-        if not self.query_risk < query_threshold:
+    def cut_at(self, query_threshold: float, answer_threshold: float, prefill_threshold: float = 1.0) -> int | None:
+        """0: the query check, or the prefill check (before a word is written); k >= 1: the answer
+        stage after k tokens; None: never."""
+        if not self.query_risk < query_threshold or not self.prefill_peak < prefill_threshold:
             return 0
         hit = np.flatnonzero(self.statistic >= answer_threshold)
         return int(hit[0]) + 1 if hit.size else None
@@ -337,23 +360,36 @@ def query_risk(head: Head, conv: Conversation) -> float:
     return float(encoded_risk(risk, alone, in_place, around))  # encoded or split, read as the loop reads it
 
 
+def prefill_threshold_of(head: Head) -> float:
+    """The prefill check's operating point in this head file; 1.0 (it never acts) where it has none."""
+    return GuardOptions().resolve(head).prefill_threshold
+
+
+def prefill_peak(answer_head: Head, conv: Conversation, window: AnswerWindow, rule: AnswerRule, query: float) -> float:
+    """The prefill check's statistic: the rule's highest value over the prefill's tokens, from the query risk."""
+    return max(rule.statistic(prefill_risks(answer_head, conv, window), query), default=0.0)
+
+
 def replay(head: Head, convs: Sequence[Conversation], served: Sequence[int | None]) -> list[Replay]:
     answer_head, window, rule, _ = answer_stage_of(head)
     out = []
     for conv, start in zip(convs, served):
         q = query_risk(head, conv)
         statistic = np.array(rule.statistic(answer_risks(answer_head, conv, window), q), np.float64)
-        out.append(Replay(conv.example, q, statistic, start, conv.trajectory.n_answer))
+        peak = prefill_peak(answer_head, conv, window, rule, q) if head.answer_head is not None else 0.0
+        out.append(Replay(conv.example, q, statistic, start, conv.trajectory.n_answer, peak))
     return out
 
 
-def rates(rows: Sequence[Replay], query_threshold: float, answer_threshold: float) -> dict[str, Any]:
-    """Per-answer rates at one operating point."""
+def rates(rows: Sequence[Replay], query_threshold: float, answer_threshold: float,
+          prefill_threshold: float = 1.0) -> dict[str, Any]:
+    """Per-answer rates at one operating point (the prefill check's too: 1.0 never acts)."""
     benign = [r for r in rows if not r.harmful]
     harmful = [r for r in rows if r.harmful]
     passed = [r for r in harmful if r.query_risk < query_threshold]
     served_passed = [r for r in passed if r.served_from is not None]
-    cut = {id(r): r.cut_at(query_threshold, answer_threshold) for r in rows}
+    cut = {id(r): r.cut_at(query_threshold, answer_threshold, prefill_threshold) for r in rows}
+    by_prefill = {id(r) for r in rows if r.query_risk < query_threshold and not r.prefill_peak < prefill_threshold}
 
     def share(part: Sequence[Replay], test: Any) -> float | None:
         return sum(1 for r in part if test(r)) / len(part) if part else None
@@ -365,41 +401,46 @@ def rates(rows: Sequence[Replay], query_threshold: float, answer_threshold: floa
     return {
         "benign": len(benign),
         "benign_cut": share(benign, lambda r: cut[id(r)] is not None),
-        "benign_cut_by_query": share(benign, lambda r: cut[id(r)] == 0),
+        "benign_cut_by_query": share(benign, lambda r: not r.query_risk < query_threshold),
+        "benign_cut_by_prefill": share(benign, lambda r: id(r) in by_prefill),
         "benign_cut_mid_answer": share(benign, lambda r: (cut[id(r)] or 0) > 0),
         "harmful": len(harmful),
         "harmful_stopped": share(harmful, lambda r: cut[id(r)] is not None),
-        "harmful_stopped_by_query": share(harmful, lambda r: cut[id(r)] == 0),
+        "harmful_stopped_by_query": share(harmful, lambda r: not r.query_risk < query_threshold),
+        "harmful_stopped_by_prefill": share(harmful, lambda r: id(r) in by_prefill),
         "harmful_served_unguarded": share(harmful, lambda r: r.served_from is not None),
         "harmful_served_guarded": share(harmful, lambda r: r.served_from is not None and not before(r)),
         "passed_query": len(passed),
-        "passed_stopped_mid_answer": share(passed, lambda r: cut[id(r)] is not None),
+        "passed_stopped_mid_answer": share(passed, lambda r: (cut[id(r)] or 0) > 0),
+        "passed_stopped_by_prefill": share(passed, lambda r: id(r) in by_prefill),
         "passed_served": len(served_passed),
         "passed_served_stopped_before": share(served_passed, before),
     }
 
 
-def curve(rows: Sequence[Replay], query_threshold: float, points: int = 60) -> list[dict[str, float | None]]:
-    """The answer stage's trade-off: one point per answer threshold, the query check fixed."""
+def curve(rows: Sequence[Replay], query_threshold: float, points: int = 60,
+          prefill_threshold: float = 1.0) -> list[dict[str, float | None]]:
+    """The answer stage's trade-off: one point per answer threshold, the query and prefill checks fixed."""
     passed_benign = [r for r in rows if not r.harmful and r.query_risk < query_threshold]
     peaks = sorted({float(r.statistic.max()) for r in passed_benign if r.statistic.size} | {1.0})
     chosen = np.unique(np.quantile(peaks, np.linspace(0, 1, points))) if peaks else np.array([1.0])
     out = []
     for t in chosen:
         threshold = float(np.nextafter(np.float32(t), np.float32(2.0)))
-        r = rates(rows, query_threshold, threshold)
+        r = rates(rows, query_threshold, threshold, prefill_threshold)
         out.append({"threshold": threshold, "benign_cut_mid_answer": r["benign_cut_mid_answer"],
                     "passed_stopped_mid_answer": r["passed_stopped_mid_answer"],
                     "passed_served_stopped_before": r["passed_served_stopped_before"]})
     return out
 
 
-def in_time(rows: Sequence[Replay], query_threshold: float) -> list[dict[str, Any]]:
+def in_time(rows: Sequence[Replay], query_threshold: float, prefill_threshold: float = 1.0) -> list[dict[str, Any]]:
     """Each harmful answer the query check lets through and that serves its request: from which step
     it serves, the answer-stage threshold that would have stopped it before then (the highest statistic
     it reached before serving; None where it serves from its first token, so only the query check could
     have stopped it), and the share of the benign answers the query check lets through that threshold
-    would cut. Why the answer stage stops what it stops in time, and what stopping more would cost."""
+    would cut; and whether the prefill check stops it, before any of it is written. Why the answer
+    stage stops what it stops in time, and what stopping more would cost."""
     peaks = np.array([float(r.statistic.max()) if r.statistic.size else -np.inf
                       for r in rows if not r.harmful and r.query_risk < query_threshold])
     out = []
@@ -410,29 +451,32 @@ def in_time(rows: Sequence[Replay], query_threshold: float) -> list[dict[str, An
         reach = float(before.max()) if before.size else None
         out.append({"id": r.example.id, "form": variant_family(r.example.variant), "source": r.example.source,
                     "query_risk": r.query_risk, "serves_from": r.served_from, "answer_tokens": r.n_answer,
+                    "prefill_peak": r.prefill_peak, "stopped_by_prefill": not r.prefill_peak < prefill_threshold,
                     "threshold_in_time": reach,
                     "benign_cut_in_time": None if reach is None or not peaks.size else float(np.mean(peaks >= reach))})
     return out
 
 
 def by_group(rows: Sequence[Replay], key: Callable[[Example], str], query_threshold: float,
-             answer_threshold: float) -> dict[str, Any]:
+             answer_threshold: float, prefill_threshold: float = 1.0) -> dict[str, Any]:
     """:func:`rates` per group and label, named ``<group>:benign`` / ``<group>:harmful``."""
     groups: dict[str, list[Replay]] = {}
     for r in rows:
         groups.setdefault(f"{key(r.example)}:{'harmful' if r.harmful else 'benign'}", []).append(r)
-    return {k: rates(v, query_threshold, answer_threshold) for k, v in sorted(groups.items())}
+    return {k: rates(v, query_threshold, answer_threshold, prefill_threshold) for k, v in sorted(groups.items())}
 
 
-def by_source(rows: Sequence[Replay], query_threshold: float, answer_threshold: float) -> dict[str, Any]:
-    return by_group(rows, lambda e: e.source, query_threshold, answer_threshold)
+def by_source(rows: Sequence[Replay], query_threshold: float, answer_threshold: float,
+              prefill_threshold: float = 1.0) -> dict[str, Any]:
+    return by_group(rows, lambda e: e.source, query_threshold, answer_threshold, prefill_threshold)
 
 
-def by_form(rows: Sequence[Replay], query_threshold: float, answer_threshold: float) -> dict[str, Any]:
+def by_form(rows: Sequence[Replay], query_threshold: float, answer_threshold: float,
+            prefill_threshold: float = 1.0) -> dict[str, Any]:
     """Per form of request (plain, jailbreak template, prefill...): where the benign cuts come from is
     rarely spread evenly, and a per-answer rate hides which forms a head reads as harm. Grouped as
     ``guardrail eval --data`` groups rows (:func:`variant_family`), so the two tables line up."""
-    return by_group(rows, lambda e: variant_family(e.variant), query_threshold, answer_threshold)
+    return by_group(rows, lambda e: variant_family(e.variant), query_threshold, answer_threshold, prefill_threshold)
 
 
 def with_plain(convs: Sequence[Conversation], plain: PlainFeatures | None) -> list[Conversation]:

@@ -540,6 +540,8 @@ def train_answer_stage(model: Model, sha: str, data_dir: Path, head: Head, confi
              "labels": recipe.labels}
     draft = replace(head, answer_head=replace(answer, threshold=1.0, extra={"answer_stage": stage}))
     chosen, calibrated = calibrate_answer_stage(draft, head.threshold, rule, val, test, plan.eval_tokens)
+    calibrated = with_prefill_check(replace(head, threshold=chosen, answer_head=calibrated), model, sha, data_dir,
+                                    val, test, progress=progress)
     metrics = {**calibrated.metrics, "recipe": recipe.describe(),
                "answers": {"train": len(train[0]), "val": len(val[0]), "test": len(test[0])},
                "generated": {name: cost for name, (_, _, cost) in splits.items()}}
@@ -585,6 +587,67 @@ def calibrate_answer_stage(head: Head, row_threshold: float, rule: AnswerRule, v
         final = replace(head, threshold=points.query, answer_head=calibrated)
         metrics["test"] = rates(replay(final, *test), points.query, points.answer)
     return points.query, replace(calibrated, metrics=metrics)
+
+
+def prefill_conversations(model: Model, sha: str, data_dir: Path, split: str, progress: bool) -> list:
+    """Every prefilled request of a split, its prompt decoded once and stored (the prefill check reads
+    the prompt's states only: one answer token is written), read as the loop reads it."""
+    from .answer_stage import Conversation, with_plain
+    from .answers import AnswerSpec, AnswerStore
+    from .data import read_jsonl
+
+    rows = [e for e in read_jsonl(data_dir / f"{split}.jsonl") if e.messages[-1].role == "assistant"]
+    items = [(e, AnswerSpec(max_tokens=1)) for e in rows]
+    store = AnswerStore(model, sha, answer_layers(model))
+    with progress_bar(progress) as bar:
+        task = bar.add_task(f"prefilled requests: {split}", total=len(store.todo(items)))
+        store.generate(items, progress=lambda n: bar.advance(task, n))
+    convs = [Conversation.of(store.load(key), e) for e, key in zip(rows, store.keys(items))]
+    return with_plain(convs, plain_features(model, sha, rows, default_config(model)))
+
+
+def with_prefill_check(head: Head, model: Model, sha: str, data_dir: Path, val: tuple[list, list],
+                       test: tuple[list, list] | None, *, keep: bool = False, progress: bool = True) -> Head:
+    """The answer-stage head of ``head`` (both thresholds chosen) with the prefill check's operating
+    point: the answer stage's rule over a caller's prefill may cut at most ANSWER_ALPHA of the benign
+    prefilled validation requests the query check lets through, held as the answer stage's is (with
+    ``keep``, a point the head already has is kept); its val and test rates replayed with all three.
+
+    Its own point, because it decides once, before a word is written, on text the caller wrote; and
+    on requests, since every prefilled validation request is read in seconds (hundreds, where the
+    validation answers hold a few dozen prefilled benign ones)."""
+    from .answer_stage import (HELD, allowed_cuts, answer_stage_of, prefill_peak, query_risk, rates, replay,
+                               threshold_for_cuts)
+
+    own = head.answer_head
+    assert own is not None
+    stage = dict(own.extra.get("answer_stage") or {})
+    if not (keep and "prefill" in stage):
+        answer_head, window, rule, _ = answer_stage_of(head)
+        convs = prefill_conversations(model, sha, data_dir, "val", progress)
+        read = [(c.example.label == 1, q, prefill_peak(answer_head, c, window, rule, q) if q < head.threshold else None)
+                for c in convs for q in (query_risk(head, c),)]
+        benign = [peak for harmful, _, peak in read if not harmful and peak is not None]
+        cuts = allowed_cuts(len(benign), ANSWER_ALPHA, HELD)
+        threshold = threshold_for_cuts(benign, cuts)
+        passed = [peak for harmful, _, peak in read if harmful and peak is not None]
+        stage["prefill"] = {
+            "threshold": threshold, "n_benign": len(benign), "max_cuts": cuts, "alpha": ANSWER_ALPHA, "held": HELD,
+            "from": (f"{len(benign)} prefilled benign validation requests the query check let through: at most "
+                     f"{max(cuts, 0)} cut ({ANSWER_ALPHA:.0%}, held for {HELD:.0%} of draws); the answer stage's "
+                     f"rule ({rule.describe()}) over the prefill's tokens"),
+            "val": {"benign": sum(1 for harmful, _, _ in read if not harmful),
+                    "benign_cut": sum(1 for peak in benign if peak >= threshold),
+                    "harmful": sum(1 for harmful, _, _ in read if harmful), "harmful_passed": len(passed),
+                    "harmful_stopped": sum(1 for peak in passed if peak >= threshold)}}
+    own = replace(own, extra={**own.extra, "answer_stage": stage})
+    head = replace(head, answer_head=own)
+    _, _, _, answer_threshold = answer_stage_of(head)
+    points = (head.threshold, answer_threshold, float(stage["prefill"]["threshold"]))
+    metrics = {**own.metrics, "val": rates(replay(head, *val), *points)}
+    if test is not None:
+        metrics["test"] = rates(replay(head, *test), *points)
+    return replace(own, metrics=metrics)
 
 
 def remeasure_answer_stage(head: Head, val: tuple[list, list], test: tuple[list, list]) -> Head:
@@ -679,6 +742,8 @@ def calibrate_for_model(model_spec: str | None, head_path: str | None, *, rule: 
     target = out or user_head_path(sha)
     if keep_thresholds:
         kept = remeasure_answer_stage(head, val[:2], test[:2])
+        kept = with_prefill_check(replace(head, answer_head=kept), model, sha, data_dir, val[:2], test[:2], keep=True,
+                                  progress=progress)
         calibrated = replace(head, answer_head=replace(kept, metrics={**kept.metrics, **counted}))
         # the test split's rows too, at the kept query threshold, as the loop reads them now
         calibrated = rethreshold(calibrated, head.threshold, model, sha, data_dir, config_for(head, config),
@@ -689,6 +754,8 @@ def calibrate_for_model(model_spec: str | None, head_path: str | None, *, rule: 
     row_threshold = float((stage.get("query_threshold") or {}).get("by_rows", head.threshold))
     rule = rule or default_answer_recipe(config)[1]
     chosen, answer = calibrate_answer_stage(head, row_threshold, rule, val[:2], test[:2], plan.eval_tokens)
+    answer = with_prefill_check(replace(head, threshold=chosen, answer_head=answer), model, sha, data_dir, val[:2],
+                                test[:2], progress=progress)
     when = _utc_now()
     metrics = {**head.answer_head.metrics, **answer.metrics, "calibrated": when, **counted}
     calibrated = replace(head, answer_head=replace(answer, metrics=metrics))
