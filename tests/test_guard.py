@@ -512,7 +512,7 @@ def test_training_replays_the_prefill_check_as_the_loop_makes_it(guard, tmp_path
     replayed = prefill_peak(answer_head, conv, window, rule, q)
     events, _ = _chat(guard, REVENGE, max_tokens=1, policy="monitor")
     live = [e for e in events if e.type == "check"]
-    # stored states are float16, decoded in the store's own batches: measured 0.18 and 0.22 apart in logits
-    # (0.79 vs 0.82, 0.958 vs 0.966)
+    # the store decodes with flash attention on, the one-slot CPU guard with it off: measured 0.18 and 0.22
+    # apart in logits here (0.79 vs 0.82, 0.958 vs 0.966; with it off in the store too, 5e-5)
     assert abs(_logit(q) - _logit(live[0].risk)) < 0.3
     assert live[1].stage == "prefill" and abs(_logit(replayed) - _logit(live[1].score)) < 0.3
