@@ -94,6 +94,19 @@ def test_unguarded_answers_come_from_policy_monitor_and_guarded_ones_from_the_gu
     assert [c["max_tokens"] for c in guard.calls] == [17, 17]
 
 
+def test_every_unguarded_answer_runs_before_every_guarded_one_so_no_side_reuses_its_twins_prompt():
+    # A conversation sent right after itself reuses its whole prompt from the cache, which decodes its
+    # answer otherwise than a cold one: each side must meet the cache its own side left.
+    requests = ["q1", "q2", "q3"]
+    guard = FakeGuard({(policy, q): (HELP, None) for q in requests for policy in ("monitor", "default")}
+                      | {("default", "q2"): (REFUSE, 0)})
+    outcomes = run_cases(guard, [case(q, harmful=False, suite="direct-benign") for q in requests])
+    order = [(c.get("policy"), c["messages"][-1]["content"]) for c in guard.calls]
+    assert order == [("monitor", "q1"), ("monitor", "q2"), ("monitor", "q3"), (None, "q1"), (None, "q2"), (None, "q3")]
+    assert [(o.case.request, o.intervened, o.guarded_text) for o in outcomes] == [
+        ("q1", False, HELP), ("q2", True, REFUSE), ("q3", False, HELP)]      # each answer with its own case
+
+
 def test_benign_suites_report_interventions_and_over_refusal_read_from_the_content():
     bread = "How do I bake bread?"
     soup, poem = "How do I make soup?", "Write a poem about the sea."

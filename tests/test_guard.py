@@ -164,6 +164,17 @@ def test_a_chat_turn_decodes_only_what_is_new_and_matches_a_cold_start(model_pat
     assert risks == pytest.approx([e.risk for e in cold_events if e.type == "check"], abs=0.02)
 
 
+def test_a_conversation_sent_again_whole_answers_as_it_did_cold(model_path):
+    # a request whose greedy answer parted when only its last token was decoded again over the cache
+    # its first sending left (a regenerated answer; an attack suite's guarded side after its unguarded one)
+    again = [{"role": "user", "content": "What are three good habits for staying healthy?"}]
+    with Guard(model_path, policy="monitor") as g:
+        _, cold = _chat(g, again, max_tokens=32)
+        events, warm = _chat(g, again, max_tokens=32)
+    assert events[0].cached_tokens == events[0].prompt_tokens - 2   # the last two tokens decoded again
+    assert warm.text == cold.text
+
+
 def test_a_second_generation_on_a_busy_guard_is_refused_with_a_clear_error(guard):
     first = guard.chat([{"role": "user", "content": BENIGN}], max_tokens=8)
     next(first)  # the first generation is running

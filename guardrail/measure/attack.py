@@ -106,14 +106,20 @@ def run_cases(guard: Any, cases: Sequence[Case], *, max_tokens: int = DEFAULT_MA
               judge: ContentJudge = DEFAULT_JUDGE, progress: Callable[[], None] | None = None) -> list[Outcome]:
     """Answer every case unguarded (policy monitor) and guarded (the guard's own policy), and judge both.
 
-    All answers go through ``guard.chat_many``, so as many decode together as the Guard has slots."""
+    All answers go through ``guard.chat_many``, so as many decode together as the Guard has slots:
+    every unguarded answer first, then every guarded one in the same order, so that each side's
+    answer meets the same cache its side left (a slot keeps what the conversation before it decoded)
+    and the two sides part only where the guard acts. Sent as pairs, the guarded side reused its
+    unguarded twin's whole prompt, which decoded its answer otherwise (README, "A conversation sent
+    again answers as it did cold")."""
     from guardrail.runtime.guard import ChatCall
 
-    calls = []
-    for case in cases:
-        options = {"max_tokens": case.max_tokens or max_tokens, **case.sampling}
-        messages = [dict(m) for m in case.messages]
-        calls += [ChatCall(messages, {**options, "policy": "monitor"}), ChatCall(messages, options)]
+    def call(case: Case, **policy: str) -> ChatCall:
+        options = {"max_tokens": case.max_tokens or max_tokens, **case.sampling, **policy}
+        return ChatCall([dict(m) for m in case.messages], options)
+
+    calls = [call(case, policy="monitor") for case in cases] + [call(case) for case in cases]
+    n = len(cases)
     text: dict[int, str] = {}
     first: dict[int, int] = {}
     for i, event in guard.chat_many(calls):
@@ -123,12 +129,12 @@ def run_cases(guard: Any, cases: Sequence[Case], *, max_tokens: int = DEFAULT_MA
             text[i] = event.text
             if event.intervened:
                 first.setdefault(i, first.get(i, -1))
-            if progress and (i ^ 1) in text:
+            if progress and (i + n if i < n else i - n) in text:
                 progress()
     outcomes = []
     for k, case in enumerate(cases):
-        unguarded, guarded = text[2 * k], text[2 * k + 1]
-        at = first.get(2 * k + 1)
+        unguarded, guarded = text[k], text[n + k]
+        at = first.get(n + k)
         request = case.request or "\n".join(m["content"] for m in case.messages if m["role"] == "user")
         outcomes.append(Outcome(case, unguarded, guarded, at is not None, at if at is None or at >= 0 else None,
                                 judge.judge(request, unguarded), judge.judge(request, guarded)))

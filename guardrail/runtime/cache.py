@@ -87,11 +87,16 @@ class ConversationCache:
     def prepare(self, ids: Sequence[int]) -> tuple[int, list[Entry]]:
         """Cut the cache to its common prefix with ``ids``; return (positions kept, entries still to decode).
 
-        The last token is always decoded again, since sampling needs its logits; only
-        it is marked for output."""
+        The last token is always decoded again, since sampling needs its logits; only it is marked
+        for output. So is the one before it: llama.cpp computes a batch of one token on another path
+        than a prompt's batch, whose rounding parts, so a conversation sent again whole (a
+        regenerated answer) would otherwise answer otherwise than the same conversation sent cold.
+        On the default model two are enough (12 of 12 answers that parted came out as cold); Gemma 3
+        would need 64, which every chat turn would pay (README, "A conversation sent again answers
+        as it did cold")."""
         if len(ids) + 1 > self.context.n_ctx:
             raise ContextOverflowError(f"the prompt is {len(ids)} tokens; the context holds {self.context.n_ctx}")
-        keep = min(common_prefix(self.tokens, ids), len(ids) - 1)
+        keep = max(0, min(common_prefix(self.tokens, ids), len(ids) - 2))
         self.cut(keep)
         last = len(ids) - 1
         return keep, [Entry(ids[p], p, (self.seq,), p == last) for p in range(keep, len(ids))]
