@@ -129,17 +129,6 @@ def test_every_split_replayed_is_kept_with_what_it_did_and_none_kept_more_from_s
     assert (7, 0, 0, 0) in points.splits                                    # all to the query check: the quiet ones serve
 
 
-def test_what_the_prefill_check_cuts_comes_out_of_the_one_budget():
-    quiet = [_replay(2000 + i, 1, 0.3, 0.9, served_from=50) for i in range(10)]
-    prefilled = [replace(r, prefill_peak=0.97) for r in BENIGN[100:102]]      # two benign prefills it cuts
-    rows = BENIGN[:100] + prefilled + BENIGN[102:] + quiet
-    alone = choose_operating_points(rows, 0.5, 0.02, 0.01)                 # no prefill check: as before
-    shared = choose_operating_points(rows, 0.5, 0.02, 0.01, prefill=0.95)
-    assert alone.answer_cuts == 2 and alone.prevented == 10
-    assert shared.answer_cuts <= 0 and shared.answer == 1.0                # the answer stage's share, spent
-    assert shared.prevented == 0                                           # so the quiet harmful answers serve
-
-
 def test_the_query_check_is_never_looser_than_its_row_level_threshold():
     points = choose_operating_points(BENIGN, 0.99, 0.02, 0.01)              # rows already stricter than any split
     assert points.query == 0.99 and points.query_cuts == 0

@@ -714,14 +714,14 @@ class _Run:
         if not positions or reader is None or spec is None or not self.prefill_threshold < 1.0:
             return None
         started = time.perf_counter()
-        windows = [spec.runs(self.query_runs, positions[0], p + 1) or [(p, p + 1)] for p in positions]
-        risks = [float(reader.risk(Window(tuple(w), p))) for w, p in zip(windows, positions)]
+        windows = spec.over_prefill(self.query_runs, positions)
+        risks = [float(reader.risk(Window(tuple(w), p))) for w, p in windows]
         peak, action = self.policy.on_prefill(risks, self.query_risk, self.prefill_threshold)
         self.guard_s += time.perf_counter() - started
         self.checks += 1
         risk = max(r if math.isfinite(r) else 1.0 for r in risks)
         self.max_risk = risk if self.max_risk is None else max(self.max_risk, risk)
-        return CheckEvent(0, risk, not peak < self.prefill_threshold, list(windows[-1]), signal="window",
+        return CheckEvent(0, risk, not peak < self.prefill_threshold, windows[-1][0], signal="window",
                           stage="prefill", score=peak), action
 
     def score(self) -> Generator[Decode, Decoded, Verdict]:

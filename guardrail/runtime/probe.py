@@ -101,6 +101,12 @@ class AnswerWindow:
             return out[:-1] + [(out[-1][0], own[0][1])]
         return out + own
 
+    def over_prefill(self, query_runs: Sequence[tuple[int, int]],
+                     positions: Sequence[int]) -> list[tuple[list[tuple[int, int]], int]]:
+        """(window, last position) of the prefill check's read at each of a prefill's ``positions``:
+        each token read as if it had just been written. The loop and training's replay both call it."""
+        return [(self.runs(query_runs, positions[0], p + 1), p) for p in positions]
+
 
 def update_window_state(state: WindowState, malicious: bool, answer_len: int) -> None:
     """Record a check's verdict: the first sets the branch; later ones open or close a switch."""

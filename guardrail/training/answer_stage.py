@@ -135,12 +135,12 @@ def answer_risks(head: Head, conv: Conversation, spec: AnswerWindow) -> np.ndarr
 def prefill_risks(head: Head, conv: Conversation, spec: AnswerWindow) -> np.ndarray:
     """The answer head's probability at each token of a caller's prefill, as the prefill check reads
     them (``guard._Run.prefill_check``); empty without a prefill."""
-    positions = range(conv.answer_start, conv.trajectory.n_prompt)
+    positions = list(range(conv.answer_start, conv.trajectory.n_prompt))
     if not positions:
         return np.zeros(0, np.float64)
     reader = _reader(head, conv)
-    return np.array([reader.risk(Window(tuple(spec.runs(conv.query_runs, conv.answer_start, p + 1)), p))
-                     for p in positions], np.float64)
+    return np.array([reader.risk(Window(tuple(w), p)) for w, p in spec.over_prefill(conv.query_runs, positions)],
+                    np.float64)
 
 
 # ---------------------------------------------------------------------------
@@ -260,7 +260,7 @@ class OperatingPoints:
 
 
 def choose_operating_points(rows: Sequence[Replay], row_threshold: float, alpha: float, answer_alpha: float, *,
-                            held: float | None = HELD, min_cuts: int = 3, prefill: float = 1.0) -> OperatingPoints:
+                            held: float | None = HELD, min_cuts: int = 3) -> OperatingPoints:
     """Split one per-answer budget between the query check and the answer stage.
 
     Both together may cut :func:`allowed_cuts` of the benign validation answers (``alpha``), the
@@ -269,9 +269,7 @@ def choose_operating_points(rows: Sequence[Replay], row_threshold: float, alpha:
     replayed; the one that leaves the fewest harmful validation answers serving their request
     wins (then the most stopped, then the most left to the query check, which stops before a
     word is written). Below ``min_cuts`` the highest risks of a small set are noise: the row-level
-    threshold decides alone and the budget is what it leaves. The prefill check, chosen before on its
-    own rows (``prefill``), is fixed: what it cuts of the benign answers the query check lets
-    through comes out of the budget too."""
+    threshold decides alone and the budget is what it leaves."""
     benign = [r for r in rows if not r.harmful]
     harmful = [r for r in rows if r.harmful]
     risks = [r.query_risk for r in benign]
@@ -282,13 +280,11 @@ def choose_operating_points(rows: Sequence[Replay], row_threshold: float, alpha:
     for q in splits:
         query = row_threshold if q is None else max(row_threshold, threshold_for_cuts(risks, q))
         cut_q = sum(1 for v in risks if v >= query)
-        passed = [r for r in benign if r.query_risk < query]
-        cut_p = sum(1 for r in passed if not r.prefill_peak < prefill)
-        peaks = [float(r.statistic.max()) if r.statistic.size else 0.0 for r in passed if r.prefill_peak < prefill]
-        own = allowed_cuts(len(passed), answer_alpha, held) - cut_p
-        cuts = min(own, total - cut_q - cut_p)
+        peaks = [float(r.statistic.max()) if r.statistic.size else 0.0 for r in benign if r.query_risk < query]
+        own = allowed_cuts(len(peaks), answer_alpha, held)
+        cuts = min(own, total - cut_q)
         answer = threshold_for_cuts(peaks, cuts)
-        at = [r.cut_at(query, answer, prefill) for r in harmful]
+        at = [r.cut_at(query, answer) for r in harmful]
         prevented = sum(1 for r, a in zip(harmful, at)
                         if a is not None and r.served_from is not None and a < r.served_from)
         point = OperatingPoints(query, answer, cut_q, cuts, total, prevented,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -539,9 +539,8 @@ def train_answer_stage(model: Model, sha: str, data_dir: Path, head: Head, confi
     stage = {"recent": recipe.window.recent, "query": recipe.window.query, "blocks": list(recipe.blocks),
              "labels": recipe.labels}
     draft = replace(head, answer_head=replace(answer, threshold=1.0, extra={"answer_stage": stage}))
-    chosen, calibrated = calibrate_answer_stage(draft, head.threshold, rule, val, test, plan.eval_tokens)
-    calibrated = with_prefill_check(replace(head, threshold=chosen, answer_head=calibrated), model, sha, data_dir,
-                                    val, test, progress=progress)
+    chosen, calibrated = calibrate_answer_stage(draft, head.threshold, rule, val, test, plan.eval_tokens,
+                                                lambda final: prefill_point(final, model, sha, data_dir, progress))
     metrics = {**calibrated.metrics, "recipe": recipe.describe(),
                "answers": {"train": len(train[0]), "val": len(val[0]), "test": len(test[0])},
                "generated": {name: cost for name, (_, _, cost) in splits.items()}}
@@ -549,13 +548,16 @@ def train_answer_stage(model: Model, sha: str, data_dir: Path, head: Head, confi
 
 
 def calibrate_answer_stage(head: Head, row_threshold: float, rule: AnswerRule, val: tuple[list, list],
-                           test: tuple[list, list] | None, tokens: int) -> tuple[float, Head]:
+                           test: tuple[list, list] | None, tokens: int,
+                           prefill: Callable[[Head], dict[str, Any]] | None = None) -> tuple[float, Head]:
     """(query threshold, answer-stage head) with ``rule`` and both thresholds chosen on validation
     answers: together the two decisions may cut QUERY_ALPHA of benign validation answers, the answer
     stage alone ANSWER_ALPHA of those the query check lets through, both held for HELD of draws, and
-    the query check is never looser than ``row_threshold`` (its own, on requests). The weights of
-    ``head.answer_head`` are kept: a rule can be changed in seconds, without refitting."""
-    from .answer_stage import HELD, choose_operating_points, rates, replay
+    the query check is never looser than ``row_threshold`` (its own, on requests). Then ``prefill``,
+    given the head at those two points, chooses the prefill check's (:func:`prefill_point`), and the
+    rates are replayed with all three. The weights of ``head.answer_head`` are kept: a rule can be
+    changed in seconds, without refitting."""
+    from .answer_stage import HELD, choose_operating_points, prefill_threshold_of, rates, replay
 
     assert head.answer_head is not None
     stage = dict(head.answer_head.extra.get("answer_stage") or {})
@@ -581,11 +583,14 @@ def calibrate_answer_stage(head: Head, row_threshold: float, rule: AnswerRule, v
                                           f"({points.prevented} stopped before serving, {points.stopped} stopped); "
                                           f"never looser than its row-level threshold ({row_threshold:.4f})"}}
     calibrated = replace(head.answer_head, threshold=points.answer, extra={"answer_stage": stage})
+    final = replace(head, threshold=points.query, answer_head=calibrated)
+    if prefill is not None:
+        stage["prefill"] = prefill(final)
+    at = (points.query, points.answer, prefill_threshold_of(final))
     metrics = {"rule": rule.describe(), "threshold": points.answer, "served_by": "rule judge",
-               "val": rates(val_rows, points.query, points.answer)}  # a replay does not depend on either threshold
+               "val": rates(val_rows, *at)}  # a replay does not depend on any threshold
     if test is not None:
-        final = replace(head, threshold=points.query, answer_head=calibrated)
-        metrics["test"] = rates(replay(final, *test), points.query, points.answer)
+        metrics["test"] = rates(replay(final, *test), *at)
     return points.query, replace(calibrated, metrics=metrics)
 
 
@@ -606,48 +611,39 @@ def prefill_conversations(model: Model, sha: str, data_dir: Path, split: str, pr
     return with_plain(convs, plain_features(model, sha, rows, default_config(model)))
 
 
-def with_prefill_check(head: Head, model: Model, sha: str, data_dir: Path, val: tuple[list, list],
-                       test: tuple[list, list] | None, *, keep: bool = False, progress: bool = True) -> Head:
-    """The answer-stage head of ``head`` (both thresholds chosen) with the prefill check's operating
-    point: the answer stage's rule over a caller's prefill may cut at most ANSWER_ALPHA of the benign
-    prefilled validation requests the query check lets through, held as the answer stage's is (with
-    ``keep``, a point the head already has is kept); its val and test rates replayed with all three.
+def prefill_point(head: Head, model: Model, sha: str, data_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """The prefill check's operating point for ``head`` (its query and answer thresholds chosen), as
+    its answer stage records it (``answer_stage.prefill``): the answer stage's rule over a caller's
+    prefill may cut at most ANSWER_ALPHA of the benign prefilled validation requests the query check
+    lets through, held as the answer stage's is.
 
     Its own point, because it decides once, before a word is written, on text the caller wrote; and
     on requests, since every prefilled validation request is read in seconds (hundreds, where the
     validation answers hold a few dozen prefilled benign ones)."""
-    from .answer_stage import (HELD, allowed_cuts, answer_stage_of, prefill_peak, query_risk, rates, replay,
-                               threshold_for_cuts)
+    from .answer_stage import HELD, allowed_cuts, answer_stage_of, prefill_peak, query_risk, threshold_for_cuts
 
-    own = head.answer_head
-    assert own is not None
-    stage = dict(own.extra.get("answer_stage") or {})
-    if not (keep and "prefill" in stage):
-        answer_head, window, rule, _ = answer_stage_of(head)
-        convs = prefill_conversations(model, sha, data_dir, "val", progress)
-        read = [(c.example.label == 1, q, prefill_peak(answer_head, c, window, rule, q) if q < head.threshold else None)
-                for c in convs for q in (query_risk(head, c),)]
-        benign = [peak for harmful, _, peak in read if not harmful and peak is not None]
-        cuts = allowed_cuts(len(benign), ANSWER_ALPHA, HELD)
-        threshold = threshold_for_cuts(benign, cuts)
-        passed = [peak for harmful, _, peak in read if harmful and peak is not None]
-        stage["prefill"] = {
-            "threshold": threshold, "n_benign": len(benign), "max_cuts": cuts, "alpha": ANSWER_ALPHA, "held": HELD,
+    answer_head, window, rule, _ = answer_stage_of(head)
+    read = [(c.example.label == 1, prefill_peak(answer_head, c, window, rule, q) if q < head.threshold else None)
+            for c in prefill_conversations(model, sha, data_dir, "val", progress) for q in (query_risk(head, c),)]
+    benign = [peak for harmful, peak in read if not harmful and peak is not None]
+    passed = [peak for harmful, peak in read if harmful and peak is not None]
+    cuts = allowed_cuts(len(benign), ANSWER_ALPHA, HELD)
+    threshold = threshold_for_cuts(benign, cuts)
+    return {"threshold": threshold, "n_benign": len(benign), "max_cuts": cuts, "alpha": ANSWER_ALPHA, "held": HELD,
             "from": (f"{len(benign)} prefilled benign validation requests the query check let through: at most "
                      f"{max(cuts, 0)} cut ({ANSWER_ALPHA:.0%}, held for {HELD:.0%} of draws); the answer stage's "
                      f"rule ({rule.describe()}) over the prefill's tokens"),
-            "val": {"benign": sum(1 for harmful, _, _ in read if not harmful),
+            "val": {"benign": sum(1 for harmful, _ in read if not harmful),
                     "benign_cut": sum(1 for peak in benign if peak >= threshold),
-                    "harmful": sum(1 for harmful, _, _ in read if harmful), "harmful_passed": len(passed),
+                    "harmful": sum(1 for harmful, _ in read if harmful), "harmful_passed": len(passed),
                     "harmful_stopped": sum(1 for peak in passed if peak >= threshold)}}
-    own = replace(own, extra={**own.extra, "answer_stage": stage})
-    head = replace(head, answer_head=own)
-    _, _, _, answer_threshold = answer_stage_of(head)
-    points = (head.threshold, answer_threshold, float(stage["prefill"]["threshold"]))
-    metrics = {**own.metrics, "val": rates(replay(head, *val), *points)}
-    if test is not None:
-        metrics["test"] = rates(replay(head, *test), *points)
-    return replace(own, metrics=metrics)
+
+
+def with_prefill_point(head: Head, point: dict[str, Any]) -> Head:
+    """``head`` with ``point`` as its answer stage's prefill check."""
+    assert head.answer_head is not None
+    stage = {**(head.answer_head.extra.get("answer_stage") or {}), "prefill": point}
+    return replace(head, answer_head=replace(head.answer_head, extra={**head.answer_head.extra, "answer_stage": stage}))
 
 
 def remeasure_answer_stage(head: Head, val: tuple[list, list], test: tuple[list, list]) -> Head:
@@ -657,18 +653,18 @@ def remeasure_answer_stage(head: Head, val: tuple[list, list], test: tuple[list,
     How the thresholds were chosen stays recorded beside the new rates."""
     from guardrail._version import __version__
 
-    from .answer_stage import answer_stage_of, rates, replay
+    from .answer_stage import answer_stage_of, prefill_threshold_of, rates, replay
 
     assert head.answer_head is not None
     _, _, rule, answer_threshold = answer_stage_of(head)
+    at = (head.threshold, answer_threshold, prefill_threshold_of(head))
     when = _utc_now()
     stage = dict(head.answer_head.extra.get("answer_stage") or {})
     stage["remeasured"] = (f"{when}: both thresholds kept as chosen above; the val and test rates replayed at them "
                            f"({rule.describe()}) by guardrail {__version__}")
     metrics = {**head.answer_head.metrics, "rule": rule.describe(), "threshold": answer_threshold,
                "served_by": "rule judge", "remeasured": when,
-               "val": rates(replay(head, *val), head.threshold, answer_threshold),
-               "test": rates(replay(head, *test), head.threshold, answer_threshold)}
+               "val": rates(replay(head, *val), *at), "test": rates(replay(head, *test), *at)}
     return replace(head.answer_head, extra={**head.answer_head.extra, "answer_stage": stage}, metrics=metrics)
 
 
@@ -741,9 +737,10 @@ def calibrate_for_model(model_spec: str | None, head_path: str | None, *, rule: 
     counted = {"answers": {**(head.answer_head.metrics.get("answers") or {}), "val": len(val[0]), "test": len(test[0])}}
     target = out or user_head_path(sha)
     if keep_thresholds:
-        kept = remeasure_answer_stage(head, val[:2], test[:2])
-        kept = with_prefill_check(replace(head, answer_head=kept), model, sha, data_dir, val[:2], test[:2], keep=True,
-                                  progress=progress)
+        whole = head  # a prefill point the head lacks is chosen; every point it has is kept
+        if "prefill" not in (head.answer_head.extra.get("answer_stage") or {}):
+            whole = with_prefill_point(head, prefill_point(head, model, sha, data_dir, progress))
+        kept = remeasure_answer_stage(whole, val[:2], test[:2])
         calibrated = replace(head, answer_head=replace(kept, metrics={**kept.metrics, **counted}))
         # the test split's rows too, at the kept query threshold, as the loop reads them now
         calibrated = rethreshold(calibrated, head.threshold, model, sha, data_dir, config_for(head, config),
@@ -753,9 +750,8 @@ def calibrate_for_model(model_spec: str | None, head_path: str | None, *, rule: 
     stage = head.answer_head.extra.get("answer_stage") or {}
     row_threshold = float((stage.get("query_threshold") or {}).get("by_rows", head.threshold))
     rule = rule or default_answer_recipe(config)[1]
-    chosen, answer = calibrate_answer_stage(head, row_threshold, rule, val[:2], test[:2], plan.eval_tokens)
-    answer = with_prefill_check(replace(head, threshold=chosen, answer_head=answer), model, sha, data_dir, val[:2],
-                                test[:2], progress=progress)
+    chosen, answer = calibrate_answer_stage(head, row_threshold, rule, val[:2], test[:2], plan.eval_tokens,
+                                            lambda final: prefill_point(final, model, sha, data_dir, progress))
     when = _utc_now()
     metrics = {**head.answer_head.metrics, **answer.metrics, "calibrated": when, **counted}
     calibrated = replace(head, answer_head=replace(answer, metrics=metrics))
