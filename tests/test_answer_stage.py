@@ -211,6 +211,9 @@ def test_each_served_answer_let_through_says_what_stopping_it_in_time_would_cost
     late, at_once = in_time(rows, 0.5)
     assert (late["serves_from"], late["threshold_in_time"], late["benign_cut_in_time"]) == (5, 0.95, 0.0)
     assert at_once["threshold_in_time"] is None and at_once["form"] == "prefix:compliant"  # only the query check could
+    assert late["stopped_at"] is None and at_once["stopped_at"] is None                   # no answer point: never
+    late, at_once = in_time(rows, 0.5, answer_threshold=0.9)
+    assert late["stopped_at"] == 3 and at_once["stopped_at"] == 1  # where the guard at 0.9 acts: 3 < 5 in time, 1 not
     half = in_time(benign + [Replay(_example(20, 1), 0.1, np.array([0.0, 0.45] + [0.9] * 8), 3, 10)], 0.5)
     assert half[0]["threshold_in_time"] == 0.45 and half[0]["benign_cut_in_time"] == 0.5  # peaks 0.5-0.9 of ten
 
@@ -510,12 +513,19 @@ def test_the_held_out_report_shows_every_form_of_request_beside_the_sources():
     out = io.StringIO()
     pooled = {**report, "draws": [1, 2], "by_draw": {"1": rates(rows[:2], 0.5, 0.99), "2": rates(rows[2:], 0.5, 0.99)},
               "in_time": [{"form": "prefix:compliant", "source": "advbench", "query_risk": 0.2, "serves_from": 1,
-                           "answer_tokens": 40, "threshold_in_time": None, "benign_cut_in_time": None}]}
+                           "answer_tokens": 40, "threshold_in_time": None, "benign_cut_in_time": None,
+                           "stopped_at": None},
+                          {"form": "plain", "source": "harmbench", "query_risk": 0.3, "serves_from": 9,
+                           "answer_tokens": 40, "threshold_in_time": 0.8, "benign_cut_in_time": 0.25,
+                           "stopped_at": 17}]}
     render_answer_eval(pooled, Console(file=out, width=300))
     text = out.getvalue()
     assert "5 held-out answers (draws 1+2) of 10 tokens" in text
     assert any(" draw 2 " in line and "33.3%" in line for line in text.splitlines())  # 1 of its 3 cut
-    assert "none (serves at once)" in text
+    at_once = next(line for line in text.splitlines() if "advbench" in line)
+    assert "none (serves at once)" in at_once and "never" in at_once
+    late = next(line for line in text.splitlines() if "harmbench" in line)
+    assert "17 tokens" in late and "25.0%" in late                 # stopped, but 8 tokens after it began to serve
 
     out = io.StringIO()
     render_eval({"data": "f.jsonl", "threshold": 0.5, "overall": {"n": 4}, "sources": {},

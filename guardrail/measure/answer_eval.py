@@ -111,5 +111,5 @@ def answer_report(model_spec: str | None, head_path: str | None, *, data_dir: Pa
             "forms": by_form(replays, *points),
             "by_draw": {str(d): rates([r for r, k in zip(replays, of_draw) if k == d], *points)
                         for d in draws} if len(draws) > 1 else {},
-            "in_time": in_time(replays, head.threshold, prefill),
+            "in_time": in_time(replays, head.threshold, prefill, answer_threshold),
             "curve": curve(replays, head.threshold, prefill_threshold=prefill)}

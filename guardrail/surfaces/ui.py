@@ -319,12 +319,14 @@ def render_answer_eval(report: Mapping[str, Any], out: Console | None = None) ->
 def _in_time_table(rows: Sequence[Mapping[str, Any]]) -> Table:
     """One row per harmful answer the query check let through that serves: what stopping it in time would cost."""
     table = Table(title="harmful answers the query check let through that serve: stopping each before it serves")
-    for column in ("form", "source", "query risk", "serves from token", "answer threshold to stop it in time",
-                   "benign answers it would cut"):
+    for column in ("form", "source", "query risk", "serves from token", "the guard stops it after",
+                   "answer threshold to stop it in time", "benign answers it would cut"):
         table.add_column(column, justify="left" if column in ("form", "source") else "right", no_wrap=True)
     for r in rows:
         reach = r["threshold_in_time"]
+        stopped = r.get("stopped_at")
         table.add_row(r["form"], r["source"], _number(r["query_risk"]), f"{r['serves_from']} of {r['answer_tokens']}",
+                      "never" if stopped is None else "its prefill" if stopped == 0 else f"{stopped} tokens",
                       "the prefill check stops it" if r.get("stopped_by_prefill") else
                       "none (serves at once)" if reach is None else _number(reach),
                       "" if r["benign_cut_in_time"] is None or r.get("stopped_by_prefill")

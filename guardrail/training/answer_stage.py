@@ -430,13 +430,16 @@ def curve(rows: Sequence[Replay], query_threshold: float, points: int = 60,
     return out
 
 
-def in_time(rows: Sequence[Replay], query_threshold: float, prefill_threshold: float = 1.0) -> list[dict[str, Any]]:
+def in_time(rows: Sequence[Replay], query_threshold: float, prefill_threshold: float = 1.0,
+            answer_threshold: float = 1.0) -> list[dict[str, Any]]:
     """Each harmful answer the query check lets through and that serves its request: from which step
     it serves, the answer-stage threshold that would have stopped it before then (the highest statistic
     it reached before serving; None where it serves from its first token, so only the query check could
     have stopped it), and the share of the benign answers the query check lets through that threshold
-    would cut; and whether the prefill check stops it, before any of it is written. Why the answer
-    stage stops what it stops in time, and what stopping more would cost."""
+    would cut; whether the prefill check stops it, before any of it is written; and after how many
+    tokens the guard at ``answer_threshold`` does stop it (``stopped_at``, None: never), which says how
+    late it acts, and so what showing the answer a few tokens late (a hold-back) could buy. Why the
+    answer stage stops what it stops in time, and what stopping more would cost."""
     peaks = np.array([float(r.statistic.max()) if r.statistic.size else -np.inf
                       for r in rows if not r.harmful and r.query_risk < query_threshold])
     out = []
@@ -448,6 +451,7 @@ def in_time(rows: Sequence[Replay], query_threshold: float, prefill_threshold: f
         out.append({"id": r.example.id, "form": variant_family(r.example.variant), "source": r.example.source,
                     "query_risk": r.query_risk, "serves_from": r.served_from, "answer_tokens": r.n_answer,
                     "prefill_peak": r.prefill_peak, "stopped_by_prefill": not r.prefill_peak < prefill_threshold,
+                    "stopped_at": r.cut_at(query_threshold, answer_threshold, prefill_threshold),
                     "threshold_in_time": reach,
                     "benign_cut_in_time": None if reach is None or not peaks.size else float(np.mean(peaks >= reach))})
     return out
