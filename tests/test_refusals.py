@@ -121,7 +121,9 @@ MEASURED_LONG = {  # shipped head -> (benign answers cut, harmful answers not st
 }
 
 
-@pytest.fixture(scope="module", params=sorted(MEASURED_LONG))
+# The model is looked up by name (getfixturevalue), which conftest cannot see: each param is marked
+# ``model`` by hand, so `make test-fast` leaves these out.
+@pytest.fixture(scope="module", params=[pytest.param(name, marks=pytest.mark.model) for name in sorted(MEASURED_LONG)])
 def long_answers(request):
     from guardrail.measure.suites import LONG_BENIGN, LONG_HARMFUL
     from guardrail.runtime.guard import ChatCall
