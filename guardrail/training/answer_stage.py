@@ -448,10 +448,10 @@ def in_time(rows: Sequence[Replay], query_threshold: float, prefill_threshold: f
             continue
         before = r.statistic[:max(r.served_from - 1, 0)]
         reach = float(before.max()) if before.size else None
+        stopped = r.cut_at(query_threshold, answer_threshold, prefill_threshold)  # 0: the prefill check (query passed)
         out.append({"id": r.example.id, "form": variant_family(r.example.variant), "source": r.example.source,
                     "query_risk": r.query_risk, "serves_from": r.served_from, "answer_tokens": r.n_answer,
-                    "prefill_peak": r.prefill_peak, "stopped_by_prefill": not r.prefill_peak < prefill_threshold,
-                    "stopped_at": r.cut_at(query_threshold, answer_threshold, prefill_threshold),
+                    "prefill_peak": r.prefill_peak, "stopped_by_prefill": stopped == 0, "stopped_at": stopped,
                     "threshold_in_time": reach,
                     "benign_cut_in_time": None if reach is None or not peaks.size else float(np.mean(peaks >= reach))})
     return out
