@@ -315,7 +315,9 @@ def data_build(preset: str, out: str | None, max_per_source: int | None) -> None
 @click.option("--no-loso", is_flag=True, help="skip the leave-one-source-out report (faster)")
 @click.option("--no-answers", is_flag=True,
               help="skip the answer stage (the model's own answers and the head the checks during an answer read)")
-def train(model, preset, data_dir, out, no_loso, no_answers) -> None:
+@click.option("--seeds", type=int, default=None,
+              help="MLP fits the check head averages, logits averaged (full preset only; default 3)")
+def train(model, preset, data_dir, out, no_loso, no_answers, seeds) -> None:
     """Train a safety head for a model (any GGUF chat model) and save it where guardrail finds it.
 
     Feature extraction and the model's own answers are saved as they go: an interrupted run
@@ -327,7 +329,7 @@ def train(model, preset, data_dir, out, no_loso, no_answers) -> None:
 
     head, path = train_for_model(model, preset=preset, data_dir=Path(data_dir) if data_dir else None,
                                  out=Path(out) if out else None, loso_sources=not no_loso,
-                                 answers=not no_answers)
+                                 answers=not no_answers, seeds=seeds)
     render_training(head)
     from guardrail.artifacts.heads import find_head
     from guardrail.errors import HeadError

@@ -117,6 +117,23 @@ def test_a_recipe_averages_seeds_only_for_an_mlp():
             HeadRecipe(blocks=("l_out-1/mean",), **bad)
 
 
+def test_train_averages_the_seeds_asked_for_and_refuses_seeds_where_it_fits_no_mlp(monkeypatch):
+    from guardrail.errors import OptionsError
+    from guardrail.training import pipeline
+    from guardrail.training.extraction import FeatureConfig
+
+    config = FeatureConfig(layers=(10, 12, 16), probes=())
+    check, token = pipeline.default_recipes(config, "mlp", seeds=16)
+    assert (check.seeds, check.describe().startswith("mlpx16["), token.seeds) == (16, True, 1)
+    assert pipeline.default_recipes(config, "mlp")[0].seeds == pipeline.MLP_SEEDS
+    # refused before a model is opened: a bad option costs nothing
+    monkeypatch.setattr(pipeline, "_model_and_sha", lambda *_: pytest.fail("opened the model"))
+    for bad in (dict(preset="quick", seeds=4), dict(preset="full", answers=False, seeds=4),
+                dict(preset="full", seeds=0)):
+        with pytest.raises(OptionsError, match="--seeds"):
+            pipeline.train_for_model(None, progress=False, **bad)
+
+
 def test_sample_weights_shift_the_decision():
     X, y = separable(400)
     plain = train_logreg(X, y, max_epochs=30, lr=1e-2)
