@@ -332,9 +332,12 @@ def train_for_model(model_spec: str | None, *, preset: str = "quick", data_dir: 
     # the check head is read once per answer; read at every token (no answer stage) a linear head costs
     # nothing (tracked projections), and on the quick preset's rows the MLP was not measured.
     kind = "mlp" if answers and preset == "full" else "logreg"
-    if seeds is not None and (seeds < 1 or (seeds > 1 and kind != "mlp")):
-        raise OptionsError(f"--seeds {seeds}: a head averages one or more MLP fits, and only the full preset "
-                           "with the answer stage trains an MLP")
+    if seeds is not None:  # the recipe's own rule, asked before a model is opened
+        try:
+            HeadRecipe(blocks=(), kind=kind, seeds=seeds)
+        except ValueError:
+            raise OptionsError(f"--seeds {seeds}: a head averages one or more MLP fits, and only the full preset "
+                               "with the answer stage trains an MLP") from None
     model, sha = _model_and_sha(model_spec)
     started = time.perf_counter()
     data_dir = data_dir or ensure_training_set(preset, progress=progress)
